@@ -1,0 +1,73 @@
+"""``scratchops.nn``: modules that subclass their ``torch.nn`` twins and override ``forward`` only.
+
+Constructors, parameters, buffers and ``state_dict`` keys are torch's, so a
+``torch.nn`` checkpoint loads as is and ``isinstance(m, torch.nn.Linear)`` holds.
+"""
+import torch
+
+from scratchops import functional as F
+
+
+class ReLU(torch.nn.ReLU):
+    def forward(self, input):
+        return F.relu(input, inplace=self.inplace)
+
+
+class Sigmoid(torch.nn.Sigmoid):
+    def forward(self, input):
+        return F.sigmoid(input)
+
+
+class Tanh(torch.nn.Tanh):
+    def forward(self, input):
+        return F.tanh(input)
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` plus a keyword-only ``activation`` ("relu", "sigmoid", "tanh") fused into the matmul."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, activation=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, input):
+        return F.linear(input, self.weight, self.bias, activation=self.activation)
+
+    def extra_repr(self):
+        fused = f", activation={self.activation!r}" if self.activation is not None else ""
+        return super().extra_repr() + fused
+
+
+class Softmax(torch.nn.Softmax):
+    def forward(self, input):
+        return F.softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    def forward(self, input):
+        return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class MSELoss(torch.nn.MSELoss):
+    def forward(self, input, target):
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input, target):
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class Conv2d(torch.nn.Conv2d):
+    def forward(self, input):
+        if self.padding_mode != "zeros":
+            # As torch: pad explicitly with the chosen mode, then convolve with no padding.
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Dropout(torch.nn.Dropout):
+    def forward(self, input):
+        return F.dropout(input, self.p, self.training, self.inplace)

@@ -1,0 +1,49 @@
+"""Test session set-up: where no GPU is found, Triton runs in interpreter mode on CPU tensors.
+
+This must happen before anything imports triton, which is why it lives here.
+"""
+import os
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 keeps its default
+
+import torch  # noqa: E402  (torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.helpers import BACKENDS, DEVICE, backend_skip_reason  # noqa: E402
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test once per backend ("reference", "triton"), inside ``use_backend``."""
+    import scratchops
+
+    reason = backend_skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    with scratchops.use_backend(request.param):
+        yield request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE == "cuda":
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how often each backend op ran: the proof that the Triton kernels (not just the reference) ran."""
+    from scratchops._backend import LAUNCHES
+
+    if not LAUNCHES:
+        return
+    mode = "interpreter, CPU tensors" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled, CUDA tensors"
+    terminalreporter.section(f"scratchops backend op calls (triton: {mode})")
+    for op in sorted({op for op, _ in LAUNCHES}):
+        terminalreporter.write_line(f"{op:28s} triton={LAUNCHES[op, 'triton']:6d}  reference={LAUNCHES[op, 'reference']:6d}")

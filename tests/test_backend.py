@@ -1,0 +1,66 @@
+"""The one dispatch point: use_backend, SCRATCHOPS_BACKEND, and what an unmeetable request does."""
+import pytest
+import torch
+
+import scratchops
+import scratchops.functional as SF
+from scratchops._backend import LAUNCHES, choose_backend, requested_backend
+from tests.helpers import DEVICE, backend_skip_reason, make
+
+
+def test_default_is_auto(monkeypatch):
+    monkeypatch.delenv("SCRATCHOPS_BACKEND", raising=False)
+    assert requested_backend() == "auto"
+
+
+def test_env_var_and_context_manager(monkeypatch):
+    monkeypatch.setenv("SCRATCHOPS_BACKEND", "reference")
+    assert requested_backend() == "reference"
+    x = make((4,))
+    before = LAUNCHES["relu_fwd", "reference"]
+    SF.relu(x)
+    assert LAUNCHES["relu_fwd", "reference"] == before + 1
+    with scratchops.use_backend("auto"):  # the innermost request wins over the environment
+        assert requested_backend() == "auto"
+        with scratchops.use_backend("triton"):
+            assert requested_backend() == "triton"
+        assert requested_backend() == "auto"
+    assert requested_backend() == "reference"
+
+
+def test_unknown_backend_names_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        with scratchops.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("SCRATCHOPS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        SF.relu(make((3,)))
+
+
+def test_auto_prefers_triton_where_it_runs():
+    x = make((3,))
+    expected = "reference" if backend_skip_reason("triton") else "triton"
+    with scratchops.use_backend("auto"):
+        assert choose_backend(x) == expected
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors only")
+def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = make((3,))
+    with scratchops.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run: CPU tensors need"):
+            SF.sigmoid(x)
+    with scratchops.use_backend("auto"):  # auto falls back to the reference
+        assert choose_backend(x) == "reference"
+        torch.testing.assert_close(SF.sigmoid(x), torch.sigmoid(x))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bfloat16 gap only")
+def test_bfloat16_under_interpreter():
+    x = make((3,), torch.bfloat16)
+    with scratchops.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="does not support bfloat16"):
+            SF.tanh(x)
+    with scratchops.use_backend("auto"):
+        torch.testing.assert_close(SF.tanh(x), torch.tanh(x))
