@@ -1,0 +1,248 @@
+"""The shared benchmark runner: timings, roofs, memory, and the results files.
+
+Every ``bench_<family>.py`` builds a :class:`Bench`, calls :meth:`Bench.compare`
+(and :meth:`Bench.memory`) per case, then :meth:`Bench.save`. Timings are
+``triton.testing.do_bench`` medians with p20/p80. Memory-bound rows report GB/s,
+compute-bound rows TFLOP/s, each with its percentage of a roof measured in the
+same run: a large device-to-device copy (GB/s) and a large cuBLAS bf16 matmul
+(TFLOP/s). Results merge into ``benchmarks/results/<gpu>.json`` and ``.md``, with
+the GPU name, torch/triton versions and the git commit.
+
+Without a CUDA device there is nothing to time: ``Bench.gpu`` is False and the
+script says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QUANTILES = (0.5, 0.2, 0.8)
+COPY_ROOF_BYTES = 1 << 30        # 1 GiB source, 1 GiB destination
+MATMUL_ROOF_SIZE = 8192          # bf16 8192^3 through cuBLAS
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+def saved_tensor_bytes(fn, exclude=()):
+    """Run ``fn()`` and count the bytes autograd saves for backward (each storage once).
+
+    Storages of the tensors in ``exclude`` (typically the inputs, which exist
+    anyway) are left out of ``new``; ``total`` counts everything.
+    """
+    seen, excluded = {}, {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    total = sum(seen.values())
+    new = sum(n for ptr, n in seen.items() if ptr not in excluded)
+    return {"total": total, "new": new}, out
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_commit() -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("SCRATCHOPS_COMMIT", "unknown")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
+
+
+class Bench:
+    def __init__(self, family: str, argv=None, description: str = ""):
+        parser = argparse.ArgumentParser(description=description or f"scratchops {family} benchmarks")
+        parser.add_argument("--quick", action="store_true", help="a small subset of the cases")
+        parser.add_argument("--out", default=RESULTS_DIR, help="folder for <gpu>.json/.md (default: %(default)s)")
+        self.args = parser.parse_args(argv)
+        self.family, self.quick, self.rows = family, self.args.quick, []
+        self.gpu = torch.cuda.is_available()
+        self._roofs = None
+        if not self.gpu:
+            print(f"bench_{family}: no CUDA GPU found; timings need one (nothing measured).")
+
+    # ------------------------------------------------------------------ roofs
+    @property
+    def roofs(self) -> dict:
+        """The copy roof (GB/s) and the bf16 cuBLAS matmul roof (TFLOP/s), measured once per run."""
+        if self._roofs is None:
+            import triton.testing
+
+            src = torch.empty(COPY_ROOF_BYTES, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            ms = triton.testing.do_bench(lambda: dst.copy_(src), quantiles=QUANTILES)[0]
+            copy_gbps = 2 * COPY_ROOF_BYTES / ms / 1e6
+            del src, dst
+            n = MATMUL_ROOF_SIZE
+            a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+            ms = triton.testing.do_bench(lambda: a @ b, quantiles=QUANTILES)[0]
+            self._roofs = {"copy_gbps": copy_gbps, "matmul_bf16_tflops": 2 * n**3 / ms / 1e9}
+            print(f"roofs: copy {copy_gbps:.0f} GB/s, cuBLAS bf16 {self._roofs['matmul_bf16_tflops']:.0f} TFLOP/s")
+        return self._roofs
+
+    # ------------------------------------------------------------------ timing
+    def _time(self, fn, grad_to_none):
+        import triton.testing
+
+        return triton.testing.do_bench(fn, quantiles=QUANTILES, grad_to_none=grad_to_none or None)
+
+    def compare(self, op, case, dtype, impls, inputs=(), *, flops=None, bytes=None, passes=PASSES,
+                compile_torch=False, grad_output=None):
+        """Time each implementation's passes and record a row per (impl, pass).
+
+        ``impls`` maps a name to a zero-argument callable returning the forward
+        output. ``flops``/``bytes`` map "fwd"/"bwd" (and optionally "fwd+bwd") to
+        the work of that pass; rows get TFLOP/s or GB/s and % of the roof.
+        """
+        impls = dict(impls)
+        if compile_torch and "torch" in impls:
+            impls["torch.compile"] = torch.compile(impls["torch"])
+        grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        for impl, fn in impls.items():
+            for p in passes:
+                row = {"family": self.family, "op": op, "case": case, "dtype": _dtype_name(dtype), "impl": impl,
+                       "pass": p}
+                try:
+                    row.update(self._measure(fn, p, grads, grad_output))
+                    self._rate(row, flops, bytes)
+                except Exception as e:  # an impl that fails (OOM, compile error) is reported, not fatal
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                self.rows.append(row)
+                self._print(row)
+
+    def _measure(self, fn, p, grads, grad_output):
+        if p == "fwd":
+            ms, p20, p80 = self._time(fn, grads)
+        else:
+            out = fn()
+            g = grad_output if grad_output is not None else torch.ones_like(out)
+            if p == "bwd":
+                ms, p20, p80 = self._time(lambda: out.backward(g, retain_graph=True), grads)
+            else:
+                ms, p20, p80 = self._time(lambda: fn().backward(g), grads)
+        return {"ms": ms, "p20_ms": p20, "p80_ms": p80}
+
+    def _rate(self, row, flops, bytes):
+        p, seconds = row["pass"], row["ms"] / 1e3
+        if flops:
+            work = flops.get(p, flops.get("fwd", 0) + flops.get("bwd", 0) if p == "fwd+bwd" else None)
+            if work:
+                row["tflops"] = work / seconds / 1e12
+                row["pct_roof"] = 100 * row["tflops"] / self.roofs["matmul_bf16_tflops"]
+        if bytes:
+            work = bytes.get(p, bytes.get("fwd", 0) + bytes.get("bwd", 0) if p == "fwd+bwd" else None)
+            if work:
+                row["gbps"] = work / seconds / 1e9
+                row["pct_roof"] = 100 * row["gbps"] / self.roofs["copy_gbps"]
+
+    def memory(self, op, case, dtype, impls, inputs=()):
+        """Peak memory of forward+backward and bytes saved for backward, per implementation."""
+        for impl, fn in impls.items():
+            row = {"family": self.family, "op": op, "case": case, "dtype": _dtype_name(dtype), "impl": impl,
+                   "pass": "memory"}
+            try:
+                for t in inputs:
+                    if isinstance(t, torch.Tensor):
+                        t.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                saved, out = saved_tensor_bytes(fn, exclude=[t for t in inputs if isinstance(t, torch.Tensor)])
+                out.backward(torch.ones_like(out))
+                torch.cuda.synchronize()
+                row.update(peak_bytes=torch.cuda.max_memory_allocated() - base, saved_bytes=saved["total"],
+                           saved_new_bytes=saved["new"])
+                del out
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            self.rows.append(row)
+            self._print(row)
+
+    @staticmethod
+    def _print(row):
+        if "error" in row:
+            what = row["error"]
+        elif row["pass"] == "memory":
+            what = (f"peak {row['peak_bytes'] / 2**20:9.1f} MiB  saved {row['saved_bytes'] / 2**20:9.1f} MiB "
+                    f"(new {row['saved_new_bytes'] / 2**20:.1f} MiB)")
+        else:
+            rate = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else (
+                f"{row['gbps']:7.0f} GB/s" if "gbps" in row else "")
+            pct = f" ({row['pct_roof']:5.1f}% roof)" if "pct_roof" in row else ""
+            what = f"{row['ms']:9.4f} ms  {rate}{pct}"
+        print(f"{row['op']:14s} {row['case']:28s} {row['dtype']:9s} {row['impl']:14s} {row['pass']:8s} {what}",
+              flush=True)
+
+    # ------------------------------------------------------------------ results
+    def environment(self) -> dict:
+        import triton
+
+        return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "cuda": torch.version.cuda, "commit": git_commit(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def save(self, env=None):
+        """Merge this family's rows into ``<out>/<gpu>.json`` and rewrite ``<gpu>.md``."""
+        env = env or self.environment()
+        os.makedirs(self.args.out, exist_ok=True)
+        stem = os.path.join(self.args.out, gpu_slug(env["gpu"]))
+        data = {"families": {}}
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json") as f:
+                data = json.load(f)
+        data["families"][self.family] = {"environment": env, "roofs": self._roofs or {}, "rows": self.rows}
+        with open(stem + ".json", "w") as f:
+            json.dump(data, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(to_markdown(data))
+        print(f"wrote {stem}.json and {stem}.md")
+
+
+def to_markdown(data: dict) -> str:
+    """One table per family, with the environment and roofs it was measured with."""
+    lines = []
+    for family, entry in sorted(data["families"].items()):
+        env, roofs = entry["environment"], entry["roofs"]
+        lines += [f"## {family}", "",
+                  f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
+                  f"commit {env['commit']}, {env['date']}."]
+        if roofs:
+            lines.append(f"Roofs in this run: copy {roofs['copy_gbps']:.0f} GB/s, "
+                         f"cuBLAS bf16 matmul {roofs['matmul_bf16_tflops']:.0f} TFLOP/s.")
+        lines += ["", "| op | case | dtype | impl | pass | median ms | p20-p80 ms | rate | % roof |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in entry["rows"]:
+            if "error" in r:
+                cells = ["", "", r["error"], ""]
+            elif r["pass"] == "memory":
+                cells = ["", "", f"peak {r['peak_bytes'] / 2**20:.1f} MiB, saved {r['saved_bytes'] / 2**20:.1f} MiB",
+                         ""]
+            else:
+                rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbps']:.0f} GB/s" if "gbps" in r else "")
+                cells = [f"{r['ms']:.4f}", f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}", rate,
+                         f"{r['pct_roof']:.1f}" if "pct_roof" in r else ""]
+            lines.append("| " + " | ".join([r["op"], r["case"], r["dtype"], r["impl"], r["pass"], *cells]) + " |")
+        lines.append("")
+    return "\n".join(lines)
