@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
   | tee -a "$out/gpu.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$out/gpu.txt"
-python -m pytest -q -x -n 8 -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.log" | tail -40
+python -m pytest -q -n 8 -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.log" | tail -40
 status=${PIPESTATUS[0]}
 for script in benchmarks/bench_*.py; do
   family=$(basename "$script" .py)
