@@ -147,9 +147,10 @@ def test_modules(backend, ours, theirs, kwargs):
     torch.testing.assert_close(mine(x.clone()), ref(x.clone()))
 
 
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, compiler):
     model = torch.nn.Sequential(SN.Tanh(), SN.ReLU(), SN.Sigmoid())
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x1, x2 = make((4, 33), requires_grad=True), make((4, 33), requires_grad=True)
     y1, y2 = compiled(x1), model(x2)
     torch.testing.assert_close(y1, y2)
