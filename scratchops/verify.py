@@ -1,18 +1,34 @@
-"""``python -m scratchops verify``: gradcheck and torch parity of every op, as a table.
+"""``scratchops verify``: gradcheck and torch parity of every op, as a table.
 
 Each case names an op, its scratchops function, its torch twin and how to make
-its inputs. For every backend that can run here, the case is checked twice:
+its inputs. For every backend that can run here (CUDA tensors on a GPU, else CPU
+tensors with Triton in interpreter mode, plus the reference formulas), a case is
+checked three ways:
 
 * gradcheck: ``torch.autograd.gradcheck`` in float64 on the inputs that require grad;
 * parity: forward values and input gradients in float32 against the torch twin
-  (max absolute error shown), with one shared random grad_output.
+  (max absolute error shown, against the case's tolerance), with one shared
+  random grad_output;
+* ran: at least one scratchops backend op ran on that backend (a case that
+  silently ran something else does not pass).
 
-Exit status 1 when any check fails. This is a verification tool, the one place in
-the package (besides tests) where torch's own ops are called: as the yardstick.
+Exit status: 0 when every check passes, 1 when any fails, 2 on a usage error.
+This is a verification tool, the one place in the package (besides tests) where
+torch's own ops are called: as the yardstick.
+
+Adding a case (at the marked line below): ``Case(op, label, ours, theirs, inputs)``
+with ``inputs(generator) -> tuple`` of float64 CPU tensors (integer tensors, such
+as class indices, are passed through unchanged). Keyword options: ``kwargs``
+(passed to both functions), ``tolerance`` (float32 parity bound), ``reseed``
+(``torch.manual_seed(reseed)`` before every call, for random ops such as dropout),
+``gradcheck_kwargs`` and ``gradcheck=False``/``parity=False`` where a check
+cannot apply (say why in the label).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable
@@ -21,7 +37,10 @@ import torch
 import torch.nn.functional as TF
 
 from scratchops import functional as SF
-from scratchops._backend import triton_unavailable_reason, use_backend
+from scratchops._backend import LAUNCHES, triton_unavailable_reason, use_backend
+
+DEFAULT_TOLERANCE = 1e-4  # float32 parity: max abs error of values and gradients
+CHECKS = ("gradcheck", "parity", "ran")
 
 
 @dataclasses.dataclass
@@ -31,6 +50,18 @@ class Case:
     ours: Callable
     theirs: Callable
     inputs: Callable[[torch.Generator], tuple]  # float64 CPU tensors; those with requires_grad are checked
+    # Options (keyword; the five fields above keep their order):
+    kwargs: dict = dataclasses.field(default_factory=dict)  # passed to ours and theirs
+    tolerance: float = DEFAULT_TOLERANCE
+    reseed: int | None = None  # torch.manual_seed(reseed) before every call (random ops)
+    gradcheck: bool = True
+    parity: bool = True
+    gradcheck_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def call(self, fn, *inputs):
+        if self.reseed is not None:
+            torch.manual_seed(self.reseed)
+        return fn(*inputs, **self.kwargs)
 
 
 def _randn(g, *shape, grad=True):
@@ -46,14 +77,26 @@ CASES: list[Case] = [
 
 
 def _on(inputs, device, dtype):
-    return [x.detach().to(device=device, dtype=dtype).requires_grad_(x.requires_grad)
-            if isinstance(x, torch.Tensor) else x for x in inputs]
+    """Floating tensors moved to ``device`` and cast to ``dtype`` (requires_grad kept); others moved only."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            x = (x.detach().to(device=device, dtype=dtype).requires_grad_(x.requires_grad) if x.is_floating_point()
+                 else x.to(device))
+        out.append(x)
+    return out
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _max_error(case: Case, inputs, device) -> float:
     """Max abs difference, forward and input gradients, float32, against the torch twin."""
     ours_in, theirs_in = _on(inputs, device, torch.float32), _on(inputs, device, torch.float32)
-    a, b = case.ours(*ours_in), case.theirs(*theirs_in)
+    a, b = _first(case.call(case.ours, *ours_in)), _first(case.call(case.theirs, *theirs_in))
+    if a.shape != b.shape:
+        raise ValueError(f"shape {tuple(a.shape)} differs from torch's {tuple(b.shape)}")
     err = (a.detach().double() - b.detach().double()).abs().nan_to_num().max().item() if a.numel() else 0.0
     if b.requires_grad:
         grad = torch.randn(b.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=b.dtype)
@@ -63,25 +106,49 @@ def _max_error(case: Case, inputs, device) -> float:
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 if x.grad is None:
                     return float("inf")
-                err = max(err, (x.grad.double() - y.grad.double()).abs().max().item())
+                if x.grad.numel():
+                    err = max(err, (x.grad.double() - y.grad.double()).abs().max().item())
     return err
 
 
-def run_case(case: Case, backend: str, device: str, tolerance: float = 1e-4) -> dict:
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:90]}"
+
+
+def _launches(backend: str) -> int:
+    return sum(n for (_, b), n in LAUNCHES.items() if b == backend)
+
+
+def run_case(case: Case, backend: str, device: str, tolerance: float | None = None) -> dict:
+    """Check one case on one backend; the row has a bool (or None: not applicable) per check in CHECKS."""
+    tolerance = case.tolerance if tolerance is None else tolerance
     g = torch.Generator().manual_seed(0)
     inputs = case.inputs(g)
-    row = {"op": case.op, "case": case.label, "backend": backend, "device": device}
+    row = {"op": case.op, "case": case.label, "backend": backend, "device": device, "tolerance": tolerance,
+           "gradcheck": None, "parity": None, "max_error": None, "errors": []}
+    before = _launches(backend)
     with use_backend(backend):
-        try:
-            row["gradcheck"] = torch.autograd.gradcheck(case.ours, tuple(_on(inputs, device, torch.float64)))
-        except Exception as e:  # a failed gradcheck raises GradcheckError; a broken op may raise anything
-            row["gradcheck"], row["error"] = False, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-        try:
-            row["max_error"] = _max_error(case, inputs, device)
-        except Exception as e:
-            row["max_error"], row["error"] = float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    row["parity"] = row["max_error"] <= tolerance
-    row["ok"] = row["gradcheck"] and row["parity"]
+        if case.gradcheck:
+            try:
+                row["gradcheck"] = torch.autograd.gradcheck(lambda *x: case.call(case.ours, *x),
+                                                            tuple(_on(inputs, device, torch.float64)),
+                                                            **case.gradcheck_kwargs)
+            except Exception as e:  # a failed gradcheck raises GradcheckError; a broken op may raise anything
+                row["gradcheck"] = False
+                row["errors"].append("gradcheck " + _short(e))
+        if case.parity:
+            try:
+                row["max_error"] = _max_error(case, inputs, device)
+            except Exception as e:
+                row["max_error"] = float("inf")
+                row["errors"].append("parity " + _short(e))
+            row["parity"] = row["max_error"] <= tolerance
+    row["ran"] = _launches(backend) > before
+    if not row["ran"]:
+        row["errors"].append(f"no scratchops backend op ran on {backend!r}")
+    row["ok"] = all(row[c] is not False for c in CHECKS)
+    if row["errors"]:
+        row["error"] = "; ".join(row["errors"])
     return row
 
 
@@ -93,20 +160,78 @@ def backends_here(device: str) -> list[str]:
     return ["reference"] + ([] if triton_unavailable_reason(torch.device(device), torch.float32) else ["triton"])
 
 
+def select(cases: list[Case], ops) -> list[Case]:
+    """The cases whose op is in ``ops`` (names, comma-separated or not); all of them for None."""
+    if not ops:
+        return list(cases)
+    wanted = {name.strip() for item in ops for name in item.split(",") if name.strip()}
+    unknown = wanted - {c.op for c in cases}
+    if unknown:
+        raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(sorted({c.op for c in cases}))}")
+    return [c for c in cases if c.op in wanted]
+
+
+def _mark(value) -> str:
+    return "-" if value is None else ("pass" if value else "FAIL")
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'op':16s} {'case':30s} {'backend':10s} {'gradcheck':9s} {'parity':6s} {'ran':4s} "
+              f"{'max err':>9s} {'tol':>7s}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        err = "-" if r["max_error"] is None else f"{r['max_error']:.2e}"
+        lines.append(f"{r['op']:16s} {r['case'][:30]:30s} {r['backend']:10s} {_mark(r['gradcheck']):9s} "
+                     f"{_mark(r['parity']):6s} {_mark(r['ran']):4s} {err:>9s} {r['tolerance']:7.0e}"
+                     + (f"  {r['error']}" if "error" in r else ""))
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="scratchops verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (names or comma-separated lists)")
+    parser.add_argument("--backend", choices=("all", "triton", "reference"), default="all",
+                        help="which backends to check (default: every one that runs here)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse: --help exits 0, a usage error 2
+        return int(e.code or 0)
+    try:
+        cases = select(CASES, args.ops)
+    except ValueError as e:
+        print(f"scratchops verify: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        for c in cases:
+            print(f"{c.op:16s} {c.label}")
+        return 0
     device = best_device()
     backends = backends_here(device)
+    if args.backend != "all":
+        if args.backend not in backends:
+            print(f"scratchops verify: backend {args.backend!r} cannot run here: "
+                  f"{triton_unavailable_reason(torch.device(device), torch.float32)}", file=sys.stderr)
+            return 2
+        backends = [args.backend]
     print(f"scratchops verify on {device} (backends: {', '.join(backends)}; "
-          f"triton interpreter: {os.environ.get('TRITON_INTERPRET') == '1'})")
-    rows = [run_case(case, backend, device) for case in CASES for backend in backends]
-    header = f"{'op':14s} {'case':28s} {'backend':10s} {'gradcheck':10s} {'parity':7s} {'max err':>10s}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['op']:14s} {r['case']:28s} {r['backend']:10s} {'pass' if r['gradcheck'] else 'FAIL':10s} "
-              f"{'pass' if r['parity'] else 'FAIL':7s} {r['max_error']:10.2e}" + (f"  {r['error']}" if "error" in r else ""))
+          f"triton interpreter: {os.environ.get('TRITON_INTERPRET') == '1'}); {len(cases)} cases")
+    rows = []
+    for case in cases:
+        for backend in backends:
+            rows.append(run_case(case, backend, device))
+    print(format_table(rows))
     failed = sum(not r["ok"] for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "backends": backends, "rows": rows}, f, indent=1)
     return 1 if failed else 0
 
 
