@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -67,18 +67,13 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Looked up once, without importing triton (TRITON_INTERPRET must be set before that import).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, dtypes=FLOAT_DTYPES) -> str | None:
     """Why the Triton kernels cannot run on this device and dtype, or None if they can."""
-    if not triton_importable():
+    if not TRITON_INSTALLED:
         return "triton is not installed"
     if device.type == "cpu" and not interpreter_mode():
         return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"

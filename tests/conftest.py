@@ -37,6 +37,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, each worker hands its backend-op counts to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        from scratchops._backend import LAUNCHES
+
+        workeroutput["scratchops_launches"] = [[op, backend, n] for (op, backend), n in LAUNCHES.items()]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without pytest-xdist
+def pytest_testnodedown(node, error):
+    from scratchops._backend import LAUNCHES
+
+    for op, backend, n in getattr(node, "workeroutput", {}).get("scratchops_launches", []):
+        LAUNCHES[op, backend] += n
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print how often each backend op ran: the proof that the Triton kernels (not just the reference) ran."""
     from scratchops._backend import LAUNCHES
