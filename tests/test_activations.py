@@ -174,3 +174,16 @@ def test_opcheck(backend, name):
 def test_aot_compile_sm90():
     rows = check_aot("triton_kernels.activations")
     assert {r["kernel"] for r in rows} == {f"_{n}_{d}_kernel" for n in NAMES for d in ("fwd", "bwd")}
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements():
+    """int64 offsets: the elements past index 2^31 are reached (fp16, 4 GiB per tensor)."""
+    n = 2**31 + 7
+    x = torch.full((n,), -1.0, dtype=torch.float16, device="cuda")
+    x[-3:] = 2.0
+    y = SF.relu(x)
+    assert y[-3:].eq(2).all() and y[-10:-3].eq(0).all() and y[:1024].eq(0).all()
+    del y
+    dx = torch.ops.scratchops.relu_bwd("triton", x, torch.ones_like(x))
+    assert dx[-3:].eq(1).all() and dx[-10:-3].eq(0).all()
