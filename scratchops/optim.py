@@ -1,7 +1,133 @@
-"""Placeholder: scratchops.optim.SGD is being written (see its issue)."""
+r"""Stochastic gradient descent: ``scratchops.optim.SGD``, a drop-in for ``torch.optim.SGD``.
+
+For each parameter w with gradient ∇ (parameters whose ``.grad`` is None are
+skipped), learning rate η, weight decay λ, momentum μ, dampening τ and the
+momentum buffer b (``state[p]["momentum_buffer"]``, in w's dtype):
+
+    g ← -∇ if maximize else ∇
+    g ← g + λ w                                  (when λ ≠ 0)
+    b ← g on the first step, else b ← μ b + (1 - τ) g      (when μ ≠ 0)
+    g ← g + μ b if nesterov else b               (when μ ≠ 0)
+    w ← w - η g
+
+exactly torch.optim.SGD's update, written in place into w (its version counter
+is bumped). Math runs in fp32 (fp64 for fp64 parameters); w and b are stored in
+w's dtype and the update uses b as stored.
+
+The optimizer subclasses ``torch.optim.SGD``: same constructor, validation,
+``param_groups`` defaults and ``state_dict`` format (it round-trips with
+torch's both ways); only ``step`` differs. On the Triton backend a step is one
+multi-tensor launch per parameter group and (device, dtype): see
+``triton_kernels/optim.py``. The reference backend runs the same formula with
+elementary torch ops, tensor by tensor.
+
+Differences from torch.optim.SGD, by design:
+
+* ``foreach`` and ``fused`` are accepted and stored (for ``state_dict``
+  compatibility) but do not change the step, which is always the fused
+  multi-tensor kernel. With ``fused=True`` the optimizer does not take over
+  AMP's gradient unscaling (``GradScaler`` unscales before ``step``).
+* ``differentiable=True`` raises ``NotImplementedError``: the step is not
+  recorded by autograd.
+* Sparse gradients raise ``RuntimeError`` before anything is written, as
+  ``torch.optim.SGD(fused=True)`` does (the kernel updates dense tensors).
+* A tensor ``lr`` or ``weight_decay`` is read as a Python number at each step.
+"""
 import torch
+
+from scratchops._backend import backend_op, choose_backend, compute_dtype
+
+KERNELS = "triton_kernels.optim"
+
+
+# ----------------------------------------------------------------- reference math
+def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
+             fresh: list[bool], lr: float, weight_decay: float, momentum: float, dampening: float,
+             nesterov: bool, maximize: bool) -> None:
+    """One SGD update of ``params`` (and ``momentum_buffers`` when μ ≠ 0), in place, tensor by tensor.
+
+    ``fresh[i]`` says that ``momentum_buffers[i]`` is new: it is set to g rather than decayed.
+    """
+    for i, p in enumerate(params):
+        acc = p.dtype if p.is_complex() else compute_dtype(p.dtype)
+        w = p.to(acc)
+        g = grads[i].to(acc)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + weight_decay * w
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            b = g if fresh[i] else momentum * buf.to(acc) + (1 - dampening) * g
+            buf.copy_(b)
+            b = buf.to(acc)  # the update uses the buffer as stored, rounded to its dtype
+            g = g + momentum * b if nesterov else b
+        p.copy_(w - lr * g)
+
+
+# ----------------------------------------------------------------- backend op
+sgd_step_op = backend_op("sgd_step", sgd_step, KERNELS, mutates_args=("params", "momentum_buffers"))
+
+
+# ----------------------------------------------------------------- optimizer
+def _number(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
 
 
 class SGD(torch.optim.SGD):
+    __doc__ = __doc__
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                         fused=fused)
+        self._check_not_differentiable()
+        # The step never reads grad_scale/found_inf: let GradScaler unscale the gradients itself.
+        self._step_supports_amp_scaling = False
+
+    def _check_not_differentiable(self):
+        if any(group.get("differentiable", False) for group in self.param_groups):
+            raise NotImplementedError("scratchops.optim.SGD does not support differentiable=True: its step "
+                                      "runs outside autograd (use torch.optim.SGD(differentiable=True))")
+
+    def _gather(self):
+        """Per group, the parameters that have a gradient; raises before any update on what the kernel cannot do."""
+        self._check_not_differentiable()
+        plan = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("scratchops.optim.SGD does not support sparse gradients (as "
+                                       "torch.optim.SGD(fused=True)); use torch.optim.SGD")
+            plan.append((group, params))
+        return plan
+
+    @torch.no_grad()
     def step(self, closure=None):
-        raise NotImplementedError("scratchops.optim.SGD is not written yet")
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, params in self._gather():
+            momentum = _number(group["momentum"])
+            buckets: dict = {}
+            for p in params:
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for bucket in buckets.values():
+                bufs, fresh = [], []
+                if momentum != 0:
+                    for p in bucket:
+                        buf = self.state[p].get("momentum_buffer")
+                        fresh.append(buf is None)
+                        # a new buffer is laid out as torch's (a clone of the gradient) and filled by the step
+                        bufs.append(torch.empty_like(p.grad) if buf is None else buf)
+                sgd_step_op(choose_backend(bucket[0]), bucket, [p.grad for p in bucket], bufs, fresh,
+                            _number(group["lr"]), _number(group["weight_decay"]), momentum,
+                            _number(group["dampening"]), bool(group["nesterov"]), bool(group["maximize"]))
+                for p, buf, new in zip(bucket, bufs, fresh):
+                    if new:
+                        self.state[p]["momentum_buffer"] = buf
+        return loss
