@@ -71,3 +71,23 @@ class Conv2d(torch.nn.Conv2d):
 class Dropout(torch.nn.Dropout):
     def forward(self, input):
         return F.dropout(input, self.p, self.training, self.inplace)
+
+
+class L2Penalty(torch.nn.Module):
+    """``weight_decay · Σ w²`` over the tensors given to ``forward`` (say ``model.parameters()``).
+
+    No torch twin: it equals ``weight_decay * sum(w.pow(2).sum() for w in parameters)``,
+    computed by one multi-tensor reduction per dtype; the backward adds
+    ``2 · weight_decay · w`` (times the incoming gradient) to each tensor's grad.
+    Add it to the loss: ``loss = criterion(model(x), y) + L2Penalty(1e-4)(model.parameters())``.
+    """
+
+    def __init__(self, weight_decay=1.0):
+        super().__init__()
+        self.weight_decay = weight_decay
+
+    def forward(self, parameters):
+        return F.l2_penalty(list(parameters), self.weight_decay)
+
+    def extra_repr(self):
+        return f"weight_decay={self.weight_decay}"
