@@ -1,11 +1,32 @@
-"""``python -m scratchops <command>``: verify (gradcheck + parity table)."""
+"""The ``scratchops`` command (also ``python -m scratchops``).
+
+    scratchops verify [--ops OP ...]   gradcheck + torch parity of every op, as a table (exit 1 on any fail)
+    scratchops bench  [--ops FAMILY ...] benchmark scripts on a GPU; without one, a CPU reference comparison
+    scratchops demo   [--epochs N ...]  a CNN on the 8x8 digits, trained with scratchops and with torch.nn
+
+With no command, ``verify`` runs. Without a CUDA device, Triton's kernels run in
+its interpreter on CPU tensors: ``TRITON_INTERPRET=1`` is set here, before
+anything imports triton.
+"""
 import os
 import sys
 import warnings
 
+COMMANDS = {
+    "verify": ("scratchops.verify", "gradcheck and torch parity of every op, as a table"),
+    "bench": ("scratchops.bench", "kernel benchmarks (GPU), or a CPU reference comparison"),
+    "demo": ("scratchops.demo", "train a CNN on the 8x8 digits with scratchops and with torch.nn"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: scratchops {" + ",".join(COMMANDS) + "} [options]   (scratchops COMMAND --help for options)", ""]
+    lines += [f"  {name:7s} {help}" for name, (_, help) in COMMANDS.items()]
+    return "\n".join(lines)
+
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     import torch
 
     if not torch.cuda.is_available():  # before triton is imported: run the kernels in its interpreter
@@ -14,12 +35,15 @@ def main(argv=None) -> int:
     # The interpreter runs masked-off lanes through numpy too (e.g. log(0) in an unused branch).
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     command = argv[0] if argv else "verify"
-    if command == "verify":
-        from scratchops.verify import main as verify
+    if command in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if command not in COMMANDS:
+        print(f"scratchops: unknown command {command!r}\n{usage()}", file=sys.stderr)
+        return 2
+    import importlib
 
-        return verify(argv[1:])
-    print(f"usage: python -m scratchops verify   (unknown command {command!r})", file=sys.stderr)
-    return 2
+    return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
 
 
 if __name__ == "__main__":
