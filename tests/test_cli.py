@@ -1,0 +1,121 @@
+"""The command line: verify's table and exit status (a broken op makes it fail), bench, the entry points."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import scratchops.activations
+import scratchops.functional as SF
+from scratchops import __main__ as cli
+from scratchops import bench, verify
+from tests.helpers import REPO
+
+
+def _rows(path):
+    return json.loads(path.read_text())["rows"]
+
+
+def test_verify_passes_and_prints_the_table(capsys, tmp_path):
+    assert verify.main(["--ops", "relu", "--json", str(tmp_path / "v.json")]) == 0
+    out = capsys.readouterr().out
+    assert "gradcheck" in out and "parity" in out and "max err" in out and "0 failed" in out
+    rows = _rows(tmp_path / "v.json")
+    assert [r["backend"] for r in rows] == verify.backends_here(verify.best_device())
+    assert all(r["ok"] and r["gradcheck"] and r["parity"] and r["ran"] for r in rows), rows
+    assert all(f"relu             (7, 13)                        {r['backend']:10s} pass      pass   pass" in out
+               for r in rows), out
+
+
+def test_verify_fails_when_a_backward_is_broken(monkeypatch, capsys, tmp_path):
+    real = scratchops.activations.relu_bwd_op
+    monkeypatch.setattr(scratchops.activations, "relu_bwd_op", lambda backend, y, dy: 2 * real(backend, y, dy))
+    assert verify.main(["--ops", "relu", "tanh", "--backend", "reference", "--json", str(tmp_path / "v.json")]) == 1
+    relu, tanh = _rows(tmp_path / "v.json")
+    assert relu["gradcheck"] is False and relu["parity"] is False and not relu["ok"], relu
+    assert tanh["ok"], tanh
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "1 passed, 1 failed" in out
+
+
+def test_verify_fails_when_a_forward_is_wrong(monkeypatch, capsys, tmp_path):
+    cases = [dataclasses.replace(c, ours=lambda x: SF.tanh(x) * 1.001) if c.op == "tanh" else c for c in verify.CASES]
+    monkeypatch.setattr(verify, "CASES", cases)
+    assert verify.main(["--ops", "tanh", "--backend", "reference", "--json", str(tmp_path / "v.json")]) == 1
+    (row,) = json.loads((tmp_path / "v.json").read_text())["rows"]
+    assert row["op"] == "tanh" and row["parity"] is False and row["max_error"] > row["tolerance"]
+
+
+def test_verify_fails_when_no_scratchops_op_runs(monkeypatch, capsys):
+    cases = [dataclasses.replace(c, ours=torch.sigmoid) if c.op == "sigmoid" else c for c in verify.CASES]
+    monkeypatch.setattr(verify, "CASES", cases)
+    assert verify.main(["--ops", "sigmoid", "--backend", "reference"]) == 1
+    assert "no scratchops backend op ran" in capsys.readouterr().out
+
+
+def test_verify_keeps_integer_inputs(capsys):
+    """Class indices (a long tensor) reach the op as integers, not cast to floating point."""
+    seen = []
+
+    def ours(x, target):
+        seen.append(target.dtype)
+        return SF.relu(x) * target
+
+    case = verify.Case("relu", "int target", ours, lambda x, t: torch.relu(x) * t,
+                       lambda g: (verify._randn(g, 3), torch.tensor([1, 2, 3])))
+    row = verify.run_case(case, "reference", "cpu")
+    assert row["ok"], row
+    assert set(seen) == {torch.int64}
+
+
+def test_verify_usage_errors(capsys):
+    assert verify.main(["--ops", "no_such_op"]) == 2
+    assert "unknown op" in capsys.readouterr().err
+    assert cli.main(["no_such_command"]) == 2
+    assert cli.main(["--help"]) == 0
+    assert "verify" in capsys.readouterr().out
+
+
+def test_python_m_scratchops_runs_verify():
+    run = subprocess.run([sys.executable, "-m", "scratchops", "verify", "--ops", "tanh", "--backend", "reference"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "tanh" in run.stdout and "1 passed, 0 failed" in run.stdout
+
+
+def test_console_script_is_declared():
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"].get("scripts", {})
+    assert scripts.get("scratchops") == "scratchops.__main__:main", "pyproject.toml lacks [project.scripts] scratchops"
+
+
+def test_bench_cpu_reference_comparison(tmp_path, capsys):
+    assert bench.main(["--cpu", "--ops", "relu", "tanh", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "CPU reference comparison" in out and "2/2" in out
+    if not torch.cuda.is_available():
+        assert "timings need one" in out
+    rows = json.loads((tmp_path / "cpu-reference.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["relu", "tanh"]
+    assert all(r["reference_fwd+bwd_ms"] > 0 and r["torch_fwd_ms"] > 0 for r in rows)
+    assert "| activations | relu |" in (tmp_path / "cpu-reference.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "cpu-reference.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_says_when_scripts_are_absent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SCRIPTS", str(tmp_path / "nowhere"))
+    args = bench.argparse.Namespace(ops=[], out=str(tmp_path), quick=True, no_plot=True)
+    assert bench.run_gpu(args) == 2
+    assert "not in the installed package" in capsys.readouterr().out
+
+
+def test_bench_finds_the_repository_scripts():
+    assert "activations" in bench.scripts(None)
+    assert list(bench.scripts(["relu"])) == ["activations"]
+    assert bench.main(["--ops", "nonsense"]) == 2
