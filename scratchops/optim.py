@@ -120,7 +120,7 @@ class SGD(torch.optim.SGD):
                 bufs, fresh = [], []
                 if momentum != 0:
                     for p in bucket:
-                        buf = self.state[p].get("momentum_buffer")
+                        buf = self.state.get(p, {}).get("momentum_buffer")
                         fresh.append(buf is None)
                         # a new buffer is laid out as torch's (a clone of the gradient) and filled by the step
                         bufs.append(torch.empty_like(p.grad) if buf is None else buf)
