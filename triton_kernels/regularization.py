@@ -24,8 +24,8 @@ import triton.language as tl
 
 from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type, is_dense, same_layout
 
-DROPOUT_BLOCK = 4096  # elements per program: four quarters, one Philox call per lane
-DROPOUT_WARPS = 8
+DROPOUT_BLOCK = 2048  # elements per program: four quarters of 512, one Philox call per lane
+DROPOUT_WARPS = 4
 L2_BLOCK = 4096
 L2_WARPS = 8
 TABLE_COLUMNS = 4  # address, numel, first block, offset in the group's flat buffer
