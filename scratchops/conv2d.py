@@ -1,5 +1,229 @@
-"""Placeholder: this family is being written (see its issue)."""
+r"""conv2d: 2-D cross-correlation with stride, padding, dilation and groups, as torch's.
+
+Shapes: x (N, C, H, W), w (K, C/G, R, S), b (K,), y (N, K, P, Q) with G groups,
+padding (top, bottom, left, right) and
+
+    P = ⌊(H + pad_top + pad_bottom − dil_h·(R − 1) − 1) / stride_h⌋ + 1      (Q likewise)
+
+Forward, with ih = p·stride_h − pad_top + r·dil_h and iw = q·stride_w − pad_left + s·dil_w
+(x is zero outside [0, H) × [0, W)), for k in group g = ⌊k / (K/G)⌋:
+
+    y[n,k,p,q] = b[k] + Σ_{c<C/G} Σ_{r,s} x[n, g·C/G + c, ih, iw] · w[k,c,r,s]
+
+Backward, with dy = ∂L/∂y:
+
+    dx[n, g·C/G + c, h, w] = Σ_{k∈g} Σ_{r,s} Σ_{(p,q): ih=h, iw=w} dy[n,k,p,q] · w[k,c,r,s]
+                              (the transposed convolution: each patch gradient dy·w lands where it was read)
+    dw[k,c,r,s]            = Σ_{n,p,q} dy[n,k,p,q] · x[n, g·C/G + c, ih, iw]
+    db[k]                  = Σ_{n,p,q} dy[n,k,p,q]
+
+padding='same' pads dil·(R−1) in total, the odd one extra at the bottom/right (as
+torch); 'valid' pads nothing. The output is channels_last when the input or the
+weight is (as torch). The reference backend gathers patches from an explicitly
+padded copy with ``as_strided`` and contracts them with ``einsum``; dx accumulates
+the patch gradients tap by tap into a padded buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from scratchops._backend import backend_op, check_tensor, choose_backend, compute_dtype
+
+KERNELS = "triton_kernels.conv2d"
+SPATIAL_DIMS = 2
 
 
-def conv2d(*args, **kwargs):
-    raise NotImplementedError("scratchops.conv2d is not written yet")
+# ----------------------------------------------------------------- reference math
+def _out_size(x_hw, w_rs, stride, padding, dilation):
+    return [(x_hw[i] + padding[2 * i] + padding[2 * i + 1] - dilation[i] * (w_rs[i] - 1) - 1) // stride[i] + 1
+            for i in range(SPATIAL_DIMS)]
+
+
+def _new_4d(shape, like, dtype, channels_last: bool):
+    out = torch.zeros(shape, dtype=dtype, device=like.device)
+    return out.to(memory_format=torch.channels_last) if channels_last else out
+
+
+def _patches(x, r_s, stride, padding, dilation, out_hw):
+    """Zero-padded copy of x viewed as patches (N, C, P, Q, R, S): patch[n,c,p,q,r,s] = x[n,c,ih,iw]."""
+    N, C, H, W = x.shape
+    xp = x.new_zeros((N, C, H + padding[0] + padding[1], W + padding[2] + padding[3]))
+    xp[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W] = x
+    sn, sc, sh, sw = xp.stride()
+    return xp.as_strided((N, C, out_hw[0], out_hw[1], r_s[0], r_s[1]),
+                         (sn, sc, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1]))
+
+
+def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+               padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
+    N, C, H, W = x.shape
+    K, C_G, R, S = w.shape
+    P, Q = _out_size((H, W), (R, S), stride, padding, dilation)
+    ct = compute_dtype(x.dtype)
+    patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
+    y = torch.einsum("ngcpqrs,gkcrs->ngkpq", patches, w.to(ct).reshape(groups, K // groups, C_G, R, S))
+    y = y.reshape(N, K, P, Q)
+    if bias is not None:
+        y = y + bias.to(ct)[None, :, None, None]
+    out = _new_4d((N, K, P, Q), x, x.dtype, channels_last)
+    return out.copy_(y)
+
+
+def conv2d_bwd_input(dy: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
+                     padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
+    # dx[n,c,h,w] = Σ_{r,s} Σ_{k∈g} dy[n,k,p,q] · w[k,c,r,s] at h = p·stride − pad + r·dil: for each tap,
+    # the patch gradients dy·w[:, :, r, s] are added into a padded buffer at rows r·dil + p·stride.
+    N, C, H, W = input_size
+    K, C_G, R, S = w.shape
+    P, Q = dy.shape[2], dy.shape[3]
+    ct = compute_dtype(dy.dtype)
+    dyg = dy.to(ct).reshape(N, groups, K // groups, P, Q)
+    wg = w.to(ct).reshape(groups, K // groups, C_G, R, S)
+    dxp = dy.new_zeros((N, groups, C_G, H + padding[0] + padding[1], W + padding[2] + padding[3]), dtype=ct)
+    for r in range(R):
+        for s in range(S):
+            h0, w0 = r * dilation[0], s * dilation[1]
+            rows = slice(h0, h0 + stride[0] * (P - 1) + 1, stride[0])
+            cols = slice(w0, w0 + stride[1] * (Q - 1) + 1, stride[1])
+            dxp[:, :, :, rows, cols] += torch.einsum("ngkpq,gkc->ngcpq", dyg, wg[:, :, :, r, s])
+    dx = dxp.reshape(N, C, dxp.shape[3], dxp.shape[4])[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W]
+    return _new_4d((N, C, H, W), dy, dy.dtype, channels_last).copy_(dx)
+
+
+def conv2d_bwd_weight(dy: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
+    # dw[k,c,r,s] = Σ_{n,p,q} dy[n,k,p,q] · patch[n, g·C/G + c, p, q, r, s]
+    N, C, H, W = x.shape
+    K, C_G, R, S = weight_size
+    P, Q = dy.shape[2], dy.shape[3]
+    ct = compute_dtype(x.dtype)
+    patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
+    dw = torch.einsum("ngcpqrs,ngkpq->gkcrs", patches, dy.to(ct).reshape(N, groups, K // groups, P, Q))
+    return _new_4d((K, C_G, R, S), x, x.dtype, channels_last).copy_(dw.reshape(K, C_G, R, S))
+
+
+def conv2d_bwd_bias(dy: torch.Tensor) -> torch.Tensor:
+    # db[k] = Σ_{n,p,q} dy[n,k,p,q]
+    return dy.to(compute_dtype(dy.dtype)).sum(dim=(0, 2, 3)).to(dy.dtype)
+
+
+# ----------------------------------------------------------------- backend ops
+conv2d_fwd_op = backend_op("conv2d_fwd", conv2d_fwd, KERNELS)
+conv2d_bwd_input_op = backend_op("conv2d_bwd_input", conv2d_bwd_input, KERNELS)
+conv2d_bwd_weight_op = backend_op("conv2d_bwd_weight", conv2d_bwd_weight, KERNELS)
+conv2d_bwd_bias_op = backend_op("conv2d_bwd_bias", conv2d_bwd_bias, KERNELS)
+
+
+# ----------------------------------------------------------------- autograd
+class Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, stride, padding, dilation, groups, channels_last, backend):
+        y = conv2d_fwd_op(backend, x, w, bias, stride, padding, dilation, groups, channels_last)
+        ctx.backend, ctx.geometry, ctx.channels_last = backend, (stride, padding, dilation, groups), channels_last
+        ctx.input_size, ctx.weight_size = list(x.shape), list(w.shape)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        geometry, cl = ctx.geometry, ctx.channels_last
+        # dx = transposed convolution of dy with w; dw = Σ dy · patches(x); db = Σ_{n,p,q} dy
+        dx = conv2d_bwd_input_op(ctx.backend, dy, w, ctx.input_size, *geometry, cl) if ctx.needs_input_grad[0] else None
+        dw = (conv2d_bwd_weight_op(ctx.backend, dy, x, ctx.weight_size, *geometry, cl)
+              if ctx.needs_input_grad[1] else None)
+        db = conv2d_bwd_bias_op(ctx.backend, dy) if ctx.needs_input_grad[2] else None
+        # stride, padding, dilation, groups, channels_last, backend: not differentiable
+        return dx, dw, db, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------- functional
+def _pair(name: str, value) -> list[int]:
+    """int or 1-/2-sequence → [h, w], with torch's error for a wrong length."""
+    values = [value] if isinstance(value, int) else list(value)
+    if len(values) == 1:
+        values = values * SPATIAL_DIMS
+    if len(values) != SPATIAL_DIMS or not all(isinstance(v, int) for v in values):
+        raise RuntimeError(f"expected {name} to be a single integer value or a list of {SPATIAL_DIMS} values to "
+                           f"match the convolution dimensions, but got {name}={list(values)}")
+    return values
+
+
+def _suggests_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _resolve_padding(padding, stride, dilation, w) -> list[int]:
+    """[top, bottom, left, right]; 'same' puts the odd one of dil·(R−1) at the bottom/right, as torch."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding != "same":
+            raise RuntimeError(f"Invalid padding string: '{padding}'")
+        if any(s != 1 for s in stride):
+            raise RuntimeError("padding='same' is not supported for strided convolutions")
+        out = []
+        for i in range(SPATIAL_DIMS):
+            total = dilation[i] * (w.shape[2 + i] - 1)
+            out += [total // 2, total - total // 2]
+        return out
+    ph, pw = _pair("padding", padding)
+    if ph < 0 or pw < 0:
+        raise RuntimeError("negative padding is not supported")
+    return [ph, ph, pw, pw]
+
+
+def _check(x, w, bias, stride, padding, dilation, groups):
+    if w.dim() != 4:
+        raise RuntimeError(f"weight of conv2d should be 4-D (out_channels, in_channels/groups, kH, kW), "
+                           f"but got weight of size {list(w.shape)}")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError("non-positive stride is not supported")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"dilation should be greater than zero, but got {dilation}")
+    if groups <= 0:
+        raise RuntimeError("non-positive groups is not supported")
+    if w.shape[0] == 0 or w.shape[0] % groups:
+        kind = "at least" if w.shape[0] == 0 else "divisible by"
+        raise RuntimeError(f"Given groups={groups}, expected weight to be {kind} {1 if w.shape[0] == 0 else groups} "
+                           f"at dimension 0, but got weight of size [{list(w.shape)}] instead")
+    if x.shape[1] != w.shape[1] * groups:
+        raise RuntimeError(f"Given groups={groups}, weight of size {list(w.shape)}, expected input{list(x.shape)} to "
+                           f"have {w.shape[1] * groups} channels, but got {x.shape[1]} channels instead")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[0]):
+        raise RuntimeError(f"Given weight of size {list(w.shape)}, expected bias to be 1-dimensional with "
+                           f"{w.shape[0]} elements, but got bias of size {list(bias.shape)} instead")
+    padded = [x.shape[2] + padding[0] + padding[1], x.shape[3] + padding[2] + padding[3]]
+    kernel = [dilation[i] * (w.shape[2 + i] - 1) + 1 for i in range(SPATIAL_DIMS)]
+    if any(k > p for k, p in zip(kernel, padded)):
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+                           f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
+    if not x.is_floating_point():
+        raise RuntimeError(f"scratchops conv2d supports floating-point tensors only, got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise RuntimeError(f"Input type ({x.dtype}) and weight type ({w.dtype}) should be the same")
+    if bias is not None and bias.dtype != x.dtype:
+        raise RuntimeError(f"Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    check_tensor("conv2d", input)
+    check_tensor("conv2d", weight, "weight", 2)
+    if bias is not None:
+        check_tensor("conv2d", bias, "bias", 3)
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
+                           f"{list(input.shape)}")
+    stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
+    if weight.dim() != 4:
+        raise RuntimeError(f"weight of conv2d should be 4-D, but got weight of size {list(weight.shape)}")
+    pads = _resolve_padding(padding, stride, dilation, weight)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    _check(x, weight, bias, stride, pads, dilation, groups)
+    channels_last = _suggests_channels_last(x) or _suggests_channels_last(weight)
+    y = Conv2d.apply(x, weight, bias, stride, pads, dilation, groups, channels_last, choose_backend(x))
+    return y.squeeze(0) if unbatched else y
