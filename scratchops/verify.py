@@ -72,6 +72,13 @@ CASES: list[Case] = [
     Case("sigmoid", "(7, 13)", SF.sigmoid, torch.sigmoid, lambda g: (_randn(g, 7, 13),)),
     Case("relu", "(7, 13)", SF.relu, TF.relu, lambda g: (_randn(g, 7, 13),)),
     Case("tanh", "(7, 13)", SF.tanh, torch.tanh, lambda g: (_randn(g, 7, 13),)),
+    # dropout's mask is random: with one seed (reseed), torch's x * m is the yardstick, m = dropout(ones) (same seed)
+    Case("dropout", "(7, 13) p=0.5, torch x*m", lambda x: SF.dropout(x, 0.5),
+         lambda x: x * SF.dropout(torch.ones_like(x.detach()), 0.5), lambda g: (_randn(g, 7, 13),), reseed=0),
+    Case("dropout", "(7, 13) p=1", lambda x: SF.dropout(x, 1.0), lambda x: TF.dropout(x, 1.0),
+         lambda g: (_randn(g, 7, 13),)),
+    Case("l2_penalty", "(7, 13), (5,), () λ=0.1", lambda *w: SF.l2_penalty(w, 0.1),
+         lambda *w: 0.1 * sum(t.pow(2).sum() for t in w), lambda g: (_randn(g, 7, 13), _randn(g, 5), _randn(g))),
     # Later op families add their cases here.
 ]
 
