@@ -245,13 +245,14 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
         raise NotImplementedError(f"dropout: no Bernoulli mask for {input.dtype} (as torch's bernoulli_)")
     p = float(p)
     backend = choose_backend(input)
+    if inplace:
+        check_inplace(input)
     if p < 1:  # one draw from the input device's default generator: manual_seed reproduces it
         seed = torch.randint(SEED_HIGH, (), dtype=torch.int64, device=input.device)
     else:  # p = 1 keeps nothing and, as torch, draws nothing
         seed = torch.zeros((), dtype=torch.int64, device=input.device)
     stride = _out_strides(input)
     if inplace:
-        check_inplace(input)
         return DropoutInplace.apply(input, seed, p, stride, backend)
     return Dropout.apply(input, seed, p, stride, backend)
 

@@ -36,6 +36,15 @@ def _seeded(fn, seed=0):
     return run
 
 
+def _rng_state():
+    """The generator states a dropout draw could advance (CPU, and the GPU's when the tests run on one)."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if DEVICE == "cuda" else [])
+
+
+def _same_rng(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def _scale(p, dtype=torch.float32):
     """torch's 1/(1-p) for ``dtype``: fp32 noise divided by (1 - p) rounded to fp32."""
     one = torch.ones((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -134,23 +143,23 @@ def test_dropout_non_contiguous(backend, layout):
 
 def test_dropout_p0_eval_empty_return_input(backend):
     x = make((9,), requires_grad=True)
-    before, rng = dict(LAUNCHES), torch.get_rng_state()
+    before, rng = dict(LAUNCHES), _rng_state()
     assert SF.dropout(x, 0.0) is x and TF.dropout(x, 0.0) is x
     assert SF.dropout(x, 0.7, training=False) is x
     assert SF.dropout(x, 0.0, inplace=True) is x  # p = 0 in place on a leaf is allowed by torch too
     empty = make((0, 3), requires_grad=True)
     assert SF.dropout(empty, 0.5) is empty
     assert dict(LAUNCHES) == before, "p = 0, eval and empty inputs must launch nothing"
-    assert torch.equal(torch.get_rng_state(), rng), "and draw nothing"
+    assert _same_rng(_rng_state(), rng), "and draw nothing"
 
 
 def test_dropout_p1(backend):
     x = torch.tensor([1.5, -2.0, 0.0, -0.0, float("nan"), float("inf"), -float("inf")], device=DEVICE)
-    rng = torch.get_rng_state()
+    rng = _rng_state()
     check_parity(lambda t: SF.dropout(t, 1.0), lambda t: TF.dropout(t, 1.0), x, equal_nan=True)
     out = SF.dropout(x, 1.0)
     assert torch.equal(torch.signbit(out), torch.signbit(TF.dropout(x, 1.0)))
-    assert torch.equal(torch.get_rng_state(), rng), "p = 1 draws nothing, as torch"
+    assert _same_rng(_rng_state(), rng), "p = 1 draws nothing, as torch"
     w = make((BLOCK + 3,), requires_grad=True)
     SF.dropout(w, 1.0).sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w))

@@ -28,8 +28,12 @@ DROPOUT_BLOCK = 2048  # elements per program: four quarters of 512, one Philox c
 DROPOUT_WARPS = 4
 L2_BLOCK = 4096
 L2_WARPS = 8
-TABLE_COLUMNS = 4  # address, numel, first block, offset in the group's flat buffer
-COL_ADDR, COL_NUMEL, COL_FIRST_BLOCK, COL_OFFSET = range(TABLE_COLUMNS)
+# Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer).
+TABLE_COLUMNS = tl.constexpr(4)
+COL_ADDR = tl.constexpr(0)
+COL_NUMEL = tl.constexpr(1)
+COL_FIRST_BLOCK = tl.constexpr(2)
+COL_OFFSET = tl.constexpr(3)
 TABLE_CACHE_SIZE = 64  # device tables kept per (device, addresses, sizes): params are reused every step
 
 
@@ -119,12 +123,12 @@ def dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int
 def _l2_locate(table_ptr, block_tensor_ptr, like_ptr, BLOCK: tl.constexpr):
     """The tensor this program reads: its base pointer, offsets of this block, mask and flat-buffer offset."""
     pid = tl.program_id(0)
-    row = tl.load(block_tensor_ptr + pid).to(tl.int64) * 4  # TABLE_COLUMNS
-    base = tl.load(table_ptr + row).to(like_ptr.dtype)
-    numel = tl.load(table_ptr + row + 1)
-    first_block = tl.load(table_ptr + row + 2)
+    row = tl.load(block_tensor_ptr + pid).to(tl.int64) * TABLE_COLUMNS
+    base = tl.load(table_ptr + row + COL_ADDR).to(like_ptr.dtype)
+    numel = tl.load(table_ptr + row + COL_NUMEL)
+    first_block = tl.load(table_ptr + row + COL_FIRST_BLOCK)
     offs = (pid - first_block) * BLOCK + tl.arange(0, BLOCK)
-    return base, offs, offs < numel, tl.load(table_ptr + row + 3)
+    return base, offs, offs < numel, tl.load(table_ptr + row + COL_OFFSET)
 
 
 @triton.jit
