@@ -1,14 +1,15 @@
 """Triton kernel for the SGD step: one multi-tensor launch updates every parameter of a group.
 
-The launcher packs, into one int64 ``meta`` tensor copied to the device once per
-launch,
+The launcher hands the kernel two small tensors, uploaded to the device only when
+they change (they are cached, so a training loop's steps upload nothing):
 
-* ``HYPER_SLOTS`` hyperparameters as float64 bit patterns: lr, weight decay,
-  momentum, 1 - dampening and the gradient's sign (-1 when maximizing);
-* one row of ``TABLE_COLS`` per tensor: the raw addresses of the parameter, its
-  gradient and its momentum buffer, its element count, and a flag set when its
-  momentum buffer is new (first step: b ← g rather than b ← μ b + (1-τ) g);
-* one work item per program: ``(tensor index << 32) | chunk index``.
+* ``hyper`` (float64): lr, weight decay, momentum, 1 - dampening and the
+  gradient's sign (-1 when maximizing), rounded in the kernel to the compute
+  type as torch rounds its scalars;
+* ``meta`` (int64): one row of ``TABLE_COLS`` per tensor (the raw addresses of
+  the parameter, its gradient and its momentum buffer, its element count, and a
+  flag set when its momentum buffer is new: b ← g rather than b ← μ b + (1-τ) g),
+  then one work item per program: ``(tensor index << WORK_SHIFT) | chunk index``.
 
 A program turns the addresses back into typed pointers (``int64 -> pointer``),
 so a single launch reaches tensors scattered anywhere in memory. This works on
@@ -30,30 +31,21 @@ BLOCK = 1024
 NUM_WARPS = 4
 CHUNK_BLOCKS = 8  # blocks per program: a chunk is CHUNK_BLOCKS * BLOCK elements of one tensor
 CHUNK = CHUNK_BLOCKS * BLOCK
-HYPER_SLOTS = 5  # lr, weight_decay, momentum, 1 - dampening, gradient sign
 TABLE_COLS = 5  # param address, grad address, buffer address, numel, fresh-buffer flag
 WORK_SHIFT = 32  # a work item is (tensor index << WORK_SHIFT) | chunk index
-WORK_MASK = (1 << WORK_SHIFT) - 1
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
 
 @triton.jit
-def _hyper(meta_ptr, slot, ACC: tl.constexpr):
-    """Hyperparameter ``slot``, stored as float64 bits, in the compute type (rounded as torch rounds scalars)."""
-    return tl.load(meta_ptr + slot).to(tl.float64, bitcast=True).to(ACC)
-
-
-@triton.jit
-def _sgd_step_kernel(meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+def _sgd_step_kernel(hyper_ptr, meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                      NESTEROV: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                     CHUNK_BLOCKS: tl.constexpr, HYPER_SLOTS: tl.constexpr, TABLE_COLS: tl.constexpr,
-                     WORK_SHIFT: tl.constexpr):
+                     CHUNK_BLOCKS: tl.constexpr, TABLE_COLS: tl.constexpr, WORK_SHIFT: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
-    work = tl.load(meta_ptr + HYPER_SLOTS + n_tensors * TABLE_COLS + tl.program_id(0))
+    work = tl.load(meta_ptr + n_tensors * TABLE_COLS + tl.program_id(0))
     t = work >> WORK_SHIFT
     chunk = work & ((1 << WORK_SHIFT) - 1)
-    row = meta_ptr + HYPER_SLOTS + t * TABLE_COLS
+    row = meta_ptr + t * TABLE_COLS
     w_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
     b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
@@ -61,11 +53,11 @@ def _sgd_step_kernel(meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MO
     fresh = tl.load(row + 4)
     b_numel = numel * (1 - fresh)  # a fresh buffer is never read
 
-    lr = _hyper(meta_ptr, 0, ACC)
-    weight_decay = _hyper(meta_ptr, 1, ACC)
-    momentum = _hyper(meta_ptr, 2, ACC)
-    undamped = _hyper(meta_ptr, 3, ACC)
-    sign = _hyper(meta_ptr, 4, ACC)
+    lr = tl.load(hyper_ptr).to(ACC)
+    weight_decay = tl.load(hyper_ptr + 1).to(ACC)
+    momentum = tl.load(hyper_ptr + 2).to(ACC)
+    undamped = tl.load(hyper_ptr + 3).to(ACC)
+    sign = tl.load(hyper_ptr + 4).to(ACC)
 
     start = chunk * (CHUNK_BLOCKS * BLOCK)
     n_blocks = tl.minimum(tl.cdiv(numel - start, BLOCK), CHUNK_BLOCKS)
@@ -90,61 +82,94 @@ def _sgd_step_kernel(meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MO
         tl.store(w_ptr + offs, (w - lr * g).to(DTYPE), mask=mask)
 
 
-def _dense_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` laid out element for element as ``like`` (``t`` itself when it already is)."""
-    return same_layout(t, like)
+def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: list):
+    """Dense operands laid out element for element alike: the tensors themselves in the common case.
+
+    Otherwise dense copies, and ``write_back`` gets (tensor, copy) for the ones the kernel writes.
+    """
+    if w.is_contiguous() and g.is_contiguous() and b.is_contiguous():
+        return w, g, b
+    dense = w if is_dense(w) else w.contiguous()
+    if dense is not w:
+        write_back.append((w, dense))
+    b_dense = dense if b is w else same_layout(b, dense)
+    if b_dense is not b and b is not w:
+        write_back.append((b, b_dense))
+    return dense, same_layout(g, dense), b_dense
 
 
 def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
              fresh: list[bool], lr: float, weight_decay: float, momentum: float, dampening: float,
              nesterov: bool, maximize: bool) -> None:
-    """Update ``params`` (and ``momentum_buffers`` when momentum ≠ 0) in place: one launch per (device, dtype).
+    """Update ``params`` (and ``momentum_buffers`` when μ ≠ 0) in place: one launch per (device, dtype).
 
     Operands that are not dense, or whose layouts differ from their parameter's,
     go through dense copies that are written back after the launch.
     """
     has_momentum = momentum != 0
     buckets: dict = {}
-    for i, p in enumerate(params):
-        if p.numel():
-            buckets.setdefault((p.device, p.dtype), []).append(i)
+    for i, p in enumerate(params):  # empty tensors get no work items: their addresses are never used
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    hyper = (lr, weight_decay, momentum, 1.0 - dampening, -1.0 if maximize else 1.0)
     for (device, dtype), idx in buckets.items():
-        rows, write_back = [], []
-        keep = []  # every tensor whose address is in the table stays alive until the launch is queued
+        rows, write_back, keep = [], [], []  # keep: the operands (copies included) whose addresses are in the table
         for i in idx:
-            w = params[i] if is_dense(params[i]) else params[i].contiguous()
-            if w is not params[i]:
-                write_back.append((params[i], w))
-            g = _dense_view(grads[i], w)
-            b = w  # placeholder address when there is no momentum: never read nor written
-            if has_momentum:
-                b = _dense_view(momentum_buffers[i], w)
-                if b is not momentum_buffers[i]:
-                    write_back.append((momentum_buffers[i], b))
-            keep += [w, g, b]
-            rows.append((w.data_ptr(), g.data_ptr(), b.data_ptr(), w.numel(), int(has_momentum and fresh[i])))
-        _launch(rows, device, dtype, lr, weight_decay, momentum, dampening, nesterov, maximize)
+            w, g = params[i], grads[i]
+            b = momentum_buffers[i] if has_momentum else w  # w stands in for an absent buffer: never touched
+            w, g, b = _operands(w, g, b, write_back)
+            keep.append((w, g, b))
+            rows += (w.data_ptr(), g.data_ptr(), b.data_ptr(), w.numel(), int(has_momentum and fresh[i]))
+        meta, n_programs = _meta(tuple(rows), device)
+        _sgd_step_kernel[(n_programs,)](_hyper_tensor(hyper, device), meta, len(idx),
+                                        HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
+                                        NESTEROV=bool(nesterov and has_momentum), DTYPE=TL_DTYPES[dtype],
+                                        BLOCK=BLOCK, CHUNK_BLOCKS=CHUNK_BLOCKS, TABLE_COLS=TABLE_COLS,
+                                        WORK_SHIFT=WORK_SHIFT, num_warps=NUM_WARPS)
         for dst, src in write_back:
             dst.copy_(src)
         del keep
 
 
-def _launch(rows, device, dtype, lr, weight_decay, momentum, dampening, nesterov, maximize):
-    table = torch.tensor(rows, dtype=torch.int64)
-    chunks = (table[:, 3] + CHUNK - 1) // CHUNK
-    tensor_index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), chunks)
-    first_item = torch.cumsum(chunks, 0) - chunks
-    work = (tensor_index << WORK_SHIFT) | (torch.arange(len(tensor_index)) - first_item[tensor_index])
-    hyper = torch.tensor([lr, weight_decay, momentum, 1.0 - dampening, -1.0 if maximize else 1.0],
-                         dtype=torch.float64).view(torch.int64)
-    meta = torch.cat([hyper, table.flatten(), work])
-    if device.type != "cpu":
-        meta = meta.pin_memory().to(device, non_blocking=True)
-    _sgd_step_kernel[(len(work),)](meta, len(rows), HAS_WEIGHT_DECAY=weight_decay != 0,
-                                   HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov and momentum != 0),
-                                   DTYPE=TL_DTYPES[dtype], BLOCK=BLOCK, CHUNK_BLOCKS=CHUNK_BLOCKS,
-                                   HYPER_SLOTS=HYPER_SLOTS, TABLE_COLS=TABLE_COLS, WORK_SHIFT=WORK_SHIFT,
-                                   num_warps=NUM_WARPS)
+# The device copies of recent tables and hyperparameters: a training loop steps the same
+# tensors (same addresses) with the same options, so a step usually uploads nothing.
+# Keys hold addresses only (no tensors); an equal key means an identical table.
+_META_CACHE: dict = {}
+_HYPER_CACHE: dict = {}
+CACHE_ENTRIES = 16
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _meta(rows: tuple, device: torch.device):
+    """The per-tensor table followed by one work item per program (see the module docstring), on ``device``."""
+    key = (device, rows)
+    hit = _META_CACHE.get(key)
+    if hit is not None:
+        return hit
+    work = []
+    for t in range(len(rows) // TABLE_COLS):
+        first = t << WORK_SHIFT
+        work.extend(range(first, first + triton.cdiv(rows[t * TABLE_COLS + 3], CHUNK)))
+    return _remember(_META_CACHE, key, (_upload(list(rows) + work, torch.int64, device), len(work)))
+
+
+def _hyper_tensor(hyper: tuple, device: torch.device) -> torch.Tensor:
+    """lr, λ, μ, 1 - τ and the gradient's sign on ``device``, in float64 (fp64 parameters need every bit)."""
+    key = (device, hyper)
+    hit = _HYPER_CACHE.get(key)
+    return hit if hit is not None else _remember(_HYPER_CACHE, key, _upload(list(hyper), torch.float64, device))
 
 
 def _configs():
@@ -155,9 +180,10 @@ def _configs():
                 constexprs = {"HAS_WEIGHT_DECAY": has_wd, "HAS_MOMENTUM": has_momentum, "NESTEROV": nesterov,
                               "DTYPE": getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32",
                                                     "fp64": "float64"}[name]),
-                              "BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "HYPER_SLOTS": HYPER_SLOTS,
-                              "TABLE_COLS": TABLE_COLS, "WORK_SHIFT": WORK_SHIFT}
-                signature = {"meta_ptr": "*i64", "n_tensors": "i32", **{k: "constexpr" for k in constexprs}}
+                              "BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "TABLE_COLS": TABLE_COLS,
+                              "WORK_SHIFT": WORK_SHIFT}
+                signature = {"hyper_ptr": "*fp64", "meta_ptr": "*i64", "n_tensors": "i32",
+                             **{k: "constexpr" for k in constexprs}}
                 yield _sgd_step_kernel, signature, constexprs, NUM_WARPS
 
 
