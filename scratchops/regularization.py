@@ -21,7 +21,8 @@ L2 penalty over tensors w_1..w_T, with λ the weight decay:
 
 Sums of squares accumulate in fp32 (fp64 for fp64 tensors); the result has the
 dtype of torch's ``weight_decay * sum(w.pow(2).sum() for w in tensors)``. The
-gradients of one dtype group are written to one flat buffer and returned as views.
+gradients of one dtype group are written to one flat buffer (row-major per tensor) and
+returned as views; non-contiguous tensors are read through a contiguous copy.
 """
 import struct
 
@@ -37,38 +38,10 @@ TORCH_INT_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", 
 
 
 # ----------------------------------------------------------------- layouts
-def _is_dense(shape, stride) -> bool:
-    expected = 1
-    for size, st in sorted(zip(shape, stride), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if st != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _contiguous_strides(shape) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return strides[::-1]
-
-
 def _out_strides(x: torch.Tensor) -> list[int]:
-    """The output's layout, as torch's: x's when dense, else empty_like's suggestion if dense, else contiguous."""
-    if _is_dense(x.shape, x.stride()):
-        return list(x.stride())
-    suggested = torch.empty_like(x, device="meta").stride()
-    return list(suggested) if _is_dense(x.shape, suggested) else _contiguous_strides(x.shape)
-
-
-def _memory_flat(t: torch.Tensor) -> torch.Tensor:
-    """t's elements in memory order when t is dense, else in row-major order (as the kernels read them)."""
-    if _is_dense(t.shape, t.stride()):
-        return torch.as_strided(t, (t.numel(),), (1,))
-    return t.contiguous().view(-1)
+    """The output's (dense) layout, as torch's ``x * empty_like(x)``: x's strides when x is dense, else the
+    memory format empty_like suggests. Asked of a meta tensor: no memory, and it traces under torch.compile."""
+    return list(torch.empty_like(x, device="meta").stride())
 
 
 # ----------------------------------------------------------------- reference math: dropout
@@ -132,7 +105,7 @@ def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay
     out = []
     for dtype, group in _groups(tensors).items():
         acc = compute_dtype(dtype)
-        pieces = [(coef.to(acc) * _memory_flat(w).to(acc)).to(dtype) for w in group]
+        pieces = [(coef.to(acc) * w.reshape(-1).to(acc)).to(dtype) for w in group]  # row-major, as the kernels
         out.append(torch.cat(pieces))
     return out
 
@@ -192,15 +165,12 @@ class DropoutInplace(torch.autograd.Function):
 
 
 def _carve(tensors, flats):
-    """Views of the flat per-dtype gradient buffers, one per tensor, laid out as the kernels wrote them."""
+    """Views of the flat per-dtype gradient buffers, one per tensor (row-major, as the kernels wrote them)."""
     views = []
     for (dtype, group), flat in zip(_groups(tensors).items(), flats):
         offset = 0
         for w in group:
-            if _is_dense(w.shape, w.stride()):
-                views.append((w, torch.as_strided(flat, w.shape, w.stride(), offset)))
-            else:
-                views.append((w, flat[offset:offset + w.numel()].view(w.shape)))
+            views.append((w, flat[offset:offset + w.numel()].view(w.shape)))
             offset += w.numel()
     # back in the caller's order (the grouping reordered them); ids are unique per list entry
     by_id = {}

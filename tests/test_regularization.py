@@ -395,17 +395,18 @@ def test_torch_compile_fullgraph(backend):
         return (SF.dropout(x, 0.3) @ w).sum() + SF.l2_penalty([w, x], 0.1)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x1, w1 = make((4, 33), requires_grad=True), make((33, 5), seed=1, requires_grad=True)
-    x2, w2 = x1.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
-    torch.manual_seed(5)
-    a = compiled(x1, w1)
-    torch.manual_seed(5)
-    b = f(x2, w2)
-    torch.testing.assert_close(a, b)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(x1.grad, x2.grad)
-    torch.testing.assert_close(w1.grad, w2.grad)
+    for x0 in (make((4, 33)), make((33, 4)).t()):  # the transposed input: the layout logic traces too
+        x1, w1 = x0.detach().clone().requires_grad_(), make((33, 5), seed=1, requires_grad=True)
+        x2, w2 = x0.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_()
+        torch.manual_seed(5)
+        a = compiled(x1, w1)
+        torch.manual_seed(5)
+        b = f(x2, w2)
+        torch.testing.assert_close(a, b)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+        torch.testing.assert_close(w1.grad, w2.grad)
 
 
 def test_opcheck(backend):

@@ -152,8 +152,8 @@ _tables: collections.OrderedDict = collections.OrderedDict()
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` when its memory is one dense block (read in memory order), else a contiguous copy."""
-    return t if is_dense(t) else t.contiguous()
+    """``t`` read row-major: itself when contiguous, else a contiguous copy (the gradient views are row-major)."""
+    return t.contiguous()
 
 
 def _table(tensors: list[torch.Tensor]):
