@@ -311,6 +311,7 @@ def test_aot_compile_sm90():
     rows = check_aot("triton_kernels.optim")
     assert {r["kernel"] for r in rows} == {"_sgd_step_kernel"}
     assert {r["constexprs"]["DTYPE"] for r in rows} == {"fp16", "bf16", "fp32", "fp64"}
+    assert {r["constexprs"]["ALIGNED"] for r in rows} == {"True", "False"}
 
 
 def test_backend_per_bucket():

@@ -21,11 +21,13 @@ Math runs in fp32 (fp64 for fp64 tensors); parameters and momentum buffers are
 loaded and stored in their dtype; the update uses the buffer as stored (rounded
 to its dtype), as torch's does.
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import FLOAT_DTYPE_NAMES, is_dense, same_layout
+from triton_kernels._launch import is_dense, same_layout
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -33,14 +35,39 @@ CHUNK_BLOCKS = 8  # blocks per program: a chunk is CHUNK_BLOCKS * BLOCK elements
 CHUNK = CHUNK_BLOCKS * BLOCK
 TABLE_COLS = 5  # param address, grad address, buffer address, numel, fresh-buffer flag
 WORK_SHIFT = 32  # a work item is (tensor index << WORK_SHIFT) | chunk index
+ALIGN_BYTES = 16  # addresses all multiples of this take the vectorized variant of the kernel
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
 
 @triton.jit
+def _sgd_update(w_ptr, g_ptr, b_ptr, offs, mask, b_mask, fresh, lr, weight_decay, momentum, undamped, sign,
+                HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                DTYPE: tl.constexpr, ACC: tl.constexpr):
+    """The update of one block of elements ``offs`` (``mask``/``b_mask`` None for a full block)."""
+    w = tl.load(w_ptr + offs, mask=mask).to(ACC)
+    # g ← ±∇ (sign = -1 when maximizing); g ← g + λ w
+    g = sign * tl.load(g_ptr + offs, mask=mask).to(ACC)
+    if HAS_WEIGHT_DECAY:
+        g = g + weight_decay * w
+    if HAS_MOMENTUM:
+        # b ← g on the first step, else b ← μ b + (1 - τ) g; stored in the parameter's dtype
+        b = tl.load(b_ptr + offs, mask=b_mask).to(ACC)
+        b = tl.where(fresh != 0, g, momentum * b + undamped * g).to(DTYPE)
+        tl.store(b_ptr + offs, b, mask=mask)
+        if NESTEROV:
+            g = g + momentum * b.to(ACC)  # g ← g + μ b
+        else:
+            g = b.to(ACC)  # g ← b
+    # w ← w - η g
+    tl.store(w_ptr + offs, (w - lr * g).to(DTYPE), mask=mask)
+
+
+@triton.jit
 def _sgd_step_kernel(hyper_ptr, meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                     NESTEROV: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                     CHUNK_BLOCKS: tl.constexpr, TABLE_COLS: tl.constexpr, WORK_SHIFT: tl.constexpr):
+                     NESTEROV: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                     CHUNK_BLOCKS: tl.constexpr, TABLE_COLS: tl.constexpr, WORK_SHIFT: tl.constexpr,
+                     ALIGN_BYTES: tl.constexpr):
     ACC: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
     work = tl.load(meta_ptr + n_tensors * TABLE_COLS + tl.program_id(0))
     t = work >> WORK_SHIFT
@@ -59,27 +86,20 @@ def _sgd_step_kernel(hyper_ptr, meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.conste
     undamped = tl.load(hyper_ptr + 3).to(ACC)
     sign = tl.load(hyper_ptr + 4).to(ACC)
 
+    if ALIGNED:  # every address is a multiple of ALIGN_BYTES: full blocks load and store in wide vectors
+        w_ptr = tl.multiple_of(w_ptr, ALIGN_BYTES)
+        g_ptr = tl.multiple_of(g_ptr, ALIGN_BYTES)
+        b_ptr = tl.multiple_of(b_ptr, ALIGN_BYTES)
     start = chunk * (CHUNK_BLOCKS * BLOCK)
     n_blocks = tl.minimum(tl.cdiv(numel - start, BLOCK), CHUNK_BLOCKS)
     for i in range(0, n_blocks):
         offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < numel
-        w = tl.load(w_ptr + offs, mask=mask).to(ACC)
-        # g ← ±∇ (sign = -1 when maximizing); g ← g + λ w
-        g = sign * tl.load(g_ptr + offs, mask=mask).to(ACC)
-        if HAS_WEIGHT_DECAY:
-            g = g + weight_decay * w
-        if HAS_MOMENTUM:
-            # b ← g on the first step, else b ← μ b + (1 - τ) g; stored in the parameter's dtype
-            b = tl.load(b_ptr + offs, mask=offs < b_numel).to(ACC)
-            b = tl.where(fresh != 0, g, momentum * b + undamped * g).to(DTYPE)
-            tl.store(b_ptr + offs, b, mask=mask)
-            if NESTEROV:
-                g = g + momentum * b.to(ACC)  # g ← g + μ b
-            else:
-                g = b.to(ACC)  # g ← b
-        # w ← w - η g
-        tl.store(w_ptr + offs, (w - lr * g).to(DTYPE), mask=mask)
+        if start + (i + 1) * BLOCK <= numel:  # a full block: no masks (a fresh buffer's load is discarded)
+            _sgd_update(w_ptr, g_ptr, b_ptr, offs, None, None, fresh, lr, weight_decay, momentum, undamped,
+                        sign, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, DTYPE, ACC)
+        else:  # the tensor's last, partial block; a fresh buffer is not read
+            _sgd_update(w_ptr, g_ptr, b_ptr, offs, offs < numel, offs < b_numel, fresh, lr, weight_decay,
+                        momentum, undamped, sign, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, DTYPE, ACC)
 
 
 def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: list):
@@ -113,18 +133,22 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buf
     hyper = (lr, weight_decay, momentum, 1.0 - dampening, -1.0 if maximize else 1.0)
     for (device, dtype), idx in buckets.items():
         rows, write_back, keep = [], [], []  # keep: the operands (copies included) whose addresses are in the table
+        addresses = 0  # the OR of every address: its low bits say whether all are aligned
         for i in idx:
             w, g = params[i], grads[i]
             b = momentum_buffers[i] if has_momentum else w  # w stands in for an absent buffer: never touched
             w, g, b = _operands(w, g, b, write_back)
             keep.append((w, g, b))
-            rows += (w.data_ptr(), g.data_ptr(), b.data_ptr(), w.numel(), int(has_momentum and fresh[i]))
+            w_at, g_at, b_at = w.data_ptr(), g.data_ptr(), b.data_ptr()
+            addresses |= w_at | g_at | b_at
+            rows += (w_at, g_at, b_at, w.numel(), int(has_momentum and fresh[i]))
         meta, n_programs = _meta(tuple(rows), device)
         _sgd_step_kernel[(n_programs,)](_hyper_tensor(hyper, device), meta, len(idx),
                                         HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
                                         NESTEROV=bool(nesterov and has_momentum), DTYPE=TL_DTYPES[dtype],
-                                        BLOCK=BLOCK, CHUNK_BLOCKS=CHUNK_BLOCKS, TABLE_COLS=TABLE_COLS,
-                                        WORK_SHIFT=WORK_SHIFT, num_warps=NUM_WARPS)
+                                        ALIGNED=addresses % ALIGN_BYTES == 0, BLOCK=BLOCK, CHUNK_BLOCKS=CHUNK_BLOCKS,
+                                        TABLE_COLS=TABLE_COLS, WORK_SHIFT=WORK_SHIFT, ALIGN_BYTES=ALIGN_BYTES,
+                                        num_warps=NUM_WARPS)
         for dst, src in write_back:
             dst.copy_(src)
         del keep
@@ -174,18 +198,16 @@ def _hyper_tensor(hyper: tuple, device: torch.device) -> torch.Tensor:
 
 def _configs():
     modes = [(False, False), (True, False), (True, True)]  # (HAS_MOMENTUM, NESTEROV)
-    for name in FLOAT_DTYPE_NAMES:
-        for has_wd in (False, True):
-            for has_momentum, nesterov in modes:
-                constexprs = {"HAS_WEIGHT_DECAY": has_wd, "HAS_MOMENTUM": has_momentum, "NESTEROV": nesterov,
-                              "DTYPE": getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32",
-                                                    "fp64": "float64"}[name]),
-                              "BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "TABLE_COLS": TABLE_COLS,
-                              "WORK_SHIFT": WORK_SHIFT}
-                signature = {"hyper_ptr": "*fp64", "meta_ptr": "*i64", "n_tensors": "i32",
-                             **{k: "constexpr" for k in constexprs}}
-                yield _sgd_step_kernel, signature, constexprs, NUM_WARPS
+    for dtype, has_wd, (has_momentum, nesterov), aligned in itertools.product(
+            TL_DTYPES.values(), (False, True), modes, (False, True)):
+        constexprs = {"HAS_WEIGHT_DECAY": has_wd, "HAS_MOMENTUM": has_momentum, "NESTEROV": nesterov, "DTYPE": dtype,
+                      "ALIGNED": aligned, "BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "TABLE_COLS": TABLE_COLS,
+                      "WORK_SHIFT": WORK_SHIFT, "ALIGN_BYTES": ALIGN_BYTES}
+        signature = {"hyper_ptr": "*fp64", "meta_ptr": "*i64", "n_tensors": "i32",
+                     **{k: "constexpr" for k in constexprs}}
+        yield _sgd_step_kernel, signature, constexprs, NUM_WARPS
 
 
-# Every (kernel, signature, constexprs, num_warps) the launcher launches with.
+# Every (kernel, signature, constexprs, num_warps) the launcher launches with: each dtype, with and
+# without weight decay, momentum or Nesterov momentum, aligned or not.
 AOT_CONFIGS = list(_configs())
