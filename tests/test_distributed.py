@@ -1,0 +1,135 @@
+"""DistributedDataParallel: 2 processes on gloo (CPU) train a scratchops model with the gradients of one process.
+
+Each rank gets half of the batch; DDP averages the gradients, and with a mean loss
+over equal halves the average is the full batch's gradient. Rank 0 records the
+gradients and parameters of a few SGD steps (scratchops.optim.SGD); the parent
+runs the same steps in one process on the full batch and compares. The workers
+are spawned (torch.multiprocessing) and talk over 127.0.0.1 only.
+
+The workers run the reference backend: what DDP adds (gradient hooks, bucketing,
+all-reduce) does not depend on the backend, which the op tests check on their
+own, and Triton's interpreter would more than double this test's CPU time. A
+backend name is passed to the workers, so adding "triton" to ``backends`` runs the
+kernels too (in the interpreter: workers inherit TRITON_INTERPRET from the test
+session's environment, set before anything imports triton).
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import scratchops
+import scratchops.functional as SF
+from tests.helpers import skip_unless_landed, tolerances
+
+WORLD = 2
+STEPS = 3
+BATCH = 8
+JOIN_SECONDS = 120
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one intra-op thread each (several threads on a shared 2-core machine mostly spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 3))
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(4 * 5 * 5, 16), torch.nn.Sigmoid(), torch.nn.Linear(16, 3))
+    return scratchops.convert(model)
+
+
+def data(name: str):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((BATCH, 6) if name == "mlp" else (BATCH, 1, 5, 5), generator=g)
+    return x, torch.randn(BATCH, 3, generator=g)
+
+
+def train(model, forward, x, y):
+    """STEPS SGD steps on (x, y); the gradients after each backward and the final parameters."""
+    optimizer = scratchops.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    grads = []
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        SF.mse_loss(forward(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+    return {"grads": grads, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def _worker(rank, port, backends, models, path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for backend in backends:
+            for name in models:
+                model = build(name)
+                ddp = DistributedDataParallel(model)
+                x, y = data(name)
+                half = BATCH // WORLD
+                with scratchops.use_backend(backend):
+                    results[backend, name] = train(model, ddp, x[rank * half:(rank + 1) * half],
+                                                   y[rank * half:(rank + 1) * half])
+        if rank == 0:
+            torch.save(results, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    skip_unless_landed("linear", "mse_loss", "sgd")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    backends = ["reference"]  # see the module docstring
+    models = ["mlp"]
+    try:
+        skip_unless_landed("conv2d")
+        models.append("cnn")
+    except pytest.skip.Exception:
+        pass  # conv2d not written yet: the MLP alone
+    path = str(tmp_path / "rank0.pt")
+    context = mp.start_processes(_worker, args=(_free_port(), backends, models, path), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + JOIN_SECONDS
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"DDP workers did not finish within {JOIN_SECONDS} s")
+    distributed = torch.load(path)
+    assert set(distributed) == {(b, m) for b in backends for m in models}
+    for backend in backends:
+        for name in models:
+            model = build(name)
+            with scratchops.use_backend(backend):
+                single = train(model, model, *data(name))
+            got = distributed[backend, name]
+            tol = tolerances(torch.float32, reduction_size=BATCH)
+            for step, (a, b) in enumerate(zip(got["grads"], single["grads"])):
+                for i, (ga, gb) in enumerate(zip(a, b)):
+                    torch.testing.assert_close(ga, gb, **tol, msg=lambda m: f"{backend} {name} step {step} p{i}: {m}")
+            for pa, pb in zip(got["params"], single["params"]):
+                torch.testing.assert_close(pa, pb, **tol)
+    assert os.path.getsize(path) > 0
