@@ -1,0 +1,294 @@
+"""conv2d: every test tier of DESIGN.md, on both backends.
+
+The Triton kernels run in the interpreter here (about a second per launch at these
+sizes), so shapes are tiny and the option grid is chosen to cover each option
+(stride 1/2/3, padding 0/1/'same'/'valid'/asymmetric, dilation 1/2, groups
+1/2/depthwise, 1×1/3×3/7×7, odd sizes, bias None, unbatched) with few cases.
+"""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import scratchops
+import scratchops.functional as SF
+import scratchops.nn as SN
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
+                           expect_ops, make)
+
+OPS = ["conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"]
+
+# (N, C, H, W), (K, C/groups, R, S), bias, options
+GRID = {
+    "1x1": ((1, 2, 5, 5), (3, 2, 1, 1), True, {}),
+    "3x3 s2 p1 odd": ((2, 2, 7, 5), (3, 2, 3, 3), True, {"stride": 2, "padding": 1}),
+    "7x7 s3 p3": ((1, 2, 9, 9), (2, 2, 7, 7), True, {"stride": 3, "padding": 3}),
+    "3x3 same dil2": ((1, 2, 7, 6), (2, 2, 3, 3), True, {"padding": "same", "dilation": 2}),
+    "2x2 same asymmetric": ((1, 2, 5, 6), (2, 2, 2, 2), True, {"padding": "same"}),
+    "3x4 same asymmetric dil (1,3)": ((1, 1, 6, 9), (2, 1, 3, 4), True, {"padding": "same", "dilation": (1, 3)}),
+    "groups2 dil2 p1": ((1, 4, 7, 7), (4, 2, 3, 3), True, {"padding": 1, "dilation": 2, "groups": 2}),
+    "depthwise s2 valid": ((2, 3, 7, 6), (3, 1, 3, 3), True, {"stride": 2, "padding": "valid", "groups": 3}),
+    "depthwise x2 s1 no bias": ((1, 2, 5, 5), (4, 1, 3, 3), False, {"padding": 1, "groups": 2}),
+    "tuples s(2,1) p(1,0) d(1,2)": ((1, 2, 6, 7), (2, 2, 3, 2), True, {"stride": (2, 1), "padding": (1, 0),
+                                                                        "dilation": (1, 2)}),
+    "stride > kernel s3 1x1": ((1, 2, 7, 8), (2, 2, 1, 1), False, {"stride": 3}),
+}
+
+
+def _conv(kwargs):
+    return lambda x, w, b=None: SF.conv2d(x, w, b, **kwargs)
+
+
+def _torch_conv(kwargs):
+    return lambda x, w, b=None: TF.conv2d(x, w, b, **kwargs)
+
+
+def _inputs(x_shape, w_shape, bias, dtype=torch.float64, requires_grad=False):
+    x = make(x_shape, dtype, requires_grad=requires_grad, seed=1)
+    w = make(w_shape, dtype, requires_grad=requires_grad, seed=2)
+    b = make((w_shape[0],), dtype, requires_grad=requires_grad, seed=3) if bias else None
+    return (x, w) + ((b,) if bias else ())
+
+
+def _reduction(x_shape, w_shape):
+    """Longest sum in the forward or backward: C/G·R·S (y), K·R·S (dx), N·P·Q ≤ N·H·W (dw)."""
+    return max(w_shape[1] * w_shape[2] * w_shape[3], w_shape[0] * w_shape[2] * w_shape[3],
+               x_shape[0] * x_shape[2] * x_shape[3])
+
+
+def _yardstick(kwargs, dtype):
+    """torch's conv2d; for half types on the CPU computed in fp32 and rounded once, as scratchops and cuDNN do
+    (torch's CPU half backward accumulates in half precision, several ulp off for sums this long)."""
+    if DEVICE == "cuda" or dtype == torch.float32:
+        return _torch_conv(kwargs)
+    return lambda x, w, b=None: TF.conv2d(x.float(), w.float(), None if b is None else b.float(), **kwargs).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 parity against torch in full fp32 (on a GPU both sides would otherwise use tf32)."""
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        yield
+
+
+@pytest.mark.parametrize("case", sorted(GRID))
+def test_gradcheck(backend, case):
+    x_shape, w_shape, bias, kwargs = GRID[case]
+    inputs = _inputs(x_shape, w_shape, bias, requires_grad=True)
+    # fast_mode (gradcheck's random-projection mode: vᵀJu for random u, v, per input) keeps the grid within
+    # budget (the interpreter costs about a second per launch); test_gradcheck_full checks every element.
+    check_gradcheck(_conv(kwargs), *inputs, ops=OPS[:3] + (OPS[3:] if bias else []), fast_mode=True)
+
+
+FULL = {"strided dilated grouped": ((1, 2, 5, 4), (2, 1, 2, 2), {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
+        "same asymmetric": ((1, 1, 4, 5), (2, 1, 2, 3), {"padding": "same"})}
+
+
+@pytest.mark.parametrize("case", sorted(FULL))
+def test_gradcheck_full(backend, case):
+    """Every element of the Jacobians of input, weight and bias, on tiny cases with the awkward options."""
+    x_shape, w_shape, kwargs = FULL[case]
+    check_gradcheck(_conv(kwargs), *_inputs(x_shape, w_shape, True, requires_grad=True), ops=OPS)
+
+
+def test_gradcheck_unbatched(backend):
+    inputs = _inputs((2, 5, 6), (3, 2, 3, 3), True, requires_grad=True)
+    check_gradcheck(_conv({"padding": 1}), *inputs, ops=OPS, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "channels_last weight"])
+def test_parity(backend, dtype, layout):
+    x_shape, w_shape = (2, 5, 9, 7), (6, 5, 3, 3)
+    base = make((2, 5, 9, 14) if layout == "sliced" else x_shape, dtype, seed=4)
+    x = {"contiguous": base, "channels_last": base.to(memory_format=torch.channels_last),
+         "sliced": base[..., ::2], "channels_last weight": base}[layout]
+    w = make(w_shape, dtype, seed=5)
+    if layout == "channels_last weight":
+        w = w.to(memory_format=torch.channels_last)
+    b = make((6,), dtype, seed=6)
+    kwargs = {"padding": 1, "stride": (1, 2)}
+    out = check_parity(_conv(kwargs), _yardstick(kwargs, dtype), x, w, b, reduction_size=_reduction(x_shape, w_shape))
+    assert out.stride() == TF.conv2d(x, w, b, **kwargs).stride(), "output layout differs from torch's"
+
+
+def test_channels_last_grad_layout(backend):
+    x = make((2, 3, 6, 5)).to(memory_format=torch.channels_last).requires_grad_()
+    w = make((4, 3, 3, 3), requires_grad=True)
+    y = SF.conv2d(x, w, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", ["unbatched", "no bias", "expanded grad", "scalar-expanded grad", "same 7x7"])
+def test_parity_options(backend, case):
+    x_shape, w_shape, kwargs = (2, 4, 8, 7), (4, 2, 3, 3), {"padding": 1, "groups": 2}
+    if case == "unbatched":
+        x_shape = x_shape[1:]
+    if case == "same 7x7":
+        w_shape, kwargs = (3, 4, 7, 7), {"padding": "same"}
+    x, w = make(x_shape, seed=7), make(w_shape, seed=8)
+    args = (x, w) if case == "no bias" else (x, w, make((w_shape[0],), seed=9))
+    y_shape = TF.conv2d(*args, **kwargs).shape
+    grad_output = {"expanded grad": make(y_shape[-1:]).expand(y_shape),
+                   "scalar-expanded grad": torch.ones((), device=DEVICE).expand(y_shape)}.get(case)
+    check_parity(_conv(kwargs), _torch_conv(kwargs), *args, grad_output=grad_output,
+                 reduction_size=_reduction((2,) + x_shape[-3:], w_shape))
+
+
+@pytest.mark.parametrize("shape", ["empty batch", "one channel", "output 1x1"])
+def test_awkward_sizes(backend, shape):
+    x_shape, w_shape = {"empty batch": ((0, 2, 5, 5), (3, 2, 3, 3)), "one channel": ((2, 1, 5, 5), (1, 1, 3, 3)),
+                        "output 1x1": ((1, 3, 3, 3), (2, 3, 3, 3))}[shape]
+    check_parity(_conv({}), _torch_conv({}), make(x_shape), make(w_shape), make((w_shape[0],)))
+
+
+def test_special_values(backend):
+    x, w = make((1, 2, 5, 5)), make((2, 2, 3, 3))
+    x[0, 0, 2, 2], x[0, 1, 0, 0], w[1, 0, 0, 0] = float("nan"), float("inf"), -float("inf")
+    check_parity(_conv({"padding": 1}), _torch_conv({"padding": 1}), x, w, grad=False, equal_nan=True)
+
+
+BAD = {
+    "channel mismatch": ((1, 4, 5, 5), (4, 3, 3, 3), {}, r"Given groups=1, weight of size \[4, 3, 3, 3\], expected "
+                         r"input\[1, 4, 5, 5\] to have 3 channels, but got 4 channels instead"),
+    "groups not dividing out channels": ((1, 4, 5, 5), (3, 2, 3, 3), {"groups": 2}, "expected weight to be divisible"),
+    "zero groups": ((1, 4, 5, 5), (4, 4, 3, 3), {"groups": 0}, "non-positive groups"),
+    "kernel larger than input": ((1, 4, 5, 5), (4, 4, 7, 7), {}, "Kernel size can't be greater"),
+    "dilated kernel larger than padded input": ((1, 4, 5, 5), (4, 4, 3, 3), {"dilation": 3}, "Kernel size"),
+    "2-D input": ((5, 5), (4, 4, 3, 3), {}, "Expected 3D"),
+    "5-D input": ((1, 1, 4, 5, 5), (4, 4, 3, 3), {}, "Expected 3D"),
+    "negative padding": ((1, 4, 5, 5), (4, 4, 3, 3), {"padding": -1}, "negative padding"),
+    "zero stride": ((1, 4, 5, 5), (4, 4, 3, 3), {"stride": 0}, "non-positive stride"),
+    "negative stride": ((1, 4, 5, 5), (4, 4, 3, 3), {"stride": (1, -1)}, "non-positive stride"),
+    "zero dilation": ((1, 4, 5, 5), (4, 4, 3, 3), {"dilation": 0}, "dilation should be greater than zero"),
+    "same with stride": ((1, 4, 5, 5), (4, 4, 3, 3), {"stride": 2, "padding": "same"}, "strided convolutions"),
+    "bad padding string": ((1, 4, 5, 5), (4, 4, 3, 3), {"padding": "full"}, "Invalid padding string"),
+    "3 strides": ((1, 4, 5, 5), (4, 4, 3, 3), {"stride": (1, 1, 1)}, "expected stride"),
+    "3-D weight": ((1, 4, 5, 5), (4, 4, 3), {}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs(backend, case):
+    x_shape, w_shape, kwargs, match = BAD[case]
+    check_same_error(_conv(kwargs), _torch_conv(kwargs), make(x_shape), make(w_shape), match=match)
+
+
+def test_bad_bias_and_dtypes(backend):
+    x, w = make((1, 4, 5, 5)), make((4, 4, 3, 3))
+    check_same_error(SF.conv2d, TF.conv2d, x, w, make((3,)), match="expected bias to be 1-dimensional with 4")
+    check_same_error(SF.conv2d, TF.conv2d, x, w.double())
+    check_same_error(SF.conv2d, TF.conv2d, x, w, make((4,), torch.float64))
+    check_same_error(SF.conv2d, TF.conv2d, [1.0], w, match="must be Tensor")
+
+
+def test_backward_uses_forward_backend(backend):
+    from scratchops._backend import LAUNCHES
+
+    other = {"triton": "reference", "reference": "triton"}[backend]
+    x, w = make((1, 2, 4, 4), requires_grad=True), make((2, 2, 3, 3), requires_grad=True)
+    y = SF.conv2d(x, w)
+    before = LAUNCHES["conv2d_bwd_input", backend]
+    with scratchops.use_backend(other):
+        y.sum().backward()
+    assert LAUNCHES["conv2d_bwd_input", backend] == before + 1
+
+
+def test_needs_input_grad(backend):
+    from scratchops._backend import LAUNCHES
+
+    x, w = make((1, 2, 4, 4), requires_grad=True), make((2, 2, 3, 3))
+    before = {op: LAUNCHES[op, backend] for op in OPS}
+    SF.conv2d(x, w, make((2,))).sum().backward()
+    ran = {op for op in OPS if LAUNCHES[op, backend] > before[op]}
+    assert ran == {"conv2d_fwd", "conv2d_bwd_input"}
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_module(backend, padding_mode):
+    kwargs = dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=(1, 2), groups=2,
+                  padding_mode=padding_mode)
+    mine, ref = SN.Conv2d(**kwargs, device=DEVICE), torch.nn.Conv2d(**kwargs, device=DEVICE)
+    mine.load_state_dict(ref.state_dict())
+    assert isinstance(mine, torch.nn.Conv2d) and repr(mine) == repr(ref)
+    x1, x2 = make((2, 4, 7, 6), requires_grad=True), make((2, 4, 7, 6), requires_grad=True)
+    with expect_ops(OPS):
+        y1 = mine(x1)
+        y1.backward(torch.ones_like(y1))
+    y2 = ref(x2)
+    y2.backward(torch.ones_like(y2))
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(mine.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(mine.bias.grad, ref.bias.grad)
+
+
+def test_module_same_padding_no_bias(backend):
+    kwargs = dict(in_channels=3, out_channels=2, kernel_size=(2, 3), padding="same", bias=False)
+    mine, ref = SN.Conv2d(**kwargs, device=DEVICE), torch.nn.Conv2d(**kwargs, device=DEVICE)
+    mine.load_state_dict(ref.state_dict())
+    x = make((3, 5, 5))
+    torch.testing.assert_close(mine(x), ref(x))
+
+
+def _cnn(conv, relu, linear):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(conv(1, 4, 3, padding=1), relu(), conv(4, 4, 3, stride=2), relu(),
+                               torch.nn.Flatten(), linear(4 * 2 * 2, 3)).to(DEVICE)
+
+
+def test_small_cnn_trains_like_torch(backend):
+    """conv-relu-conv-relu-linear: scratchops Conv2d and ReLU, torch.nn.Linear (both models) so that this
+    test measures the convolutions; same weights, same synthetic images, same SGD: the same losses."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 1, 6, 6, generator=g).to(DEVICE)
+    labels = (images[:, 0, :3].mean((1, 2)) > images[:, 0, 3:].mean((1, 2))).long() + (images.mean((1, 2, 3)) > 0)
+    mine = _cnn(SN.Conv2d, SN.ReLU, torch.nn.Linear)
+    ref = _cnn(torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Linear)
+    ref.load_state_dict(mine.state_dict())
+    losses = {}
+    for name, model in (("mine", mine), ("ref", ref)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[name] = []
+        for _ in range(10):
+            opt.zero_grad()
+            loss = TF.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(losses["mine"], losses["ref"], rtol=1e-4, atol=1e-5)
+    assert losses["mine"][-1] < losses["mine"][0]
+
+
+def test_torch_compile_fullgraph(backend):
+    model = torch.nn.Sequential(SN.Conv2d(2, 3, 3, padding=1, device=DEVICE), SN.ReLU())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x1, x2 = make((1, 2, 5, 5), requires_grad=True), make((1, 2, 5, 5), requires_grad=True)
+    y1, y2 = compiled(x1), model(x2)
+    torch.testing.assert_close(y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_opcheck(backend):
+    from scratchops import conv2d as C
+
+    x, w, b = make((1, 2, 5, 4)), make((4, 1, 3, 2)), make((4,))
+    geometry = ([2, 1], [1, 0, 1, 1], [1, 2], 2, False)
+    y = C.conv2d_fwd(x, w, b, *geometry)
+    dy = make(tuple(y.shape))
+    torch.library.opcheck(C.conv2d_fwd_op, (backend, x, w, b, *geometry))
+    torch.library.opcheck(C.conv2d_bwd_input_op, (backend, dy, w, list(x.shape), *geometry))
+    torch.library.opcheck(C.conv2d_bwd_weight_op, (backend, dy, x, list(w.shape), *geometry))
+    torch.library.opcheck(C.conv2d_bwd_bias_op, (backend, dy))
+
+
+def test_aot_compile_sm90():
+    rows = check_aot("triton_kernels.conv2d") + check_aot("triton_kernels.conv2d_bwd")
+    names = {r["kernel"] for r in rows}
+    assert names == {"_conv2d_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel",
+                     "_conv2d_bwd_bias_kernel"}
+    for name in names - {"_conv2d_bwd_bias_kernel"}:
+        assert {tuple(r["dtypes"])[0] for r in rows if r["kernel"] == name} == {"*fp16", "*bf16", "*fp32", "*fp64"}
