@@ -62,7 +62,7 @@ def _dropout_apply(x: torch.Tensor, seed: torch.Tensor, p: float, stride: list[i
     u = torch.rand(x.numel(), generator=g, dtype=torch.float64, device=x.device)
     acc = x.dtype if x.is_complex() else compute_dtype(x.dtype)
     real = torch.float64 if acc in (torch.float64, torch.complex128) else torch.float32
-    m = torch.where(u >= p, _dropout_scale(p, x.dtype), 0.0).to(real)
+    m = (u >= p).to(real) * _dropout_scale(p, x.dtype)  # scale is exact in ``real``
     out = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device)
     out.copy_(x.to(acc) * torch.as_strided(m, x.shape, stride))
     return out

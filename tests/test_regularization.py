@@ -81,17 +81,17 @@ def test_dropout_mask_not_correlated_across_quarters(backend):
     assert abs(agree - 0.5) < SIGMAS * math.sqrt(0.25 / (BLOCK // 4))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_dropout_same_mask_in_backward(backend, dtype):
     x = make((5, BLOCK // 8 + 3), dtype, requires_grad=True)
     y = SF.dropout(x, 0.3)
     g = make(y.shape, dtype, seed=1)
     y.backward(g)
     assert torch.equal(x.grad == 0, y == 0)  # no x or g is exactly 0 here
-    kept = y != 0
-    expect = (g.float() * _scale(0.3)).to(dtype)
+    kept, acc = y != 0, torch.float64 if dtype == torch.float64 else torch.float32
+    expect = (g.to(acc) * _scale(0.3, dtype)).to(dtype)
     torch.testing.assert_close(x.grad[kept], expect[kept], rtol=0, atol=0)
-    torch.testing.assert_close(y[kept], (x.detach().float() * _scale(0.3)).to(dtype)[kept], rtol=0, atol=0)
+    torch.testing.assert_close(y[kept], (x.detach().to(acc) * _scale(0.3, dtype)).to(dtype)[kept], rtol=0, atol=0)
 
 
 def test_dropout_determinism(backend):
@@ -102,6 +102,19 @@ def test_dropout_determinism(backend):
     c = SF.dropout(x, 0.5)
     assert torch.equal(a, c), "manual_seed must reproduce the mask"
     assert not torch.equal(a, b), "two calls must draw two masks"
+
+
+def test_backward_uses_forward_backend(backend):
+    other = {"triton": "reference", "reference": "triton"}[backend]
+    x, w = make((10,), requires_grad=True), make((4,), requires_grad=True)
+    y = SF.dropout(x, 0.5)
+    pen = SF.l2_penalty([w])
+    before = LAUNCHES["dropout_bwd", backend], LAUNCHES["l2_penalty_bwd", backend]
+    with scratchops.use_backend(other):
+        y.sum().backward()
+        pen.backward()
+    assert (LAUNCHES["dropout_bwd", backend], LAUNCHES["l2_penalty_bwd", backend]) == (before[0] + 1, before[1] + 1)
+    assert torch.equal(x.grad == 0, y == 0), "the backward regenerated the forward's mask"
 
 
 @pytest.mark.parametrize("shape", [(1,), (BLOCK - 1,), (BLOCK + 1,), (3, 1, 7), (2, 3, 5, 7), ()])
