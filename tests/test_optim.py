@@ -89,8 +89,9 @@ def test_parity_every_option_100_steps(backend, options):
     _assert_same_state(opt_a, opt_b, STEPS)
 
 
-@pytest.mark.parametrize("shapes", [[(BLOCK - 1,), (CHUNK - 1,)], [(CHUNK + 1,), (1,)], [(), (7, 13), (2, 3, 5, 7)]],
-                         ids=["below", "above", "0d_primes"])
+@pytest.mark.parametrize("shapes", [[(BLOCK - 1,), (CHUNK - 1,)], [(CHUNK + 1,), (1,)], [(), (7, 13), (2, 3, 5, 7)],
+                                    [(0,), (3, 0)]],
+                         ids=["below", "above", "0d_primes", "empty"])
 def test_sizes(backend, shapes):
     ours, theirs = _params(shapes)
     options = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)

@@ -143,6 +143,8 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buf
             addresses |= w_at | g_at | b_at
             rows += (w_at, g_at, b_at, w.numel(), int(has_momentum and fresh[i]))
         meta, n_programs = _meta(tuple(rows), device)
+        if not n_programs:  # only empty tensors
+            continue
         _sgd_step_kernel[(n_programs,)](_hyper_tensor(hyper, device), meta, len(idx),
                                         HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
                                         NESTEROV=bool(nesterov and has_momentum), DTYPE=TL_DTYPES[dtype],
