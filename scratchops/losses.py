@@ -20,7 +20,10 @@ label smoothing ε and class-index target t_r (ignored rows give 0):
 With probability targets q (same shape as z), q' = (1-ε) q + ε/C:
 
     ℓ_r = Σ_c w_c q'_rc (lse_r - z_rc)
-    ∂ℓ_r/∂z_rc = p_rc Σ_j w_j q'_rj - w_c q'_rc,      ∂ℓ_r/∂q_rc = -(1-ε) w_c (z_rc - lse_r)
+    ∂ℓ_r/∂z_rc = p_rc Σ_j w_j q'_rj - w_c q'_rc,      ∂ℓ_r/∂q_rc = -(1-ε) w_c log p_rc
+
+Large logits: lse_r - z_rc is formed as (m_r - z_rc) + log Σ e^{z - m_r} with m_r
+the row max, so ±1e4 logits lose nothing to cancellation.
 
 Reductions: none keeps ℓ_r; sum L = Σ_r ℓ_r; mean L = Σ_r ℓ_r / D with
 D = Σ_r w_{t_r} over non-ignored rows (class indices; 0/0 = nan when all are
@@ -28,8 +31,9 @@ ignored) or D = number of rows (probabilities). The forward writes ∂ℓ_r/∂z
 every row in the same pass that computes ℓ_r (the logits are read twice: the
 lse sweep, then the gradient sweep) and saves it; the backward only scales it:
 
-    dz_rc = ∂ℓ_r/∂z_rc · g_r / D                (g_r = g for sum and mean)
+    dz_rc = ∂ℓ_r/∂z_rc · g_r / D                (g_r = g for sum and mean; 0 when D = 0)
 """
+import math
 import warnings
 from typing import List, Optional
 
@@ -77,12 +81,20 @@ def _check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> Non
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
+def _row_scale(g: torch.Tensor, denom: torch.Tensor, n: int, s: int) -> torch.Tensor:
+    """g_r / D per row, as (N, 1, S) or 0-d; 0 when D = 0 (every row ignored: their gradients are 0, as torch's)."""
+    scale = g.to(denom.dtype) / denom
+    scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
+    return scale.reshape(n, 1, s) if g.dim() else scale
+
+
 def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
                       label_smoothing: float, reduction: int) -> List[torch.Tensor]:
     """x: (N, C, S) logits; target: (N, S) class indices or (N, C, S) probabilities.
 
-    Returns [out, grad, D, lse]: out is (N·S,) for none else 0-d (x's dtype); grad is
-    ∂ℓ_r/∂z_r (N, C, S) in x's dtype; D and lse (N·S,) in the compute dtype.
+    Returns [out, grad, D, stats]: out is (N·S,) for none else 0-d (x's dtype); grad
+    is ∂ℓ_r/∂z_r (N, C, S) in x's dtype; D (0-d) and stats (2, N·S: the row max m
+    and log Σ e^{z - m}, so lse = m + log Σ e^{z - m}) in the compute dtype.
     """
     cd = compute_dtype(x.dtype)
     n, c, s = x.shape
@@ -92,29 +104,29 @@ def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
     xc = x.to(cd)
     m = xc.amax(dim=1, keepdim=True) if c else xc.new_full((n, 1, s), float("-inf"))
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    lse = m + torch.log(torch.exp(xc - m).sum(dim=1, keepdim=True))
-    p = torch.exp(xc - lse)
+    shifted = xc - m  # z - m, exact: no cancellation against lse for large logits
+    log_s = torch.log(torch.exp(shifted).sum(dim=1, keepdim=True))
+    logp = shifted - log_s
+    p = torch.exp(logp)
     w = (weight.to(cd) if weight is not None else xc.new_ones(c)).view(1, c, 1)
     eps = label_smoothing if label_smoothing > 0 else 0.0
     if prob:
         q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
         wq = w * q
-        sw = wq.sum(dim=1, keepdim=True)
-        loss = sw * lse - (wq * xc).sum(dim=1, keepdim=True)
-        grad = p * sw - wq
+        loss = -(wq * logp).sum(dim=1, keepdim=True)
+        grad = p * wq.sum(dim=1, keepdim=True) - wq
         wt = xc.new_ones(n * s)
     else:
         t = target.long().unsqueeze(1)
         active = t != ignore_index
         tc = torch.where(active, t, torch.zeros_like(t))
         zero = torch.zeros((), dtype=cd, device=x.device)
-        wt = torch.where(active, w.view(-1)[tc], zero) if c else torch.zeros_like(lse)
-        loss = (1 - eps) * wt * (lse - xc.gather(1, tc) if c else lse)
+        wt = torch.where(active, w.view(-1)[tc], zero) if c else torch.zeros_like(m)
+        loss = -(1 - eps) * wt * logp.gather(1, tc) if c else torch.zeros_like(m)
         grad = p * (1 - eps) * wt - (1 - eps) * wt * (torch.arange(c, device=x.device).view(1, c, 1) == tc)
         if eps:
-            big_w = w.sum()
-            loss = loss + eps / c * (big_w * lse - (w * xc).sum(dim=1, keepdim=True))
-            grad = grad + eps / c * (p * big_w - w)
+            loss = loss - eps / c * (w * logp).sum(dim=1, keepdim=True)
+            grad = grad + eps / c * (p * w.sum() - w)
         loss = torch.where(active, loss, torch.zeros_like(loss))
         grad = torch.where(active, grad, torch.zeros_like(grad))
         wt = wt.reshape(-1)
@@ -126,32 +138,31 @@ def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
     else:
         denom = wt.sum()
         out = (loss.sum() / denom).to(x.dtype)
-    return [out, grad.to(x.dtype), denom, lse.reshape(-1)]
+    return [out, grad.to(x.dtype), denom, torch.stack([m.reshape(-1), log_s.reshape(-1)])]
 
 
-def _cross_entropy_fwd_fake(x, target, weight, ignore_index, label_smoothing, reduction):
+def _cross_entropy_fwd_fake(backend, x, target, weight, ignore_index, label_smoothing, reduction):
     n, c, s = x.shape
     cd = compute_dtype(x.dtype)
     out = x.new_empty((n * s,) if reduction == NONE else ())
-    return [out, x.new_empty((n, c, s)), x.new_empty((), dtype=cd), x.new_empty(n * s, dtype=cd)]
+    return [out, x.new_empty((n, c, s)), x.new_empty((), dtype=cd), x.new_empty((2, n * s), dtype=cd)]
 
 
 def cross_entropy_bwd(grad: torch.Tensor, denom: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """dz = grad · g_r / D, g (N·S,) per row (any stride, 0 included) or 0-d."""
     n, c, s = grad.shape
-    scale = (g.to(denom.dtype) / denom).reshape(n, 1, s) if g.dim() else g.to(denom.dtype) / denom
-    return (grad.to(denom.dtype) * scale).to(grad.dtype)
+    return (grad.to(denom.dtype) * _row_scale(g, denom, n, s)).to(grad.dtype)
 
 
-def cross_entropy_target_bwd(x: torch.Tensor, lse: torch.Tensor, weight: Optional[torch.Tensor],
+def cross_entropy_target_bwd(x: torch.Tensor, stats: torch.Tensor, weight: Optional[torch.Tensor],
                              denom: torch.Tensor, g: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """dq = -(1-ε) w_c (z - lse) · g_r / D for probability targets."""
+    """dq = -(1-ε) w_c log p_c · g_r / D for probability targets, log p = (z - m) - log Σ e^{z - m}."""
     n, c, s = x.shape
     cd = denom.dtype
     eps = label_smoothing if label_smoothing > 0 else 0.0
     w = (weight.to(cd) if weight is not None else x.new_ones(c, dtype=cd)).view(1, c, 1)
-    scale = (g.to(cd) / denom).reshape(n, 1, s) if g.dim() else g.to(cd) / denom
-    return (-(1 - eps) * w * (x.to(cd) - lse.view(n, 1, s)) * scale).to(x.dtype)
+    logp = (x.to(cd) - stats[0].view(n, 1, s)) - stats[1].view(n, 1, s)
+    return (-(1 - eps) * w * logp * _row_scale(g, denom, n, s)).to(x.dtype)
 
 
 # ----------------------------------------------------------------- backend ops
@@ -170,7 +181,6 @@ class MSELossFn(torch.autograd.Function):
         ctx.backend, ctx.reduction = backend, reduction
         ctx.den_shape = None if w_den is None else w_den.shape
         ctx.save_for_backward(x, y, w, out, denom)
-        ctx.mark_non_differentiable(denom)
         return out
 
     @staticmethod
@@ -193,11 +203,11 @@ class MSELossFn(torch.autograd.Function):
 class CrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend):
-        out, grad, denom, lse = cross_entropy_fwd_op(backend, x, target, weight, ignore_index, label_smoothing,
-                                                     reduction)
+        out, grad, denom, stats = cross_entropy_fwd_op(backend, x, target, weight, ignore_index, label_smoothing,
+                                                       reduction)
         ctx.backend, ctx.label_smoothing = backend, label_smoothing
         if target.is_floating_point() and target.requires_grad:
-            ctx.save_for_backward(grad, denom, x, lse, weight)
+            ctx.save_for_backward(grad, denom, x, stats, weight)
         else:
             ctx.save_for_backward(grad, denom)
         return out
@@ -209,9 +219,9 @@ class CrossEntropyFn(torch.autograd.Function):
         dx = cross_entropy_bwd_op(ctx.backend, grad, denom, g) if ctx.needs_input_grad[0] else None
         dt = None
         if ctx.needs_input_grad[1]:
-            # dq = -(1-ε) w_c (z - lse) · g_r / D
-            x, lse, weight = ctx.saved_tensors[2:]
-            dt = cross_entropy_target_bwd_op(ctx.backend, x, lse, weight, denom, g, ctx.label_smoothing)
+            # dq = -(1-ε) w_c log p_c · g_r / D
+            x, stats, weight = ctx.saved_tensors[2:]
+            dt = cross_entropy_target_bwd_op(ctx.backend, x, stats, weight, denom, g, ctx.label_smoothing)
         # weight: refused at the forward; ignore_index, label_smoothing, reduction, backend: not tensors
         return dx, dt, None, None, None, None, None
 
@@ -330,8 +340,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         raise RuntimeError("scratchops.cross_entropy: the gradient with respect to 'weight' is not implemented "
                            "(torch's class-index path refuses it too); pass weight.detach()")
     n = 1 if input.dim() == 1 else input.size(0)
-    x = input.reshape(n, classes, -1)
-    t = target.reshape(x.shape) if prob else target.reshape(n, -1)
+    x = input.reshape(n, classes, math.prod(input.shape[2:]))
+    t = target.reshape(x.shape) if prob else target.reshape(n, x.size(2))
     out = CrossEntropyFn.apply(x, t, weight, int(ignore_index), float(label_smoothing), enum, choose_backend(x))
     if enum != NONE:
         return out

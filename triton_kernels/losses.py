@@ -19,8 +19,8 @@ from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type, elementwise_out,
 NONE, MEAN, SUM = 0, 1, 2  # scratchops.losses reduction codes
 BLOCK = 1024
 NUM_WARPS = 4
-CE_BLOCKS = (256, 4096)  # class-dimension chunk: the small one for C <= 256
-CE_WARPS = {256: 4, 4096: 8}
+CE_BLOCKS = (256, 4096)  # class-dimension chunk: the small one for C <= 256 (and for float64, never timed)
+CE_WARPS = {256: 4, 4096: 16}
 REDUCE_BLOCK = 1024
 
 
@@ -138,7 +138,7 @@ def mse_bwd(x, y, w, denom, g, need_w):
 
 # ----------------------------------------------------------------- cross-entropy
 @triton.jit
-def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, lse_ptr, C, S,
+def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, stats_ptr, R, C, S,
                               stride_xn, stride_xc, stride_xs, stride_tn, stride_tc, stride_ts,
                               ignore_index, smoothing, HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr,
                               BLOCK: tl.constexpr):
@@ -153,34 +153,34 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, l
     eps = tl.sum(zeros, 0) + smoothing
     eps = tl.where(eps > 0, eps, 0.0)  # torch ignores a negative label_smoothing
     eps_c = eps / C
-    m = tl.sum(zeros, 0) - float("inf")
-    s_exp = tl.sum(zeros, 0)
-    wx = tl.sum(zeros, 0)  # Σ w_c z_c (class indices) or Σ w_c q'_c z_c (probabilities)
-    w_all = tl.sum(zeros, 0)  # W = Σ w_c or Σ w_c q'_c
-    # sweep 1: online log-sum-exp (running max m, sum rescaled whenever m grows)
+    m = tl.sum(zeros, 0)  # running max, 0 while every logit so far is -inf
+    s_exp = tl.sum(zeros, 0)  # Σ e^{z - m}
+    dist = tl.sum(zeros, 0)  # Σ v_c (m - z_c), v = w (class indices) or w q' (probabilities)
+    v_all = tl.sum(zeros, 0)  # Σ v_c
+    # sweep 1: online log-sum-exp; when the max grows from m to m', the sums are rescaled / shifted
     for start in range(0, C, BLOCK):
         c = start + cols
         mask = c < C
         z = acc_type(tl.load(x_row + c * stride_xc, mask=mask, other=float("-inf")))
         m_new = tl.maximum(m, tl.max(z, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_exp = s_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), 0)
-        m = m_new
-        w = zeros + 1.0
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        v = zeros + 1.0
         if HAS_WEIGHT:
-            w = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
+            v = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
         if PROB:
             q = acc_type(tl.load(t_row + c * stride_tc, mask=mask, other=0))
-            w = w * (q * (1.0 - eps) + eps_c)
-        w = tl.where(mask, w, 0.0)
-        wx += tl.sum(w * tl.where(mask, z, 0.0), 0)
-        w_all += tl.sum(w, 0)
-    lse = m + tl.log(s_exp)
+            v = v * (q * (1.0 - eps) + eps_c)
+        v = tl.where(mask, v, 0.0)
+        s_exp = s_exp * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        dist = dist + (m_new - m) * v_all + tl.sum(v * tl.where(mask, m_new - z, 0.0), 0)
+        v_all += tl.sum(v, 0)
+        m = m_new
+    log_s = tl.log(s_exp)
     if PROB:
-        loss = w_all * lse - wx
-        coef = w_all
+        loss = dist + v_all * log_s  # Σ v_c (lse - z_c)
+        coef = v_all
         w_t = coef * 0.0 + 1.0
-        t = ignore_index  # unused
+        t = ignore_index  # unused: every row counts
         active = w_t > 0.0
     else:
         t = tl.load(t_row).to(tl.int64)
@@ -191,11 +191,11 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, l
             w_t = acc_type(tl.load(w_ptr + t_safe, mask=active, other=0))
         else:
             w_t = tl.where(active, 1.0, 0.0) + tl.sum(zeros, 0)
-        loss = (1.0 - eps) * w_t * (lse - z_t)
-        loss += tl.where(eps > 0, eps_c * (w_all * lse - wx), 0.0)
+        loss = (1.0 - eps) * w_t * ((m - z_t) + log_s)
+        loss += tl.where(eps > 0, eps_c * (dist + v_all * log_s), 0.0)
         loss = tl.where(active, loss, 0.0)
-        coef = (1.0 - eps) * w_t + eps_c * w_all
-    # sweep 2: ∂ℓ/∂z_c = p_c · coef - (1-ε) w_t [c = t] - (ε/C) w_c   (probabilities: p_c Σ w q' - w_c q'_c)
+        coef = (1.0 - eps) * w_t + eps_c * v_all
+    # sweep 2: ∂ℓ/∂z_c = p_c · coef - (1-ε) w_t [c = t] - (ε/C) w_c   (probabilities: p_c Σ v - v_c)
     for start in range(0, C, BLOCK):
         c = start + cols
         mask = c < C
@@ -203,7 +203,7 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, l
         w = zeros + 1.0
         if HAS_WEIGHT:
             w = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
-        p = tl.exp(z - lse)
+        p = tl.exp((z - m) - log_s)
         if PROB:
             q = acc_type(tl.load(t_row + c * stride_tc, mask=mask, other=0))
             grad = p * coef - w * (q * (1.0 - eps) + eps_c)
@@ -213,7 +213,8 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, l
         tl.store(g_row + c * S, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(loss_ptr + row, loss)
     tl.store(wt_ptr + row, w_t)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + R + row, log_s)
 
 
 @triton.jit
@@ -247,14 +248,18 @@ def _cross_entropy_bwd_kernel(grad_ptr, g_ptr, denom_ptr, dx_ptr, numel, C, S, s
     r = (offs // (C * S)) * S + offs % S
     g = acc_type(tl.load(g_ptr + r * stride_g, mask=mask, other=0))
     # dz = (∂ℓ_r/∂z_r saved by the forward) · g_r / D
+    # (D = 0 only when every row is ignored: their gradients are 0, as torch's)
+    denom = tl.load(denom_ptr)
+    scale = tl.where(denom == 0, 0.0, g / denom)
     grad = acc_type(tl.load(grad_ptr + offs, mask=mask, other=0))
-    tl.store(dx_ptr + offs, (grad * (g / tl.load(denom_ptr))).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, (grad * scale).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _cross_entropy_target_bwd_kernel(x_ptr, lse_ptr, w_ptr, g_ptr, denom_ptr, dt_ptr, numel, C, S,
+def _cross_entropy_target_bwd_kernel(x_ptr, stats_ptr, w_ptr, g_ptr, denom_ptr, dt_ptr, numel, C, S,
                                      stride_xn, stride_xc, stride_xs, stride_g, smoothing,
                                      HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    R = numel // C
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     n = offs // (C * S)
@@ -262,20 +267,22 @@ def _cross_entropy_target_bwd_kernel(x_ptr, lse_ptr, w_ptr, g_ptr, denom_ptr, dt
     s = offs % S
     r = n * S + s
     z = acc_type(tl.load(x_ptr + n * stride_xn + c * stride_xc + s * stride_xs, mask=mask, other=0))
-    lse = tl.load(lse_ptr + r, mask=mask, other=0)
+    m = tl.load(stats_ptr + r, mask=mask, other=0)
+    log_s = tl.load(stats_ptr + R + r, mask=mask, other=0)
     g = acc_type(tl.load(g_ptr + r * stride_g, mask=mask, other=0))
     w = z * 0.0 + 1.0
     if HAS_WEIGHT:
         w = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
     eps = w * 0.0 + smoothing
     eps = tl.where(eps > 0, eps, 0.0)
-    # dq = -(1-ε) w_c (z - lse) · g_r / D
-    dq = -(1.0 - eps) * w * (z - lse) * (g / tl.load(denom_ptr))
+    # dq = -(1-ε) w_c log p_c · g_r / D,  log p_c = (z_c - m) - log Σ e^{z - m}
+    denom = tl.load(denom_ptr)
+    dq = -(1.0 - eps) * w * ((z - m) - log_s) * tl.where(denom == 0, 0.0, g / denom)
     tl.store(dt_ptr + offs, dq.to(dt_ptr.dtype.element_ty), mask=mask)
 
 
-def _ce_block(classes: int) -> int:
-    return CE_BLOCKS[0] if classes <= CE_BLOCKS[0] else CE_BLOCKS[1]
+def _ce_block(classes: int, dtype: torch.dtype) -> int:
+    return CE_BLOCKS[0] if (classes <= CE_BLOCKS[0] or dtype == torch.float64) else CE_BLOCKS[1]
 
 
 def _check_targets(target, classes, ignore_index):
@@ -291,18 +298,19 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
     prob = target.is_floating_point()
     if not prob:
         _check_targets(target, c, ignore_index)
+        target = target.long()  # uint8 targets: one kernel signature for every index dtype (a rows-sized copy)
     cd = _acc_dtype(x.dtype)
     grad = torch.empty((n, c, s), dtype=x.dtype, device=x.device)
     loss = torch.empty(rows, dtype=cd, device=x.device)
     wt = torch.empty(rows, dtype=cd, device=x.device)
-    lse = torch.empty(rows, dtype=cd, device=x.device)
+    stats = torch.empty((2, rows), dtype=cd, device=x.device)
     weight = None if weight is None else weight.contiguous()
     if rows:
         ts = (target.stride(0), target.stride(1), target.stride(2)) if prob else (target.stride(0), 0,
                                                                                  target.stride(1))
-        block = _ce_block(c)
-        _cross_entropy_fwd_kernel[(rows,)](x, target, x if weight is None else weight, grad, loss, wt, lse, c, s,
-                                           *x.stride(), *ts, ignore_index, label_smoothing,
+        block = _ce_block(c, x.dtype)
+        _cross_entropy_fwd_kernel[(rows,)](x, target, x if weight is None else weight, grad, loss, wt, stats, rows,
+                                           c, s, *x.stride(), *ts, ignore_index, label_smoothing,
                                            HAS_WEIGHT=weight is not None, PROB=prob, BLOCK=block,
                                            num_warps=CE_WARPS[block])
     denom = torch.ones((), dtype=cd, device=x.device)
@@ -311,7 +319,7 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
     if grid[0]:
         _cross_entropy_reduce_kernel[grid](loss, wt, out, denom, rows, REDUCTION=reduction, BLOCK=REDUCE_BLOCK,
                                            num_warps=NUM_WARPS)
-    return [out, grad, denom, lse]
+    return [out, grad, denom, stats]
 
 
 def _row_grad(g, rows):
@@ -332,14 +340,14 @@ def cross_entropy_bwd(grad, denom, g):
     return dx
 
 
-def cross_entropy_target_bwd(x, lse, weight, denom, g, label_smoothing):
+def cross_entropy_target_bwd(x, stats, weight, denom, g, label_smoothing):
     n, c, s = x.shape
     dq = torch.empty((n, c, s), dtype=x.dtype, device=x.device)
     g, stride_g = _row_grad(g, n * s)
     weight = None if weight is None else weight.contiguous()
     if dq.numel():
         _cross_entropy_target_bwd_kernel[grid_1d(dq.numel(), BLOCK)](
-            x, lse, x if weight is None else weight, g, denom, dq, dq.numel(), c, s, *x.stride(), stride_g,
+            x, stats, x if weight is None else weight, g, denom, dq, dq.numel(), c, s, *x.stride(), stride_g,
             label_smoothing, HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dq
 
@@ -368,11 +376,12 @@ def _aot_configs():
                        "G_SCALAR": "constexpr", "HAS_W": "constexpr", "NEED_W": "constexpr", "BLOCK": "constexpr"}
                 configs.append((_mse_bwd_kernel, sig, {"G_SCALAR": g_scalar, "HAS_W": has_w, "NEED_W": need_w,
                                                        "BLOCK": BLOCK}, NUM_WARPS))
-        for target in ("i64", "u8", dt):
+        for target in ("i64", dt):
             for has_weight in (0, 1):
-                for block in CE_BLOCKS:
+                for block in CE_BLOCKS[:1] if dt == "fp64" else CE_BLOCKS:
                     sig = {"x_ptr": f"*{dt}", "t_ptr": f"*{target}", "w_ptr": f"*{dt}", "grad_ptr": f"*{dt}",
-                           "loss_ptr": f"*{acc}", "wt_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "C": "i64", "S": "i64",
+                           "loss_ptr": f"*{acc}", "wt_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "R": "i64", "C": "i64",
+                           "S": "i64",
                            **{k: "i64" for k in ("stride_xn", "stride_xc", "stride_xs", "stride_tn", "stride_tc",
                                                  "stride_ts", "ignore_index")},
                            "smoothing": "fp32", "HAS_WEIGHT": "constexpr", "PROB": "constexpr", "BLOCK": "constexpr"}
@@ -388,7 +397,7 @@ def _aot_configs():
                "C": "i64", "S": "i64", "stride_g": "i64", "BLOCK": "constexpr"}
         configs.append((_cross_entropy_bwd_kernel, sig, {"BLOCK": BLOCK}, NUM_WARPS))
         for has_weight in (0, 1):
-            sig = {"x_ptr": f"*{dt}", "lse_ptr": f"*{acc}", "w_ptr": f"*{dt}", "g_ptr": f"*{dt}",
+            sig = {"x_ptr": f"*{dt}", "stats_ptr": f"*{acc}", "w_ptr": f"*{dt}", "g_ptr": f"*{dt}",
                    "denom_ptr": f"*{acc}", "dt_ptr": f"*{dt}", "numel": "i64", "C": "i64", "S": "i64",
                    **{k: "i64" for k in ("stride_xn", "stride_xc", "stride_xs", "stride_g")}, "smoothing": "fp32",
                    "HAS_WEIGHT": "constexpr", "BLOCK": "constexpr"}
