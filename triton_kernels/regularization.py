@@ -193,7 +193,7 @@ def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: 
     groups = _groups(tensors)
     total_dtype = torch.float64 if torch.float64 in groups else torch.float32
     device = tensors[0].device
-    total = torch.zeros((), dtype=total_dtype, device=device)
+    sums = []
     for dtype, group in groups.items():
         dense = [_dense(t) for t in group if t.numel()]
         if not dense:
@@ -202,7 +202,10 @@ def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: 
         partial = torch.empty(n_blocks, dtype=_acc_dtype(dtype), device=device)
         _l2_penalty_fwd_kernel[(n_blocks,)](table, block_tensor, dense[0], partial, BLOCK=L2_BLOCK,
                                             num_warps=L2_WARPS)
-        total = total + partial.sum(dtype=total_dtype)
+        sums.append(partial.sum(dtype=total_dtype))
+    if not sums:  # every tensor is empty
+        return torch.zeros((), dtype=out_dtype, device=device)
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
     return (total * weight_decay).to(out_dtype)
 
 
