@@ -1,0 +1,358 @@
+"""linear (+ fused relu/sigmoid/tanh): every test tier of DESIGN.md, on both backends.
+
+Shapes stay tiny: under the interpreter each tile program of a matmul costs
+milliseconds (one 16x16x16 config runs there), so "odd" sizes are 1, 17, 129
+(K = 129 is not a multiple of any block) and gradchecks use fast mode.
+"""
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import scratchops
+import scratchops.functional as SF
+import scratchops.nn as SN
+from benchmarks.harness import saved_tensor_bytes
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
+                           expect_ops, make, tolerances)
+
+ACTIVATIONS = [None, "relu", "sigmoid", "tanh"]
+TORCH_ACT = {None: lambda z: z, "relu": TF.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+ALL_OPS = ["linear_fwd", "linear_bwd_input", "linear_bwd_weight"]
+
+
+def torch_linear(x, w, b=None, activation=None):
+    return TORCH_ACT[activation](TF.linear(x, w, b))
+
+
+def torch_linear_upcast(x, w, b=None, activation=None):
+    up = [None if t is None else t.float() for t in (x, w, b)]
+    return torch_linear(*up, activation=activation).to(x.dtype)
+
+
+def ours(x, w, b=None, activation=None):
+    return SF.linear(x, w, b, activation=activation)
+
+
+def _k(x):
+    return max(x.shape[-1], 1)
+
+
+# ----------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(backend, activation):
+    x, w, b = make((5, 11), torch.float64), make((7, 11), torch.float64), make((7,), torch.float64)
+    for t in (x, w, b):
+        t.requires_grad_()
+    check_gradcheck(lambda *a: ours(*a, activation=activation), x, w, b, ops=ALL_OPS, fast_mode=True)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", None])
+def test_gradcheck_bias_without_weight_grad(backend, activation):
+    # W frozen: db comes from the separate reduction (linear_bwd_bias), dX still from linear_bwd_input.
+    x, w, b = make((6, 3), torch.float64, requires_grad=True), make((4, 3), torch.float64), make((4,), torch.float64)
+    b.requires_grad_()
+    check_gradcheck(lambda *a: ours(*a, activation=activation), x, w, b,
+                    ops=["linear_fwd", "linear_bwd_input", "linear_bwd_bias"], fast_mode=True)
+
+
+# ----------------------------------------------------------------- parity
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
+@pytest.mark.parametrize("mnk,activation", [((1, 1, 1), "relu"), ((17, 5, 129), "tanh"), ((3, 129, 17), "sigmoid"),
+                                            ((17, 17, 17), None)])
+def test_parity(backend, dtype, mnk, activation):
+    m, n, k = mnk
+    inputs = make((m, k), dtype), make((n, k), dtype), make((n,), dtype)
+    check_parity(ours, torch_linear, *inputs, activation=activation, grad=dtype == torch.float32,
+                 reduction_size=max(mnk))
+    if dtype != torch.float32:
+        _check_half_grads(inputs, activation, max(mnk))
+
+
+def _check_half_grads(inputs, activation, reduction_size):
+    """Half-precision gradients against torch's linear run in float32 (and rounded to half).
+
+    A gradient element is a sum of products that may cancel, and both sides round dZ to half
+    (as torch's fp16 activation backward does) at slightly different points, so the error scale
+    is that of the terms, not of the result: atol is relative to the largest element.
+    """
+    tol = tolerances(inputs[0].dtype, reduction_size)["rtol"]
+    a_in = [t.detach().clone().requires_grad_() for t in inputs]
+    b_in = [t.detach().clone().requires_grad_() for t in inputs]
+    a, b = ours(*a_in, activation=activation), torch_linear_upcast(*b_in, activation=activation)
+    g = make(tuple(b.shape), b.dtype, seed=0)
+    a.backward(g)
+    b.backward(g)
+    for x, y in zip(a_in, b_in):
+        assert x.grad.dtype == y.grad.dtype
+        torch.testing.assert_close(x.grad, y.grad, rtol=tol, atol=tol * y.grad.abs().max().item())
+
+
+def _awkward(name):
+    """(x, w, b) for an awkward case."""
+    if name == "batched_3d":
+        return make((2, 3, 9)), make((5, 9)), make((5,))
+    if name == "rank_4":
+        return make((2, 1, 3, 4)), make((6, 4)), make((6,))
+    if name == "input_1d":
+        return make((9,)), make((5, 9)), make((5,))
+    if name == "weight_1d":
+        return make((3, 9)), make((9,)), None
+    if name == "non_contiguous_input":
+        return make((4, 20, 6))[:, ::3, :].transpose(0, 1), make((5, 6)), make((5,))
+    if name == "transposed_weight":
+        return make((4, 6)), make((6, 5)).t(), make((5,))
+    if name == "sliced_weight_and_bias":
+        return make((4, 6)), make((5, 12))[:, ::2], make((10,))[::2]
+    if name == "bias_none":
+        return make((4, 6)), make((5, 6)), None
+    if name == "bias_broadcast":
+        return make((4, 6)), make((5, 6)), make((1,))
+    if name == "empty_batch":
+        return make((0, 6)), make((5, 6)), make((5,))
+    if name == "empty_batch_3d":
+        return make((2, 0, 6)), make((5, 6)), make((5,))
+    if name == "k_zero":
+        return make((4, 0)), make((5, 0)), make((5,))
+    if name == "n_zero":
+        return make((4, 6)), make((0, 6)), make((0,))
+    raise KeyError(name)
+
+
+AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "non_contiguous_input", "transposed_weight",
+           "sliced_weight_and_bias", "bias_none", "bias_broadcast", "empty_batch", "empty_batch_3d", "k_zero",
+           "n_zero"]
+
+
+@pytest.mark.parametrize("name", AWKWARD)
+def test_awkward_inputs(backend, name):
+    x, w, b = _awkward(name)
+    out = check_parity(ours, torch_linear, x, w, b, activation="tanh", reduction_size=_k(x))
+    assert out.stride() == torch_linear(x, w, b).stride()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_expanded_grad_output(backend, activation):
+    x, w, b = make((5, 7)), make((3, 7)), make((3,))
+    check_parity(ours, torch_linear, x, w, b, activation=activation,
+                 grad_output=torch.ones((), device=DEVICE).expand(5, 3))
+    check_parity(ours, torch_linear, x, w, b, activation=activation, grad_output=make((3,)).expand(5, 3))
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_special_values(backend, activation):
+    x = make((4, 5))
+    x[0, 1], x[2, 3], x[3, 0] = float("nan"), float("inf"), -float("inf")
+    check_parity(ours, torch_linear, x, make((3, 5)), make((3,)), activation=activation, grad=False, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_saturating_logits(backend, activation):
+    x = make((3, 4)) * 200  # z far out in the tails: sigmoid -> 0/1, tanh -> ±1, no NaN
+    check_parity(ours, torch_linear, x, make((2, 4)), make((2,)), activation=activation, reduction_size=4)
+
+
+# ----------------------------------------------------------------- what backward keeps and runs
+def _saved(fn, x, w, b):
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, w, b)]
+    saved, out = saved_tensor_bytes(lambda: fn(*leaves))
+    return saved["total"], out
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bytes_saved_for_backward(backend, activation, capsys):
+    x, w, b = make((6, 9), requires_grad=True), make((5, 9), requires_grad=True), make((5,), requires_grad=True)
+    mine, _ = _saved(lambda *a: ours(*a, activation=activation), x, w, b)
+    theirs, _ = _saved(lambda *a: torch_linear(*a, activation=activation), x, w, b)
+    expected = (x.numel() + w.numel() + (6 * 5 if activation else 0)) * 4  # x, W, and y for an activation
+    with capsys.disabled():
+        print(f"\nbytes saved for backward, linear+{activation}: scratchops {mine}, torch {theirs}")
+    assert mine == expected and mine <= theirs
+    # Frozen weight: x is not needed (dW is not computed), nor is W when x needs no grad.
+    frozen, _ = _saved(lambda *a: ours(*a, activation=activation), x, w.detach(), b)
+    assert frozen == expected - x.numel() * 4
+    only_w, _ = _saved(lambda *a: ours(*a, activation=activation), x.detach(), w, b)
+    assert only_w == expected - w.numel() * 4
+
+
+def test_saves_output_not_preactivation(backend):
+    x, w = make((4, 3), requires_grad=True), make((2, 3), requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = ours(x, w, None, activation="tanh")
+    assert any(t is y or (t.shape == y.shape and torch.equal(t, y)) for t in kept)
+    z = TF.linear(x.detach(), w.detach())
+    assert not any(t.shape == z.shape and torch.equal(t, z) for t in kept), "z was saved"
+
+
+def test_needs_input_grad(backend):
+    from scratchops._backend import LAUNCHES
+
+    x, w, b = make((4, 3), requires_grad=True), make((2, 3)), make((2,))
+    before = {op: LAUNCHES[op, backend] for op in ["linear_bwd_weight", "linear_bwd_bias", "linear_bwd_input"]}
+    ours(x, w, b, activation="relu").sum().backward()
+    assert LAUNCHES["linear_bwd_weight", backend] == before["linear_bwd_weight"]
+    assert LAUNCHES["linear_bwd_bias", backend] == before["linear_bwd_bias"]
+    assert LAUNCHES["linear_bwd_input", backend] == before["linear_bwd_input"] + 1
+
+
+def test_backward_uses_forward_backend(backend):
+    from scratchops._backend import LAUNCHES
+
+    other = {"triton": "reference", "reference": "triton"}[backend]
+    x, w = make((3, 4), requires_grad=True), make((2, 4), requires_grad=True)
+    y = ours(x, w, None, activation="sigmoid")
+    before = LAUNCHES["linear_bwd_weight", backend]
+    with scratchops.use_backend(other):
+        y.sum().backward()
+    assert LAUNCHES["linear_bwd_weight", backend] == before + 1
+
+
+# ----------------------------------------------------------------- bad inputs
+BAD = {
+    "k_mismatch": lambda: (make((3, 4)), make((5, 3)), None),
+    "k_mismatch_3d": lambda: (make((2, 3, 4)), make((5, 3)), None),
+    "k_mismatch_1d": lambda: (make((4,)), make((5, 3)), None),
+    "weight_dtype": lambda: (make((3, 4)), make((5, 4), torch.float64), None),
+    "input_dtype": lambda: (make((3, 4), torch.float64), make((5, 4)), make((5,))),
+    "bias_dtype": lambda: (make((3, 4)), make((5, 4)), make((5,), torch.float64)),
+    "bias_shape": lambda: (make((3, 4)), make((5, 4)), make((4,))),
+    "input_0d": lambda: (make(()), make((5, 4)), None),
+    "weight_3d": lambda: (make((3, 4)), make((2, 5, 4)), None),
+    "weight_1d_with_bias": lambda: (make((3, 4)), make((4,)), make(())),
+    "bias_other_device": lambda: (make((3, 4)), make((5, 4)), torch.empty(5, device="meta")),
+    "input_not_tensor": lambda: ([1.0, 2.0], make((5, 2)), None),
+    "weight_not_tensor": lambda: (make((3, 4)), "w", None),
+    "bias_not_tensor": lambda: (make((3, 4)), make((5, 4)), 3),
+}
+MATCH = {"k_mismatch": r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 3x5\)",
+         "k_mismatch_3d": r"mat1 and mat2 shapes cannot be multiplied \(6x4 and 3x5\)",
+         "k_mismatch_1d": r"mat1 and mat2 shapes cannot be multiplied \(1x4 and 3x5\)",
+         "weight_dtype": "same dtype", "input_dtype": "same dtype", "bias_dtype": "same dtype",
+         "input_not_tensor": "must be Tensor", "weight_not_tensor": "must be Tensor", "bias_not_tensor": "must be Tensor"}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_inputs(backend, name):
+    check_same_error(ours, torch_linear, *BAD[name](), match=MATCH.get(name))
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="unknown activation"):
+        SF.linear(make((2, 3)), make((4, 3)), activation="gelu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        SN.Linear(3, 4, activation="softplus")(make((2, 3)))
+
+
+# ----------------------------------------------------------------- autocast
+def test_autocast_cpu_bf16():
+    # bf16 on CPU runs on the reference backend (the interpreter has no bf16), chosen under "auto".
+    x, w, b = make((4, 6), requires_grad=True), make((3, 6), requires_grad=True), make((3,), requires_grad=True)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with scratchops.use_backend("auto"), expect_ops(["linear_fwd"], backend="reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = SF.linear(x, w, b, activation="relu")
+            ref = TF.relu(TF.linear(x2, w2, b2))
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=1.6e-2, atol=1e-2)
+    y.float().sum().backward()
+    ref.float().sum().backward()
+    for a, r in ((x, x2), (w, w2), (b, b2)):
+        assert a.grad.dtype == r.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, r.grad, rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_autocast_cuda_bf16():
+    x, w, b = make((64, 96)), make((48, 96)), make((48,))
+    with scratchops.use_backend("triton"), expect_ops(["linear_fwd"], backend="triton"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = SF.linear(x, w, b, activation="tanh")
+            ref = torch.tanh(TF.linear(x, w, b))
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=1.6e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------- modules
+def test_module_matches_torch(backend):
+    ref = torch.nn.Linear(6, 4, device=DEVICE)
+    mine = SN.Linear(6, 4, device=DEVICE)
+    assert isinstance(mine, torch.nn.Linear) and mine.state_dict().keys() == ref.state_dict().keys()
+    mine.load_state_dict(ref.state_dict())
+    x = make((2, 3, 6))
+    torch.testing.assert_close(mine(x), ref(x))
+    fused = SN.Linear(6, 4, bias=False, activation="sigmoid", device=DEVICE)
+    assert "activation='sigmoid'" in repr(fused) and "bias=False" in repr(fused)
+
+
+def _mlp_pair():
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                 torch.nn.Linear(16, 1), torch.nn.Sigmoid()).to(DEVICE)
+    mine = torch.nn.Sequential(SN.Linear(8, 16, activation="relu"), SN.Linear(16, 16, activation="tanh"),
+                               SN.Linear(16, 1, activation="sigmoid")).to(DEVICE)
+    mine.load_state_dict({k.replace("2.", "1.").replace("4.", "2."): v for k, v in theirs.state_dict().items()})
+    return mine, theirs
+
+
+def test_mlp_trains_like_torch(backend):
+    mine, theirs = _mlp_pair()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 8, generator=g).to(DEVICE)
+    target = torch.sigmoid(x[:, :1] - 0.5 * x[:, 1:2] * x[:, 2:3])  # a smooth regression target in (0, 1)
+    losses = {}
+    for name, model in (("mine", mine), ("theirs", theirs)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses[name] = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = ((model(x) - target) ** 2).mean()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["mine"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-6)
+    assert losses["mine"][-1] < losses["mine"][0], "the model did not learn"
+
+
+# ----------------------------------------------------------------- custom ops, compile, AOT
+def test_opcheck(backend):
+    from scratchops import linear as L
+
+    x, w, b, dy = make((5, 6)), make((4, 6)), make((4,)), make((5, 4))
+    y = L.linear_fwd(x, w, b, "sigmoid")
+    torch.library.opcheck(L.linear_fwd_op, (backend, x, w, b, "sigmoid"))
+    torch.library.opcheck(L.linear_fwd_op, (backend, x, w, None, "none"))
+    torch.library.opcheck(L.linear_bwd_input_op, (backend, dy, w, y, "sigmoid"))
+    torch.library.opcheck(L.linear_bwd_weight_op, (backend, dy, x, y, "sigmoid", True))
+    torch.library.opcheck(L.linear_bwd_weight_op, (backend, dy, x, None, "none", False))
+    torch.library.opcheck(L.linear_bwd_bias_op, (backend, dy, y, "tanh"))
+
+
+def test_torch_compile_fullgraph(backend):
+    mine, _ = _mlp_pair()
+    compiled = torch.compile(mine, fullgraph=True, backend="aot_eager")
+    x1, x2 = make((4, 8), requires_grad=True), make((4, 8), requires_grad=True)
+    y1, y2 = compiled(x1), mine(x2)
+    torch.testing.assert_close(y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_aot_compile_sm90():
+    from triton_kernels import linear as K
+
+    rows = check_aot("triton_kernels.linear")
+    assert {r["kernel"] for r in rows} == {"_linear_fwd_kernel", "_linear_bwd_input_kernel",
+                                           "_linear_bwd_weight_kernel", "_linear_bwd_bias_kernel"}
+    # Every autotune config of every kernel and dtype class, and the fp64 path, is in the list.
+    for kind, kernel in (("fwd", K._linear_fwd_kernel), ("input", K._linear_bwd_input_kernel),
+                         ("weight", K._linear_bwd_weight_kernel)):
+        for dtype_class, configs in K.CONFIGS[kind].items():
+            dtypes = ["*fp16", "*bf16"] if dtype_class == "half" else ["*fp32"]
+            for dt in dtypes:
+                for c in configs:
+                    blocks = {f: str(v) for f, v in zip(K._FIELDS[:4], c)}
+                    assert any(r["kernel"] == kernel.__name__ and r["dtypes"] == [dt] and
+                               r["constexprs"]["PRECISION"] == K._precision(dtype_class) and
+                               all(r["constexprs"][f] == v for f, v in blocks.items()) for r in rows), (kind, dt, c)
+        assert any(r["kernel"] == kernel.__name__ and r["dtypes"] == ["*fp64"] for r in rows)
