@@ -195,6 +195,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(rows: list[dict]) -> str:
+    """One line per op: each check passes only where it passes in every case and on every backend."""
+    header = f"{'op':16s} " + " ".join(f"{c:9s}" for c in CHECKS) + f" {'worst err':>9s}  backends"
+    lines = [header, "-" * len(header)]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        marks = [_mark(None if all(r[c] is None for r in mine) else all(r[c] is not False for r in mine))
+                 for c in CHECKS]
+        errors = [r["max_error"] for r in mine if r["max_error"] is not None]
+        worst = f"{max(errors):.2e}" if errors else "-"
+        lines.append(f"{op:16s} " + " ".join(f"{m:9s}" for m in marks) + f" {worst:>9s}  "
+                     + ", ".join(dict.fromkeys(r["backend"] for r in mine)))
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="scratchops verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (names or comma-separated lists)")
@@ -234,6 +249,8 @@ def main(argv=None) -> int:
         for backend in backends:
             rows.append(run_case(case, backend, device))
     print(format_table(rows))
+    print(f"\nop x check ({len(cases)} cases on {len(backends)} backend(s)):")
+    print(format_summary(rows))
     failed = sum(not r["ok"] for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")
     if args.json:
