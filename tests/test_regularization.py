@@ -405,7 +405,8 @@ def test_model_trains_like_torch(backend):
 # ----------------------------------------------------------------- compile, opcheck, AOT
 def test_torch_compile_fullgraph(backend):
     def f(x, w):
-        return (SF.dropout(x, 0.3) @ w).sum() + SF.l2_penalty([w, x], 0.1)
+        h = SF.dropout(SF.dropout(x, 0.3) * 1.5, 0.2, inplace=True)  # both autograd.Functions in one graph
+        return (h @ w).sum() + SF.l2_penalty([w, x], 0.1)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for x0 in (make((4, 33)), make((33, 4)).t()):  # the transposed input: the layout logic traces too
