@@ -79,6 +79,12 @@ CASES: list[Case] = [
          lambda g: (_randn(g, 7, 13),)),
     Case("l2_penalty", "(7, 13), (5,), () λ=0.1", lambda *w: SF.l2_penalty(w, 0.1),
          lambda *w: 0.1 * sum(t.pow(2).sum() for t in w), lambda g: (_randn(g, 7, 13), _randn(g, 5), _randn(g))),
+    *[Case("linear", f"(5, 11)·(7, 11)ᵀ + b, {act}",
+           (lambda a: lambda x, w, b: SF.linear(x, w, b, activation=a))(None if act == "none" else act),
+           (lambda f: lambda x, w, b: f(TF.linear(x, w, b)))(
+               {"none": lambda z: z, "relu": TF.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]),
+           lambda g: (_randn(g, 5, 11), _randn(g, 7, 11), _randn(g, 7)), gradcheck_kwargs={"fast_mode": True})
+      for act in ("none", "relu", "sigmoid", "tanh")],
     # Later op families add their cases here.
 ]
 
