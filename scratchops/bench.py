@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "benchmarks")
 CPU_STEM = "cpu-reference"
 BAR_WIDTH = 30
+FAMILY_OF = {"sgd": "optim", "SGD": "optim"}  # op names with no CPU case, for --ops
 
 
 def _t(*shape, grad=True):
@@ -62,6 +63,8 @@ def cpu_cases():
          TF.cross_entropy),
         ("conv2d", "conv2d", "N=8 C=16->32 32x32 k3 p1", lambda: (_t(8, 16, 32, 32), _t(32, 16, 3, 3), _t(32)),
          lambda x, w, b: SF.conv2d(x, w, b, padding=1), lambda x, w, b: TF.conv2d(x, w, b, padding=1)),
+        ("regularization", "dropout", "256x1024 p=0.5", act, lambda x: SF.dropout(x, 0.5),
+         lambda x: TF.dropout(x, 0.5)),
         ("regularization", "l2_penalty", "4 x 256x256", lambda: tuple(_t(256, 256) for _ in range(4)),
          lambda *ws: SF.l2_penalty(list(ws), weight_decay=0.1),
          lambda *ws: 0.1 * sum(w.pow(2).sum() for w in ws)),
@@ -198,7 +201,7 @@ def scripts(filters) -> dict:
         for name in sorted(os.listdir(SCRIPTS)):
             if name.startswith("bench_") and name.endswith(".py"):
                 found[name[len("bench_"):-len(".py")]] = os.path.join(SCRIPTS, name)
-    ops = {c[1]: c[0] for c in cpu_cases()}
+    ops = {**FAMILY_OF, **{c[1]: c[0] for c in cpu_cases()}}
     wanted = {ops.get(f, f) for f in filters} if filters else set(found)
     return {family: path for family, path in found.items() if family in wanted}
 
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     args.ops = [name for item in args.ops or [] for name in item.split(",") if name]
-    known = {c[0] for c in cpu_cases()} | {c[1] for c in cpu_cases()} | set(scripts(None))
+    known = {c[0] for c in cpu_cases()} | {c[1] for c in cpu_cases()} | set(scripts(None)) | set(FAMILY_OF)
     unknown = [name for name in args.ops if name not in known]
     if unknown:
         print(f"scratchops bench: unknown family or op {', '.join(unknown)}; known: {', '.join(sorted(known))}",
