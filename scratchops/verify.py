@@ -85,6 +85,20 @@ CASES: list[Case] = [
                {"none": lambda z: z, "relu": TF.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]),
            lambda g: (_randn(g, 5, 11), _randn(g, 7, 11), _randn(g, 7)), gradcheck_kwargs={"fast_mode": True})
       for act in ("none", "relu", "sigmoid", "tanh")],
+    Case("mse_loss", "(7, 13) mean", SF.mse_loss, TF.mse_loss, lambda g: (_randn(g, 7, 13), _randn(g, 7, 13))),
+    Case("mse_loss", "(7, 13) weighted sum", lambda x, y, w: SF.mse_loss(x, y, reduction="sum", weight=w),
+         lambda x, y, w: TF.mse_loss(x, y, reduction="sum", weight=w),
+         lambda g: (_randn(g, 7, 13), _randn(g, 7, 13), _randn(g, 7, 13).detach().abs().requires_grad_())),
+    Case("cross_entropy", "(6, 9) w, ignore 2, smooth 0.1", lambda x, t, w: SF.cross_entropy(
+         x, t, weight=w, ignore_index=2, label_smoothing=0.1), lambda x, t, w: TF.cross_entropy(
+         x, t, weight=w, ignore_index=2, label_smoothing=0.1),
+         lambda g: (_randn(g, 6, 9), torch.tensor([2, 0, 8, 2, 5, 1]), _randn(g, 9, grad=False).abs())),
+    Case("cross_entropy", "(2, 5, 3) K-dim, none", lambda x, t: SF.cross_entropy(x, t, reduction="none"),
+         lambda x, t: TF.cross_entropy(x, t, reduction="none"),
+         lambda g: (_randn(g, 2, 5, 3), torch.tensor([[0, 4, 1], [3, 3, 2]]))),
+    Case("cross_entropy", "(4, 6) probabilities", lambda x, q: SF.cross_entropy(x, q, label_smoothing=0.2),
+         lambda x, q: TF.cross_entropy(x, q, label_smoothing=0.2),
+         lambda g: (_randn(g, 4, 6), _randn(g, 4, 6, grad=False).softmax(1).requires_grad_())),
     # Later op families add their cases here.
 ]
 
