@@ -26,6 +26,7 @@ from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type, is_dense, same_l
 
 DROPOUT_BLOCK = 2048  # elements per program: four quarters of 512, one Philox call per lane
 DROPOUT_WARPS = 4
+PHILOX_WORDS = tl.constexpr(4)  # 32-bit random words per Philox call: one per quarter of a block
 L2_BLOCK = 4096
 L2_WARPS = 8
 # Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer).
@@ -48,7 +49,7 @@ def _dropout_quarter(x_ptr, y_ptr, offs, n, multiplier):
 
 @triton.jit
 def _dropout_apply(x_ptr, seed_ptr, y_ptr, n, p, scale_bits, BLOCK: tl.constexpr):
-    QUARTER: tl.constexpr = BLOCK // 4
+    QUARTER: tl.constexpr = BLOCK // PHILOX_WORDS
     pid = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, QUARTER)
     counter = pid * QUARTER + lane
