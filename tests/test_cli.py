@@ -26,8 +26,9 @@ def test_verify_passes_and_prints_the_table(capsys, tmp_path):
     rows = _rows(tmp_path / "v.json")
     assert [r["backend"] for r in rows] == verify.backends_here(verify.best_device())
     assert all(r["ok"] and r["gradcheck"] and r["parity"] and r["ran"] for r in rows), rows
-    assert all(f"relu             (7, 13)                        {r['backend']:10s} pass      pass   pass" in out
-               for r in rows), out
+    lines = [" ".join(line.split()) for line in out.splitlines() if line.startswith("relu ")]
+    for backend in verify.backends_here(verify.best_device()):
+        assert any(f" {backend} pass pass pass " in line for line in lines), out
 
 
 def test_verify_fails_when_a_backward_is_broken(monkeypatch, capsys, tmp_path):
