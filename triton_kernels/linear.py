@@ -137,15 +137,15 @@ def _linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # int64 scalar tile origins move the pointers; tile-local offsets stay int32 (cheap in registers).
     m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-    m0_64, n0_64 = tl.cast(m0, tl.int64), tl.cast(n0, tl.int64)
+    m0_64, n0_64 = m0.to(tl.int64), n0.to(tl.int64)
     ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
     # Rows/columns past the edge re-read valid ones (their results are never stored): no M/N load masks.
     lm = (m0 + ar_m) % M - m0
     ln = (n0 + ar_n) % N - n0
     x_ptrs = (x_ptr + m0_64 * stride_xm) + (lm[:, None] * stride_xm + ar_k[None, :] * stride_xk)
     w_ptrs = (w_ptr + n0_64 * stride_wn) + (ar_k[:, None] * stride_wk + ln[None, :] * stride_wn)  # (k, n) of Wᵀ
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
-    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
+    x_step = stride_xk * tl.full((), BLOCK_K, tl.int64)  # int64 whether or not the stride is specialized to 1
+    w_step = stride_wk * tl.full((), BLOCK_K, tl.int64)
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
