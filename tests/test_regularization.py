@@ -17,8 +17,8 @@ import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
 from scratchops._backend import LAUNCHES
-from tests.helpers import (DEVICE, check_aot, check_gradcheck, check_parity, check_same_error, make,
-                           tolerances)
+from tests.helpers import (DEVICE, backend_skip_reason, check_aot, check_gradcheck, check_parity, check_same_error,
+                           make, tolerances)
 
 BLOCK = 2048  # triton_kernels.regularization.DROPOUT_BLOCK: sizes around it exercise the masks
 L2_BLOCK = 4096  # triton_kernels.regularization.L2_BLOCK
@@ -306,6 +306,31 @@ def test_l2_penalty_mixed_dtypes(backend, dtypes):
     for w, g in zip(ws, torch.autograd.grad(ours, ws)):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g, (w.detach().double()).to(w.dtype), **tolerances(w.dtype))  # 2 · 0.5 · w
+
+
+def test_l2_penalty_one_launch_per_dtype(monkeypatch):
+    if backend_skip_reason("triton"):
+        pytest.skip(backend_skip_reason("triton"))
+    import triton_kernels.regularization as K
+
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.kernel, grid))
+            return self.kernel[grid]
+
+    for name in ("_l2_penalty_fwd_kernel", "_l2_penalty_bwd_kernel"):
+        monkeypatch.setattr(K, name, Counting(getattr(K, name)))
+    ws = [make((i + 1, 3), seed=i, requires_grad=True) for i in range(12)] + [make((L2_BLOCK + 9,), torch.float64)]
+    with scratchops.use_backend("triton"):
+        pen = SF.l2_penalty(ws, 0.1)
+    assert len(launches) == 2, launches  # forward: one per dtype (fp32: 12 tensors, fp64: 1)
+    pen.backward()
+    assert len(launches) == 3, launches  # backward: the fp32 group only (the fp64 tensor needs no grad)
 
 
 def test_l2_penalty_gradcheck(backend):
