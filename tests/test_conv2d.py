@@ -79,7 +79,8 @@ def test_gradcheck(backend, case):
     check_gradcheck(_conv(kwargs), *inputs, ops=OPS[:3] + (OPS[3:] if bias else []), fast_mode=True)
 
 
-FULL = {"strided dilated grouped": ((1, 2, 5, 4), (2, 1, 2, 2), {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
+FULL = {"strided dilated grouped": ((1, 2, 5, 4), (2, 1, 2, 2),
+                                    {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
         "same asymmetric": ((1, 1, 4, 5), (2, 1, 2, 3), {"padding": "same"})}
 
 

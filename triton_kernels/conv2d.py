@@ -65,10 +65,10 @@ def _mma(acc, a, b, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _split3(idx, D1, D2):
-    """idx = (i0·D1 + i1)·D2 + i2 → (i0, i1, i2), i1 and i2 as int32 (they index inside one image)."""
+    """idx = (i0·D1 + i1)·D2 + i2 → (i0, i1, i2)."""
     i2 = idx % D2
     rest = idx // D2
-    return rest // D1, (rest % D1).to(tl.int32), i2.to(tl.int32)
+    return rest // D1, rest % D1, i2
 
 
 @triton.jit
@@ -91,12 +91,12 @@ def _conv2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     # rows m = (n, p, q) output positions, columns = output channels of group g;
     # the reduction walks the taps (r, s) and, for each, blocks of the group's input channels.
     g = tl.program_id(2)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # < 2^31: the launcher splits the batch
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, p, q = _split3(offs_m, P, Q)
     m_ok = n < N
     n_ok = offs_n < K_G
-    x_rows = x_ptr + n * sxn + (g * C_G).to(tl.int64) * sxc
+    x_rows = x_ptr + n.to(tl.int64) * sxn + (g * C_G).to(tl.int64) * sxc
     k_out = (g * K_G + offs_n).to(tl.int64)
     w_cols = w_ptr + k_out * swk
     acc = acc_type(tl.zeros((BLOCK_M, BLOCK_N), dtype=x_ptr.dtype.element_ty))
@@ -113,19 +113,22 @@ def _conv2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         acc = _mma(acc, a, b, INPUT_PRECISION)
     bias = tl.load(b_ptr + k_out, mask=n_ok, other=0.0)
     acc += acc_type(bias)[None, :]
-    y = y_ptr + (n * syn + p.to(tl.int64) * syp + q.to(tl.int64) * syq)[:, None] + (k_out * syk)[None, :]
+    y = y_ptr + (n.to(tl.int64) * syn + p.to(tl.int64) * syp + q.to(tl.int64) * syq)[:, None] + (k_out * syk)[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------- launch configuration
 # One small config under the interpreter (it costs per program); autotuned tiles on a GPU,
 # except fp64 (multiply-and-sum: a BLOCK_M×BLOCK_K×BLOCK_N product lives in registers).
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+# The interpreter's cost is per program and per loop step, not per element: tall tiles over the
+# positions (rows of forward/dgrad, reduction of wgrad), 16 (the tl.dot minimum) over channels.
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
+INTERPRETER_CONFIG_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}
 INTERPRETER_WARPS = 4
 FP64_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 FP64_WARPS = 4
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU.
-GPU_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
+GPU_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
 GEMM_DTYPES = ("fp16", "bf16", "fp32")  # tl.dot; fp64 takes FP64_CONFIG
 PRECISIONS = {"fp16": ("ieee",), "bf16": ("ieee",), "fp32": ("tf32", "ieee"), "fp64": ("ieee",)}
 AUTOTUNE_KEY = ["N", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"]
@@ -150,16 +153,30 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def launch(kernel, autotuned, rows: int, cols: int, planes: int, args, dtype: torch.dtype, device: torch.device):
+def launch(kernel, autotuned, rows: int, cols: int, planes: int, args, dtype: torch.dtype, device: torch.device,
+           interpreter_config=INTERPRETER_CONFIG):
     """Launch a GEMM kernel over a (rows / BLOCK_M, cols / BLOCK_N, planes) grid with the right config."""
     precision = input_precision(dtype)
     if device.type == "cuda" and dtype != torch.float64 and autotuned is not None:
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), planes)  # noqa: E731
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), planes)
+
         autotuned[grid](*args, INPUT_PRECISION=precision)
         return
-    config, warps = (INTERPRETER_CONFIG, INTERPRETER_WARPS) if device.type == "cpu" else (FP64_CONFIG, FP64_WARPS)
+    config, warps = (interpreter_config, INTERPRETER_WARPS) if device.type == "cpu" else (FP64_CONFIG, FP64_WARPS)
     grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(cols, config["BLOCK_N"]), planes)
     kernel[grid](*args, **config, INPUT_PRECISION=precision, num_warps=warps)
+
+
+# Position indices (n, p, q) are decomposed in int32 (64-bit division is slow and costs registers);
+# memory offsets are int64. A launch therefore covers fewer than MAX_POSITIONS positions.
+MAX_POSITIONS = 2**31 - 2**20
+
+
+def batch_chunks(n: int, positions_per_image: int):
+    """Slices of the batch whose positions (images × positions per image) stay below MAX_POSITIONS."""
+    step = max(1, MAX_POSITIONS // max(positions_per_image, 1))
+    return [slice(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
 def output_hw(h, w, r, s, stride, padding, dilation):
@@ -191,9 +208,11 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
     if not y.numel():
         return y
     b = bias if bias is not None else torch.zeros(K, dtype=x.dtype, device=x.device)
-    args = (x, w, b, y, N, C_G, H, W, K // groups, P, Q, R, S, *x.stride(), *w.stride(), *y.stride(),
-            *geometry(stride, padding, dilation))
-    launch(_conv2d_fwd_kernel, _fwd_tuned, N * P * Q, K // groups, groups, args, x.dtype, x.device)
+    for chunk in batch_chunks(N, P * Q):
+        xs, ys = x[chunk], y[chunk]
+        args = (xs, w, b, ys, xs.shape[0], C_G, H, W, K // groups, P, Q, R, S, *xs.stride(), *w.stride(),
+                *ys.stride(), *geometry(stride, padding, dilation))
+        launch(_conv2d_fwd_kernel, _fwd_tuned, xs.shape[0] * P * Q, K // groups, groups, args, x.dtype, x.device)
     return y
 
 

@@ -8,8 +8,9 @@ import triton
 import triton.language as tl
 
 from triton_kernels._launch import acc_type
-from triton_kernels.conv2d import (GPU_TILES, _in_coord, _mma, _out_coord, _split3, _tap_step, SIZE_ARGS, gemm_aot_configs, geometry,
-                                   launch, new_4d, output_hw, tuned)
+from triton_kernels.conv2d import (GPU_TILES, INTERPRETER_CONFIG_WGRAD, SIZE_ARGS, _in_coord, _mma, _out_coord,
+                                   _split3, _tap_step, batch_chunks, gemm_aot_configs, geometry, launch, new_4d,
+                                   tuned)
 
 BIAS_BLOCK = 1024
 BIAS_WARPS = 4
@@ -33,13 +34,13 @@ def _conv2d_bwd_input_kernel(dy_ptr, w_ptr, dx_ptr,
     # (r, s) and blocks of the group's output channels. A row whose h + pad − r·dil is not a multiple of
     # the stride (or lands outside the output) gets nothing from that tap: its dy row is masked out.
     g = tl.program_id(2)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # < 2^31: the launcher splits the batch
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n, h, w = _split3(offs_m, H, W)
     m_ok = n < N
     n_ok = offs_n < C_G
     c_in = (g * C_G + offs_n).to(tl.int64)
-    dy_rows = dy_ptr + n * sdyn + (g * K_G).to(tl.int64) * sdyk
+    dy_rows = dy_ptr + n.to(tl.int64) * sdyn + (g * K_G).to(tl.int64) * sdyk
     w_cols = w_ptr + (g * K_G).to(tl.int64) * swk + offs_n.to(tl.int64) * swc
     acc = acc_type(tl.zeros((BLOCK_M, BLOCK_N), dtype=dy_ptr.dtype.element_ty))
     for it in range(0, R * S * tl.cdiv(K_G, BLOCK_K)):
@@ -53,7 +54,8 @@ def _conv2d_bwd_input_kernel(dy_ptr, w_ptr, dx_ptr,
         b = tl.load((w_cols + r * swr + s * sws)[None, :] + (k.to(tl.int64) * swk)[:, None],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _mma(acc, a, b, INPUT_PRECISION)
-    dx = dx_ptr + (n * sdxn + h.to(tl.int64) * sdxh + w.to(tl.int64) * sdxw)[:, None] + (c_in * sdxc)[None, :]
+    dx = (dx_ptr + (n.to(tl.int64) * sdxn + h.to(tl.int64) * sdxh + w.to(tl.int64) * sdxw)[:, None]
+          + (c_in * sdxc)[None, :])
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -84,7 +86,7 @@ def _conv2d_bwd_weight_kernel(dy_ptr, x_ptr, dw_ptr,
     dy_rows = dy_ptr + k_out * sdyk
     x_cols = x_ptr + c_in * sxc
     acc = acc_type(tl.zeros((BLOCK_M, BLOCK_N), dtype=x_ptr.dtype.element_ty))
-    start = split.to(tl.int64) * CHUNK
+    start = split * CHUNK  # < 2^31: the launcher splits the batch
     end = tl.minimum(start + CHUNK, NPQ)
     for j0 in range(start, end, BLOCK_K):
         j = j0 + tl.arange(0, BLOCK_K)
@@ -92,10 +94,12 @@ def _conv2d_bwd_weight_kernel(dy_ptr, x_ptr, dw_ptr,
         ih = _in_coord(p, r, stride_h, pad_h, dil_h)
         iw = _in_coord(q, s, stride_w, pad_w, dil_w)
         j_ok = j < end
-        a = tl.load(dy_rows[:, None] + (n * sdyn + p.to(tl.int64) * sdyp + q.to(tl.int64) * sdyq)[None, :],
+        dy_cols = n.to(tl.int64) * sdyn + p.to(tl.int64) * sdyp + q.to(tl.int64) * sdyq
+        a = tl.load(dy_rows[:, None] + dy_cols[None, :],
                     mask=m_ok[:, None] & j_ok[None, :], other=0.0)
         x_ok = j_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load(x_cols[None, :] + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None],
+        x_rows = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        b = tl.load(x_cols[None, :] + x_rows[:, None],
                     mask=x_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _mma(acc, a, b, INPUT_PRECISION)
     dw = (dw_ptr + split.to(tl.int64) * sdwz + r * sdwr + s * sdws + (k_out * sdwk)[:, None]
@@ -111,7 +115,7 @@ def _conv2d_bwd_bias_kernel(dy_ptr, db_ptr, NPQ, P, Q, sdyn, sdyk, sdyp, sdyq, B
     acc = acc_type(tl.zeros((BLOCK,), dtype=dy_ptr.dtype.element_ty))
     for j0 in range(0, NPQ, BLOCK):
         j = (j0 + tl.arange(0, BLOCK)).to(tl.int64)
-        n, p, q = _split3(j, P, Q)
+        n, p, q = _split3(j, P, Q)  # int64 here: one pass over dy, no register pressure
         acc += acc_type(tl.load(dy_ptr + k * sdyk + n * sdyn + p * sdyp + q * sdyq, mask=j < NPQ, other=0.0))
     tl.store(db_ptr + k, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty))
 
@@ -129,9 +133,11 @@ def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, chann
     dx = new_4d((N, C, H, W), dy, channels_last)
     if not dx.numel():
         return dx
-    args = (dy, w, dx, N, C_G, H, W, K // groups, P, Q, R, S, *dy.stride(), *w.stride(), *dx.stride(),
-            *geometry(stride, padding, dilation))
-    launch(_conv2d_bwd_input_kernel, _input_tuned, N * H * W, C_G, groups, args, dy.dtype, dy.device)
+    for chunk in batch_chunks(N, H * W):
+        dys, dxs = dy[chunk], dx[chunk]
+        args = (dys, w, dxs, dxs.shape[0], C_G, H, W, K // groups, P, Q, R, S, *dys.stride(), *w.stride(),
+                *dxs.stride(), *geometry(stride, padding, dilation))
+        launch(_conv2d_bwd_input_kernel, _input_tuned, dxs.shape[0] * H * W, C_G, groups, args, dy.dtype, dy.device)
     return dx
 
 
@@ -146,20 +152,25 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
     K, C_G, R, S = weight_size
     P, Q = dy.shape[2], dy.shape[3]
     K_G = K // groups
-    npq = N * P * Q
-    split = _split_k(groups * R * S * triton.cdiv(K_G, GPU_TILES[0][0]) * triton.cdiv(C_G, GPU_TILES[0][1]), npq,
-                     x.device)
-    chunk = triton.cdiv(triton.cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # Partial sums, one plane per split.
-    partial = torch.empty((split, K, C_G, R, S), dtype=acc_dtype, device=x.device)
     dw = new_4d((K, C_G, R, S), x, channels_last)
-    if not partial.numel():
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = torch.zeros((K, C_G, R, S), dtype=acc_dtype, device=x.device)
+    if not dw.numel():
         return dw
-    args = (dy, x, partial, npq, C_G, H, W, K_G, P, Q, R, S, split, chunk, *dy.stride(), *x.stride(),
-            *partial.stride(), *geometry(stride, padding, dilation))
-    launch(_conv2d_bwd_weight_kernel, _weight_tuned, K_G, C_G, groups * R * S * split, args, x.dtype, x.device)
-    return dw.copy_(partial[0] if split == 1 else partial.sum(0))
+    tiles = groups * R * S * triton.cdiv(K_G, GPU_TILES[0][0]) * triton.cdiv(C_G, GPU_TILES[0][1])
+    for batch in batch_chunks(N, P * Q):
+        dys, xs = dy[batch], x[batch]
+        npq = xs.shape[0] * P * Q
+        split = _split_k(tiles, npq, x.device)
+        chunk = triton.cdiv(triton.cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
+        # Partial sums, one plane per split of the N·P·Q reduction.
+        partial = torch.empty((split, K, C_G, R, S), dtype=acc_dtype, device=x.device)
+        args = (dys, xs, partial, npq, C_G, H, W, K_G, P, Q, R, S, split, chunk, *dys.stride(), *xs.stride(),
+                *partial.stride(), *geometry(stride, padding, dilation))
+        launch(_conv2d_bwd_weight_kernel, _weight_tuned, K_G, C_G, groups * R * S * split, args, x.dtype, x.device,
+               INTERPRETER_CONFIG_WGRAD)
+        total += partial[0] if split == 1 else partial.sum(0)
+    return dw.copy_(total)
 
 
 def conv2d_bwd_bias(dy):
