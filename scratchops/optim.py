@@ -92,16 +92,27 @@ class SGD(torch.optim.SGD):
                                       "runs outside autograd (use torch.optim.SGD(differentiable=True))")
 
     def _gather(self):
-        """Per group, the parameters that have a gradient; raises before any update on what the kernel cannot do."""
+        """Per group, buckets of (params, grads) by (device, dtype), for the parameters that have a gradient.
+
+        Raises, before anything is updated, on what the step cannot do.
+        """
         self._check_not_differentiable()
         plan = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
+            buckets: dict = {}
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
                     raise RuntimeError("scratchops.optim.SGD does not support sparse gradients (as "
                                        "torch.optim.SGD(fused=True)); use torch.optim.SGD")
-            plan.append((group, params))
+                bucket = buckets.get((p.device, p.dtype))
+                if bucket is None:
+                    bucket = buckets[p.device, p.dtype] = ([], [])
+                bucket[0].append(p)
+                bucket[1].append(g)
+            plan.append((group, buckets.values()))
         return plan
 
     @torch.no_grad()
@@ -111,23 +122,22 @@ class SGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, params in self._gather():
+        for group, buckets in self._gather():
             momentum = _number(group["momentum"])
-            buckets: dict = {}
-            for p in params:
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-            for bucket in buckets.values():
+            for params, grads in buckets:
                 bufs, fresh = [], []
                 if momentum != 0:
-                    for p in bucket:
-                        buf = self.state.get(p, {}).get("momentum_buffer")
+                    state = self.state
+                    for p, g in zip(params, grads):
+                        buf = state[p].get("momentum_buffer") if p in state else None
                         fresh.append(buf is None)
                         # a new buffer is laid out as torch's (a clone of the gradient) and filled by the step
-                        bufs.append(torch.empty_like(p.grad) if buf is None else buf)
-                sgd_step_op(choose_backend(bucket[0]), bucket, [p.grad for p in bucket], bufs, fresh,
-                            _number(group["lr"]), _number(group["weight_decay"]), momentum,
-                            _number(group["dampening"]), bool(group["nesterov"]), bool(group["maximize"]))
-                for p, buf, new in zip(bucket, bufs, fresh):
-                    if new:
-                        self.state[p]["momentum_buffer"] = buf
+                        bufs.append(torch.empty_like(g) if buf is None else buf)
+                sgd_step_op(choose_backend(params[0]), params, grads, bufs, fresh, _number(group["lr"]),
+                            _number(group["weight_decay"]), momentum, _number(group["dampening"]),
+                            bool(group["nesterov"]), bool(group["maximize"]))
+                if any(fresh):
+                    for p, buf, new in zip(params, bufs, fresh):
+                        if new:
+                            self.state[p]["momentum_buffer"] = buf
         return loss

@@ -103,12 +103,10 @@ def _sgd_step_kernel(hyper_ptr, meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.conste
 
 
 def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: list):
-    """Dense operands laid out element for element alike: the tensors themselves in the common case.
+    """Dense operands laid out element for element alike, for operands that are not all contiguous.
 
-    Otherwise dense copies, and ``write_back`` gets (tensor, copy) for the ones the kernel writes.
+    Dense copies where needed; ``write_back`` gets (tensor, copy) for the ones the kernel writes.
     """
-    if w.is_contiguous() and g.is_contiguous() and b.is_contiguous():
-        return w, g, b
     dense = w if is_dense(w) else w.contiguous()
     if dense is not w:
         write_back.append((w, dense))
@@ -137,8 +135,9 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buf
         for i in idx:
             w, g = params[i], grads[i]
             b = momentum_buffers[i] if has_momentum else w  # w stands in for an absent buffer: never touched
-            w, g, b = _operands(w, g, b, write_back)
-            keep.append((w, g, b))
+            if not (w.is_contiguous() and g.is_contiguous() and b.is_contiguous()):
+                w, g, b = _operands(w, g, b, write_back)
+                keep.append((w, g, b))
             w_at, g_at, b_at = w.data_ptr(), g.data_ptr(), b.data_ptr()
             addresses |= w_at | g_at | b_at
             rows += (w_at, g_at, b_at, w.numel(), int(has_momentum and fresh[i]))
