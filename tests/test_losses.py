@@ -79,7 +79,8 @@ def test_ce_gradcheck_full(backend, case):
     """Full (not fast-mode) Jacobians on the richest settings."""
     w = make((5,), torch.float64, low=0.2, high=2.0)
     if case == "prob":
-        x, q = make((1, 5, 2), torch.float64, requires_grad=True), _probs((1, 5, 2), requires_grad=True)
+        w = w[:3]
+        x, q = make((1, 3, 2), torch.float64, requires_grad=True), _probs((1, 3, 2), requires_grad=True)
         check_gradcheck(lambda x, q: SF.cross_entropy(x, q, weight=w, label_smoothing=0.1), x, q, ops=CE_OPS)
         check_parity(SF.cross_entropy, TF.cross_entropy, x.detach(), q.detach(), weight=w, label_smoothing=0.1)
         return
@@ -93,8 +94,8 @@ def test_ce_gradcheck_full(backend, case):
 @pytest.mark.parametrize("weighted,broadcast,reduction",
                          list(itertools.product((False, True), (False, True), REDUCTIONS)))
 def test_mse_gradcheck(backend, weighted, broadcast, reduction):
-    x = make((3, 1) if broadcast else (3, 4), torch.float64, requires_grad=True)
-    y = make((4,) if broadcast else (3, 4), torch.float64, requires_grad=True, seed=1)
+    x = make((2, 1) if broadcast else (2, 3), torch.float64, requires_grad=True)
+    y = make((3,) if broadcast else (2, 3), torch.float64, requires_grad=True, seed=1)
     w = make(x.shape, torch.float64, low=0.5, high=2.0, requires_grad=True, seed=2) if weighted else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -356,12 +357,12 @@ def test_small_model_trains_like_torch(backend):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).to(DEVICE)
     twin = torch.nn.Sequential(*[torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)]).to(DEVICE)
     twin.load_state_dict(model.state_dict())
-    x, t, y = make((32, 8)), _targets((32,), 5), make((32, 5), seed=4)
+    x, t, y = make((8, 8)), _targets((8,), 5), make((8, 5), seed=4)
     losses, first = [], []
     for net, ce, mse in [(model, SN.CrossEntropyLoss(label_smoothing=0.05), SN.MSELoss()),
                          (twin, torch.nn.CrossEntropyLoss(label_smoothing=0.05), torch.nn.MSELoss())]:
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        for _ in range(20):
+        for _ in range(10):
             opt.zero_grad()
             out = net(x)
             loss = ce(out, t) + 0.1 * mse(out, y)
@@ -403,14 +404,14 @@ def test_opcheck(backend):
     out, denom = L.mse_fwd(x, y, w, w, L.MEAN)
     torch.library.opcheck(L.mse_bwd_op, (backend, x, y, w, denom, torch.ones(()), True))
     torch.library.opcheck(L.mse_bwd_op, (backend, x, y, None, denom, make((5, 6)), False))
-    x3, t, q = make((2, 6, 3)), _targets((2, 3), 6, ignore=1), _probs((2, 6, 3), dtype=torch.float32)
-    for target, weight, reduction in [(t, None, L.MEAN), (t, make((6,)), L.NONE), (q, make((6,)), L.SUM)]:
+    x3, t, q = make((1, 6, 2)), _targets((1, 2), 6, ignore=1), _probs((1, 6, 2), dtype=torch.float32)
+    for target, weight, reduction in [(t, make((6,)), L.NONE), (q, make((6,)), L.SUM)]:
         torch.library.opcheck(L.cross_entropy_fwd_op, (backend, x3, target, weight, 1 if target is t else -100,
                                                       0.1, reduction))
-    _, grad, denom, lse = L.cross_entropy_fwd(x3, q, None, -100, 0.1, L.NONE)
-    torch.library.opcheck(L.cross_entropy_bwd_op, (backend, grad, denom, make((6,))))
+    _, grad, denom, stats = L.cross_entropy_fwd(x3, q, None, -100, 0.1, L.NONE)
+    torch.library.opcheck(L.cross_entropy_bwd_op, (backend, grad, denom, make((2,))))
     torch.library.opcheck(L.cross_entropy_bwd_op, (backend, grad, denom, torch.ones(())))
-    torch.library.opcheck(L.cross_entropy_target_bwd_op, (backend, x3, lse, make((6,)), denom, make((6,)), 0.1))
+    torch.library.opcheck(L.cross_entropy_target_bwd_op, (backend, x3, stats, make((6,)), denom, make((2,)), 0.1))
 
 
 def test_backward_uses_forward_backend(backend):
