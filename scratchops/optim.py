@@ -30,7 +30,10 @@ Differences from torch.optim.SGD, by design:
 * ``differentiable=True`` raises ``NotImplementedError``: the step is not
   recorded by autograd.
 * Sparse gradients raise ``RuntimeError`` before anything is written, as
-  ``torch.optim.SGD(fused=True)`` does (the kernel updates dense tensors).
+  ``torch.optim.SGD(fused=True)`` does (the kernel updates dense tensors);
+  torch's default (for-loop and foreach) paths accept them when λ = 0.
+* The backend is chosen (``choose_backend``) once per (device, dtype) bucket of
+  a group, from its first parameter.
 * A tensor ``lr`` or ``weight_decay`` is read as a Python number at each step.
 """
 import torch

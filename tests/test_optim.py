@@ -283,6 +283,19 @@ def test_bad_hyperparameters(options):
     check_same_error(build(SGD), build(torch.optim.SGD), make((3,), requires_grad=True))
 
 
+def test_grad_scaler_with_fused_flag(backend):
+    """fused=True is only a flag here: GradScaler unscales the gradients before the step, as for foreach."""
+    ours, theirs = _params([(4, 3)])
+    opt_a, opt_b = SGD(ours, lr=0.1, momentum=0.9, fused=True), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=1024.0)
+    g = make((4, 3), seed=5)
+    scaler.scale((ours[0] * g).sum()).backward()  # ours[0].grad = 1024 g
+    (theirs[0] * g).sum().backward()
+    scaler.step(opt_a)
+    opt_b.step()
+    _assert_same(ours, theirs)
+
+
 def test_differentiable_not_supported():
     with pytest.raises(NotImplementedError, match="differentiable"):
         SGD([make((3,), requires_grad=True)], differentiable=True)
