@@ -210,12 +210,13 @@ def _mark(value) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'op':16s} {'case':30s} {'backend':10s} {'gradcheck':9s} {'parity':6s} {'ran':4s} "
+    width = max([len("case")] + [len(r["case"]) for r in rows])
+    header = (f"{'op':16s} {'case':{width}s} {'backend':10s} {'gradcheck':9s} {'parity':6s} {'ran':4s} "
               f"{'max err':>9s} {'tol':>7s}")
     lines = [header, "-" * len(header)]
     for r in rows:
         err = "-" if r["max_error"] is None else f"{r['max_error']:.2e}"
-        lines.append(f"{r['op']:16s} {r['case'][:30]:30s} {r['backend']:10s} {_mark(r['gradcheck']):9s} "
+        lines.append(f"{r['op']:16s} {r['case']:{width}s} {r['backend']:10s} {_mark(r['gradcheck']):9s} "
                      f"{_mark(r['parity']):6s} {_mark(r['ran']):4s} {err:>9s} {r['tolerance']:7.0e}"
                      + (f"  {r['error']}" if "error" in r else ""))
     return "\n".join(lines)
