@@ -102,7 +102,6 @@ def matches(filters, *names) -> bool:
 def cpu_comparison(filters, repeats: int) -> list[dict]:
     cases = [c for c in cpu_cases() if matches(filters, c[0], c[1])]
     rows = []
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for i, (family, op, case, make, ours, theirs) in enumerate(cases):
         progress(i, len(cases), f"{family}/{op}")
         inputs = make()
@@ -171,13 +170,18 @@ def plot_bars(path: str, title: str, labels, series: dict, ylabel: str) -> bool:
 def run_cpu(args) -> int:
     print("no CUDA GPU found: kernel timings need one. Running the CPU reference comparison only "
           "(scratchops' reference formulas vs torch on CPU, small shapes; this says nothing about the kernels).")
-    rows = cpu_comparison(args.ops, repeats=3 if args.quick else 10)
-    md = cpu_markdown(rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # one thread by default: steadier numbers on a shared machine
+    try:
+        rows = cpu_comparison(args.ops, repeats=3 if args.quick else 10)
+        md = cpu_markdown(rows)
+    finally:
+        torch.set_num_threads(threads)
     print(md)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, CPU_STEM)
     with open(stem + ".json", "w") as f:
-        json.dump({"kind": "cpu-reference", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        json.dump({"kind": "cpu-reference", "torch": torch.__version__, "threads": args.threads,
                    "rows": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(md)
@@ -264,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="results folder (default: benchmarks/results on a GPU, bench_results on a CPU)")
     p.add_argument("--no-plot", action="store_true", help="draw no PNG")
     p.add_argument("--cpu", action="store_true", help="run the CPU reference comparison even with a GPU")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CPU comparison (default: 1)")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:
