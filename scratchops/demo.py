@@ -71,7 +71,7 @@ def weights_of(model: torch.nn.Module) -> list:
 
 
 def sides(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> dict:
-    """The two trainings: a name -> (model, loss module, penalty function, optimizer); the scratchops model is a copy."""
+    """The two trainings, name -> (model, loss module, penalty function, optimizer); scratchops trains a copy."""
     ours = scratchops.convert(copy.deepcopy(model))
     return {
         "torch": (model, torch.nn.CrossEntropyLoss(),
