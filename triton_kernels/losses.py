@@ -157,6 +157,9 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, s
     s_exp = tl.sum(zeros, 0)  # Σ e^{z - m}
     dist = tl.sum(zeros, 0)  # Σ v_c (m - z_c), v = w (class indices) or w q' (probabilities)
     v_all = tl.sum(zeros, 0)  # Σ v_c
+    sums = eps > 0
+    if PROB:
+        sums = eps >= 0  # always
     # sweep 1: online log-sum-exp; when the max grows from m to m', the sums are rescaled / shifted
     for start in range(0, C, BLOCK):
         c = start + cols
@@ -164,16 +167,17 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, s
         z = acc_type(tl.load(x_row + c * stride_xc, mask=mask, other=float("-inf")))
         m_new = tl.maximum(m, tl.max(z, 0))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        v = zeros + 1.0
-        if HAS_WEIGHT:
-            v = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
-        if PROB:
-            q = acc_type(tl.load(t_row + c * stride_tc, mask=mask, other=0))
-            v = v * (q * (1.0 - eps) + eps_c)
-        v = tl.where(mask, v, 0.0)
+        if sums:  # only for label smoothing or probability targets
+            v = zeros + 1.0
+            if HAS_WEIGHT:
+                v = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
+            if PROB:
+                q = acc_type(tl.load(t_row + c * stride_tc, mask=mask, other=0))
+                v = v * (q * (1.0 - eps) + eps_c)
+            v = tl.where(mask, v, 0.0)
+            dist = dist + (m_new - m) * v_all + tl.sum(v * tl.where(mask, m_new - z, 0.0), 0)
+            v_all += tl.sum(v, 0)
         s_exp = s_exp * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-        dist = dist + (m_new - m) * v_all + tl.sum(v * tl.where(mask, m_new - z, 0.0), 0)
-        v_all += tl.sum(v, 0)
         m = m_new
     log_s = tl.log(s_exp)
     if PROB:
