@@ -219,8 +219,7 @@ def run_gpu(args) -> int:
     if not selected:
         print(f"no benchmark script matches {args.ops}", file=sys.stderr)
         return 2
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+    sys.path.insert(0, REPO)  # first: the repository's benchmarks package, not another one on the path
     failed = []
     for i, family in enumerate(selected):
         progress(i, len(selected), f"bench_{family}")
