@@ -1,8 +1,8 @@
 """linear (+ fused relu/sigmoid/tanh): every test tier of DESIGN.md, on both backends.
 
 Shapes stay tiny: under the interpreter each tile program of a matmul costs
-milliseconds (one 16x16x16 config runs there), so "odd" sizes are 1, 17, 129
-(K = 129 is not a multiple of any block) and gradchecks use fast mode.
+milliseconds (one 32x32x32 config runs there), so "odd" sizes are 1, 17, 33 (BLOCK + 1),
+31 (BLOCK - 1) and 129 (K not a multiple of any block), and gradchecks use fast mode.
 """
 import pytest
 import torch
@@ -58,7 +58,7 @@ def test_gradcheck_bias_without_weight_grad(backend, activation):
 # ----------------------------------------------------------------- parity
 @pytest.mark.parametrize("dtype", PARITY_DTYPES)
 @pytest.mark.parametrize("mnk,activation", [((1, 1, 1), "relu"), ((17, 5, 129), "tanh"), ((3, 129, 17), "sigmoid"),
-                                            ((17, 17, 17), None)])
+                                            ((17, 17, 17), None), ((33, 31, 65), "relu")])
 def test_parity(backend, dtype, mnk, activation):
     m, n, k = mnk
     inputs = make((m, k), dtype), make((n, k), dtype), make((n,), dtype)
@@ -103,6 +103,8 @@ def _awkward(name):
         return make((4, 6)), make((6, 5)).t(), make((5,))
     if name == "sliced_weight_and_bias":
         return make((4, 6)), make((5, 12))[:, ::2], make((10,))[::2]
+    if name == "expanded_input_and_weight":
+        return make((1, 6)).expand(4, 6), make((6,)).expand(5, 6), make(()).expand(5)
     if name == "bias_none":
         return make((4, 6)), make((5, 6)), None
     if name == "bias_broadcast":
@@ -119,7 +121,7 @@ def _awkward(name):
 
 
 AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "non_contiguous_input", "transposed_weight",
-           "sliced_weight_and_bias", "bias_none", "bias_broadcast", "empty_batch", "empty_batch_3d", "k_zero",
+           "sliced_weight_and_bias", "expanded_input_and_weight", "bias_none", "bias_broadcast", "empty_batch", "empty_batch_3d", "k_zero",
            "n_zero"]
 
 

@@ -33,7 +33,7 @@ ACTIVATIONS = {"none": _NONE.value, "relu": _RELU.value, "sigmoid": _SIGMOID.val
 # One config: tile sizes along the M, N and K dims of the problem, grouping, warps, stages.
 # The output tile of each kernel is two of the three dims; the third is the reduction.
 _FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-INTERPRETER_CONFIG = (16, 16, 16, 4, 4, 1)
+INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1)
 FP64_CONFIG = (32, 32, 8, 8, 4, 2)
 CONFIGS = {  # kernel kind -> dtype class -> configs (each compiles for sm_90 without spills: see AOT_CONFIGS)
     "fwd": {"half": [(128, 128, 64, 8, 8, 4), (64, 128, 32, 8, 4, 4)],
@@ -44,12 +44,12 @@ CONFIGS = {  # kernel kind -> dtype class -> configs (each compiles for sm_90 wi
               "tf32": [(128, 32, 128, 8, 8, 3)],
               "ieee": [(64, 32, 64, 8, 4, 2)]},
     # dW: output tile BLOCK_N x BLOCK_K, reduction over M in BLOCK_M steps.
-    "weight": {"half": [(32, 64, 128, 8, 4, 3)],
+    "weight": {"half": [(32, 128, 128, 8, 8, 3), (32, 64, 128, 8, 4, 3)],
                "tf32": [(32, 128, 64, 8, 8, 3)],
                "ieee": [(32, 64, 64, 8, 4, 2)]},
 }
-BIAS_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 128}
-INTERPRETER_BIAS_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+BIAS_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 128}
+INTERPRETER_BIAS_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 BIAS_NUM_WARPS = 4
 AUTOTUNE_KEY = ["M", "N", "K"]
 
@@ -101,24 +101,14 @@ def _activate(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_grad_z(dy_ptr, y_ptr, offs_m, offs_n, mask, stride_dym, stride_dyn, stride_ym, stride_yn,
-                 ACTIVATION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """A tile of dZ = dY ⊙ act'(Z) in the compute dtype: the (m, n) tile, or (n, m) when TRANSPOSED.
-
-    act' is written with the output Y: relu [y > 0], sigmoid y(1 - y), tanh 1 - y².
-    (Written inline, without nested helpers: each nested call costs the interpreter a re-patch.)
-    """
-    if TRANSPOSED:
-        dy_off = offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym
-        y_off = offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym
-    else:
-        dy_off = offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-        y_off = offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    dy = tl.load(dy_ptr + dy_off, mask=mask, other=0.0)
+def _load_grad_z(dy_ptrs, y_ptrs, mask, ACTIVATION: tl.constexpr):
+    """A tile of dZ = dY ⊙ act'(Z) in the compute dtype, act' written with the output Y:
+    relu [y > 0], sigmoid y(1 - y), tanh 1 - y². (Inline, no nested helpers: each costs the interpreter.)"""
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
     cdt = tl.float64 if dy.dtype == tl.float64 else tl.float32
     dz = dy.to(cdt)
     if ACTIVATION != _NONE:
-        y = tl.load(y_ptr + y_off, mask=mask, other=0.0).to(cdt)
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(cdt)
         if ACTIVATION == _RELU:
             dz = tl.where(y <= 0, 0.0, dz)  # as torch's threshold_backward: only y <= 0 blocks (NaN passes)
         elif ACTIVATION == _SIGMOID:
@@ -174,23 +164,30 @@ def _linear_bwd_input_kernel(dy_ptr, y_ptr, w_ptr, dx_ptr, M, N, K,
                              GROUP_M: tl.constexpr):
     # dX = dZ·W with dZ = dY ⊙ act'(Y), formed tile by tile as dY (and Y) are loaded.
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rm = offs_m % M
-    rk = offs_k % K
-    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    m0, k0 = pid_m * BLOCK_M, pid_k * BLOCK_K
+    m0_64, k0_64 = m0.to(tl.int64), k0.to(tl.int64)
+    ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    lm = (m0 + ar_m) % M - m0  # past the edge: re-read valid rows/columns, never stored
+    lk = (k0 + ar_k) % K - k0
+    dy_ptrs = (dy_ptr + m0_64 * stride_dym) + (lm[:, None] * stride_dym + ar_n[None, :] * stride_dyn)
+    y_ptrs = (y_ptr + m0_64 * stride_ym) + (lm[:, None] * stride_ym + ar_n[None, :] * stride_yn)
+    w_ptrs = (w_ptr + k0_64 * stride_wk) + (ar_n[:, None] * stride_wn + lk[None, :] * stride_wk)
+    block = tl.full((), BLOCK_N, tl.int64)
+    dy_step, y_step, w_step = stride_dyn * block, stride_yn * block, stride_wn * block
     acc_dtype = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
-        on = offs_n + n * BLOCK_N
-        n_ok = on < N
-        dz = _load_grad_z(dy_ptr, y_ptr, rm, on, n_ok[None, :], stride_dym, stride_dyn, stride_ym, stride_yn,
-                          ACTIVATION, False)
-        w = tl.load(w_ptr + on[:, None] * stride_wn + rk[None, :] * stride_wk, mask=n_ok[:, None], other=0.0)
+        n_ok = ar_n < N - n * BLOCK_N
+        dz = _load_grad_z(dy_ptrs, y_ptrs, n_ok[None, :], ACTIVATION)
+        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
         acc = _mma(acc, dz.to(w.dtype), w, PRECISION)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        dy_ptrs += dy_step
+        y_ptrs += y_step
+        w_ptrs += w_step
+    mask = (ar_m < M - m0)[:, None] & (ar_k < K - k0)[None, :]
+    dx_ptrs = (dx_ptr + m0_64 * stride_dxm + k0_64 * stride_dxk) + (ar_m[:, None] * stride_dxm +
+                                                                     ar_k[None, :] * stride_dxk)
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -200,49 +197,64 @@ def _linear_bwd_weight_kernel(dy_ptr, y_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
                               ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr):
-    # dW = dZᵀ·X and db = Σ_rows dZ (summed by the programs of the first K tile only).
+    # dW = dZᵀ·X and db = Σ_rows dZ (summed by the programs of the first K tile only); db is contiguous.
     pid_n, pid_k = _tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rn = offs_n % N
-    rk = offs_k % K
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    n0, k0 = pid_n * BLOCK_N, pid_k * BLOCK_K
+    n0_64, k0_64 = n0.to(tl.int64), k0.to(tl.int64)
+    ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
+    ln = (n0 + ar_n) % N - n0
+    lk = (k0 + ar_k) % K - k0
+    dyt_ptrs = (dy_ptr + n0_64 * stride_dyn) + (ln[:, None] * stride_dyn + ar_m[None, :] * stride_dym)  # (n, m)
+    yt_ptrs = (y_ptr + n0_64 * stride_yn) + (ln[:, None] * stride_yn + ar_m[None, :] * stride_ym)
+    x_ptrs = (x_ptr + k0_64 * stride_xk) + (ar_m[:, None] * stride_xm + lk[None, :] * stride_xk)
+    block = tl.full((), BLOCK_M, tl.int64)
+    dy_step, y_step, x_step = stride_dym * block, stride_ym * block, stride_xm * block
     acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
     db = tl.zeros((BLOCK_N,), dtype=acc_dtype)
     for m in range(0, tl.cdiv(M, BLOCK_M)):
-        om = offs_m + m * BLOCK_M
-        m_ok = om < M
-        dzt = _load_grad_z(dy_ptr, y_ptr, om, rn, m_ok[None, :], stride_dym, stride_dyn, stride_ym, stride_yn,
-                           ACTIVATION, True)
-        x = tl.load(x_ptr + om[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
+        m_ok = ar_m < M - m * BLOCK_M
+        dzt = _load_grad_z(dyt_ptrs, yt_ptrs, m_ok[None, :], ACTIVATION)
+        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         acc = _mma(acc, dzt.to(x.dtype), x, PRECISION)
         if WITH_BIAS:
             if pid_k == 0:
                 db += tl.sum(dzt, axis=1)
-    n_ok = offs_n < N
-    mask = n_ok[:, None] & (offs_k < K)[None, :]
-    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-             acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        dyt_ptrs += dy_step
+        yt_ptrs += y_step
+        x_ptrs += x_step
+    n_ok = ar_n < N - n0
+    mask = n_ok[:, None] & (ar_k < K - k0)[None, :]
+    dw_ptrs = (dw_ptr + n0_64 * stride_dwn + k0_64 * stride_dwk) + (ar_n[:, None] * stride_dwn +
+                                                                     ar_k[None, :] * stride_dwk)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     if WITH_BIAS:
         if pid_k == 0:
-            tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(db_ptr + n0_64 + ar_n, db.to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _linear_bwd_bias_kernel(dy_ptr, y_ptr, db_ptr, M, N, stride_dym, stride_dyn, stride_ym, stride_yn,
                             ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # db = Σ_rows dZ, dZ = dY ⊙ act'(Y).
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    # db = Σ_rows dZ, dZ = dY ⊙ act'(Y); db is contiguous.
+    n0 = tl.program_id(0) * BLOCK_N
+    n0_64 = n0.to(tl.int64)
+    ar_m, ar_n = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
+    n_ok = ar_n < N - n0
+    # Scalar row pointers move down the rows; the int32 tile offsets stay fixed (few registers).
+    dy_row, y_row = dy_ptr + n0_64 * stride_dyn, y_ptr + n0_64 * stride_yn
+    dy_tile = ar_m[:, None] * stride_dym + ar_n[None, :] * stride_dyn
+    y_tile = ar_m[:, None] * stride_ym + ar_n[None, :] * stride_yn
+    block = tl.full((), BLOCK_M, tl.int64)
+    dy_step, y_step = stride_dym * block, stride_ym * block
     acc_dtype = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     for m in range(0, tl.cdiv(M, BLOCK_M)):
-        om = offs_m + m * BLOCK_M
-        acc += _load_grad_z(dy_ptr, y_ptr, om, offs_n, (om < M)[:, None] & n_ok[None, :], stride_dym, stride_dyn,
-                            stride_ym, stride_yn, ACTIVATION, False)
-    tl.store(db_ptr + offs_n, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=n_ok)
+        mask = (ar_m < M - m * BLOCK_M)[:, None] & n_ok[None, :]
+        acc += _load_grad_z(dy_row + dy_tile, y_row + y_tile, mask, ACTIVATION)
+        dy_row += dy_step
+        y_row += y_step
+    tl.store(db_ptr + n0_64 + ar_n, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------- launch plumbing
