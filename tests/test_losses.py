@@ -136,8 +136,8 @@ def test_ce_vocab_sizes(backend, vocab, rows):
 def test_ce_special_values(backend):
     inf = float("inf")
     x = torch.tensor([[0.0, -inf, 1.0, 2.0], [1e4, -1e4, 0.0, 5.0], [-inf, -inf, -inf, -inf], [-1e4, 1e4, 1e4, 3.0],
-                      [2.0, 1.0, 0.0, -inf]], device=DEVICE)
-    t = torch.tensor([0, 1, 2, 2, 3], device=DEVICE)  # the last row's target has logit -inf: loss inf
+                      [2.0, 1.0, 0.0, -inf], [1.0, float("nan"), 0.0, 2.0]], device=DEVICE)
+    t = torch.tensor([0, 1, 2, 2, 3, 0], device=DEVICE)  # row 4's target has logit -inf: loss inf; row 5 has NaN
     for kw in [{}, {"label_smoothing": 0.1}, {"weight": torch.tensor([1.0, 2.0, 0.5, 1.0], device=DEVICE)}]:
         check_parity(SF.cross_entropy, TF.cross_entropy, x, t, reduction="none", equal_nan=True, **kw)
     check_parity(SF.cross_entropy, TF.cross_entropy, x[:2], t[:2], reduction="mean", label_smoothing=0.2)
@@ -163,6 +163,7 @@ def test_ce_target_dtypes_and_layouts(backend):
     xs = make((4, 9, 6))[:, 1:, ::2]  # sliced K-dim logits and a non-contiguous target
     check_parity(SF.cross_entropy, TF.cross_entropy, xs, _targets((3, 4), 8).t(), reduction="none")
     check_parity(SF.cross_entropy, TF.cross_entropy, make((7,)), torch.tensor(3, device=DEVICE), label_smoothing=0.3)
+    check_parity(SF.cross_entropy, TF.cross_entropy, make((1, 9)).expand(4, 9), _targets((4,), 9))  # zero stride
 
 
 def test_ce_expanded_grad_output(backend):
@@ -379,20 +380,22 @@ def test_torch_compile_fullgraph(backend):
     w = make((7,), low=0.5, high=2.0)
 
     def f(x, y, t):
-        return SF.cross_entropy(x, t, weight=w, label_smoothing=0.1) + SF.mse_loss(x, y, reduction="sum")
+        return (SF.cross_entropy(x, t, weight=w, label_smoothing=0.1) + SF.mse_loss(x, y, reduction="sum")
+                + SF.cross_entropy(x, y.softmax(1), reduction="sum"))
 
     def g(x, y, t):
-        return TF.cross_entropy(x, t, weight=w, label_smoothing=0.1) + TF.mse_loss(x, y, reduction="sum")
+        return (TF.cross_entropy(x, t, weight=w, label_smoothing=0.1) + TF.mse_loss(x, y, reduction="sum")
+                + TF.cross_entropy(x, y.softmax(1), reduction="sum"))
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x1, x2, y, t = make((4, 7), requires_grad=True), make((4, 7), requires_grad=True), make((4, 7), seed=1), \
-        _targets((4,), 7)
-    x2.data.copy_(x1.data)
-    a, b = compiled(x1, y, t), g(x2, y, t)
+    x1, y1, t = make((4, 7), requires_grad=True), make((4, 7), seed=1, requires_grad=True), _targets((4,), 7)
+    x2, y2 = x1.detach().clone().requires_grad_(), y1.detach().clone().requires_grad_()
+    a, b = compiled(x1, y1, t), g(x2, y2, t)
     torch.testing.assert_close(a, b)
     a.backward()
     b.backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(y1.grad, y2.grad)  # through mse's target and the probability targets
 
 
 def test_opcheck(backend):
