@@ -40,7 +40,9 @@ _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32
 # ----------------------------------------------------------------- reference math
 def _no_autocast(t: torch.Tensor):
     """The reference formulas run in the dtypes they name, even when called under autocast."""
-    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+    if t.device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _act(z: torch.Tensor, activation: str) -> torch.Tensor:

@@ -121,8 +121,8 @@ def _awkward(name):
 
 
 AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "non_contiguous_input", "transposed_weight",
-           "sliced_weight_and_bias", "expanded_input_and_weight", "bias_none", "bias_broadcast", "empty_batch", "empty_batch_3d", "k_zero",
-           "n_zero"]
+           "sliced_weight_and_bias", "expanded_input_and_weight", "bias_none", "bias_broadcast", "empty_batch",
+           "empty_batch_3d", "k_zero", "n_zero"]
 
 
 @pytest.mark.parametrize("name", AWKWARD)
@@ -130,6 +130,19 @@ def test_awkward_inputs(backend, name):
     x, w, b = _awkward(name)
     out = check_parity(ours, torch_linear, x, w, b, activation="tanh", reduction_size=_k(x))
     assert out.stride() == torch_linear(x, w, b).stride()
+
+
+def test_huge_row_stride(backend):
+    # A row stride of 2^24 elements: 128 rows of it overflow int32, so the launcher copies (tile offsets are int32).
+    # (Called directly, not through check_parity, whose clone() would make x contiguous.)
+    x = torch.zeros(2**24 + 8, device=DEVICE).as_strided((2, 5), (2**24, 1))
+    x.copy_(make((2, 5)))
+    w1, w2 = make((4, 5), requires_grad=True), make((4, 5), requires_grad=True)
+    y1, y2 = ours(x, w1, None, activation="relu"), torch_linear(x, w2, None, activation="relu")
+    torch.testing.assert_close(y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -230,7 +243,8 @@ MATCH = {"k_mismatch": r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 3x5
          "k_mismatch_3d": r"mat1 and mat2 shapes cannot be multiplied \(6x4 and 3x5\)",
          "k_mismatch_1d": r"mat1 and mat2 shapes cannot be multiplied \(1x4 and 3x5\)",
          "weight_dtype": "same dtype", "input_dtype": "same dtype", "bias_dtype": "same dtype",
-         "input_not_tensor": "must be Tensor", "weight_not_tensor": "must be Tensor", "bias_not_tensor": "must be Tensor"}
+         "input_not_tensor": "must be Tensor", "weight_not_tensor": "must be Tensor",
+         "bias_not_tensor": "must be Tensor"}
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

@@ -300,9 +300,23 @@ def _launch(kernel, kind, dtype, grid, args, consts):
         _tuned(kernel, kind, dtype_class)[grid](*args, **consts)
 
 
+_MAX_TILE = 128  # the largest tile side in any config
+_INT32_LIMIT = 2**31
+
+
+def _tile_safe(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when its strides could overflow the int32 offsets inside a tile.
+
+    Tile origins are int64; offsets within a tile are int32 (fewer registers), which holds while
+    every stride is below 2³¹ / 128 (16M elements): only huge column-major operands need the copy.
+    """
+    return t.contiguous() if max(t.stride(), default=0) * _MAX_TILE >= _INT32_LIMIT else t
+
+
 def _grad_z_args(dy, y, activation):
     """dY and Y (Y stands in for itself only with an activation; else dY is passed, unread)."""
-    y = y if activation != "none" else dy
+    dy = _tile_safe(dy)
+    y = _tile_safe(y) if activation != "none" else dy
     return (dy, y), (*dy.stride(), *y.stride())
 
 
@@ -311,8 +325,9 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    bias = b if b is not None else y
-    stride_b = b.stride(0) if b is not None else 0
+    x, w = _tile_safe(x), _tile_safe(w)
+    bias = _tile_safe(b) if b is not None else y
+    stride_b = bias.stride(0) if b is not None else 0
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -329,6 +344,7 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
     if M == 0 or K == 0:
         return dx
     (dy, y), strides = _grad_z_args(dy, y, activation)
+    w = _tile_safe(w)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
@@ -361,6 +377,7 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     if M == 0 or K == 0:  # no products to take: dW is all zeros; db needs its own reduction
         return dw.zero_(), linear_bwd_bias(dy, y, activation) if with_bias else db
     (dy, y), strides = _grad_z_args(dy, y, activation)
+    x = _tile_safe(x)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
