@@ -8,7 +8,8 @@ sweeps the row in BLOCK-wide chunks twice: first for the running max and the
 rescaled sum of exponentials (online log-sum-exp, plus Σ w z, Σ w q' ... for the
 smoothing / probability terms), then to write ∂ℓ_r/∂z_r into the saved gradient.
 Per-row losses go through a small reduction kernel; the backward scales the saved
-gradient by g_r / D. Offsets are int64; math in fp32 (fp64 for fp64 inputs).
+gradient by g_r / D on a (rows, class blocks) grid. Offsets are int64; math in fp32
+(fp64 for fp64 inputs).
 """
 import torch
 import triton
@@ -246,43 +247,43 @@ def _cross_entropy_reduce_kernel(loss_ptr, wt_ptr, out_ptr, denom_ptr, R, REDUCT
 
 
 @triton.jit
-def _cross_entropy_bwd_kernel(grad_ptr, g_ptr, denom_ptr, dx_ptr, numel, C, S, stride_g, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    r = (offs // (C * S)) * S + offs % S
-    g = acc_type(tl.load(g_ptr + r * stride_g, mask=mask, other=0))
+def _cross_entropy_bwd_kernel(grad_ptr, g_ptr, denom_ptr, dx_ptr, C, S, stride_g, BLOCK: tl.constexpr):
+    # grid (rows, class blocks): row r = (n, s) is a scalar per program, no per-element division
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    offs = (row // S) * C * S + c * S + row % S
     # dz = (∂ℓ_r/∂z_r saved by the forward) · g_r / D
     # (D = 0 only when every row is ignored: their gradients are 0, as torch's)
     denom = tl.load(denom_ptr)
+    g = acc_type(tl.load(g_ptr + row * stride_g))
     scale = tl.where(denom == 0, 0.0, g / denom)
     grad = acc_type(tl.load(grad_ptr + offs, mask=mask, other=0))
     tl.store(dx_ptr + offs, (grad * scale).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _cross_entropy_target_bwd_kernel(x_ptr, stats_ptr, w_ptr, g_ptr, denom_ptr, dt_ptr, numel, C, S,
+def _cross_entropy_target_bwd_kernel(x_ptr, stats_ptr, w_ptr, g_ptr, denom_ptr, dt_ptr, R, C, S,
                                      stride_xn, stride_xc, stride_xs, stride_g, smoothing,
                                      HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    R = numel // C
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    n = offs // (C * S)
-    c = (offs // S) % C
-    s = offs % S
-    r = n * S + s
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    n = row // S
+    s = row % S
     z = acc_type(tl.load(x_ptr + n * stride_xn + c * stride_xc + s * stride_xs, mask=mask, other=0))
-    m = tl.load(stats_ptr + r, mask=mask, other=0)
-    log_s = tl.load(stats_ptr + R + r, mask=mask, other=0)
-    g = acc_type(tl.load(g_ptr + r * stride_g, mask=mask, other=0))
+    m = tl.load(stats_ptr + row)
+    log_s = tl.load(stats_ptr + R + row)
+    g = acc_type(tl.load(g_ptr + row * stride_g))
     w = z * 0.0 + 1.0
     if HAS_WEIGHT:
         w = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
-    eps = w * 0.0 + smoothing
+    eps = m * 0.0 + smoothing
     eps = tl.where(eps > 0, eps, 0.0)
     # dq = -(1-ε) w_c log p_c · g_r / D,  log p_c = (z_c - m) - log Σ e^{z - m}
     denom = tl.load(denom_ptr)
     dq = -(1.0 - eps) * w * ((z - m) - log_s) * tl.where(denom == 0, 0.0, g / denom)
-    tl.store(dt_ptr + offs, dq.to(dt_ptr.dtype.element_ty), mask=mask)
+    tl.store(dt_ptr + n * C * S + c * S + s, dq.to(dt_ptr.dtype.element_ty), mask=mask)
 
 
 def _ce_block(classes: int, dtype: torch.dtype) -> int:
@@ -339,8 +340,8 @@ def cross_entropy_bwd(grad, denom, g):
     dx = torch.empty_like(grad)
     g, stride_g = _row_grad(g, n * s)
     if dx.numel():
-        _cross_entropy_bwd_kernel[grid_1d(dx.numel(), BLOCK)](grad, g, denom, dx, dx.numel(), c, s, stride_g,
-                                                              BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _cross_entropy_bwd_kernel[(n * s, triton.cdiv(c, BLOCK))](grad, g, denom, dx, c, s, stride_g, BLOCK=BLOCK,
+                                                                  num_warps=NUM_WARPS)
     return dx
 
 
@@ -350,8 +351,8 @@ def cross_entropy_target_bwd(x, stats, weight, denom, g, label_smoothing):
     g, stride_g = _row_grad(g, n * s)
     weight = None if weight is None else weight.contiguous()
     if dq.numel():
-        _cross_entropy_target_bwd_kernel[grid_1d(dq.numel(), BLOCK)](
-            x, stats, x if weight is None else weight, g, denom, dq, dq.numel(), c, s, *x.stride(), stride_g,
+        _cross_entropy_target_bwd_kernel[(n * s, triton.cdiv(c, BLOCK))](
+            x, stats, x if weight is None else weight, g, denom, dq, n * s, c, s, *x.stride(), stride_g,
             label_smoothing, HAS_WEIGHT=weight is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dq
 
@@ -397,12 +398,12 @@ def _aot_configs():
                    "R": "i64", "REDUCTION": "constexpr", "BLOCK": "constexpr"}
             configs.append((_cross_entropy_reduce_kernel, sig, {"REDUCTION": reduction, "BLOCK": REDUCE_BLOCK},
                             NUM_WARPS))
-        sig = {"grad_ptr": f"*{dt}", "g_ptr": f"*{dt}", "denom_ptr": f"*{acc}", "dx_ptr": f"*{dt}", "numel": "i64",
-               "C": "i64", "S": "i64", "stride_g": "i64", "BLOCK": "constexpr"}
+        sig = {"grad_ptr": f"*{dt}", "g_ptr": f"*{dt}", "denom_ptr": f"*{acc}", "dx_ptr": f"*{dt}", "C": "i64",
+               "S": "i64", "stride_g": "i64", "BLOCK": "constexpr"}
         configs.append((_cross_entropy_bwd_kernel, sig, {"BLOCK": BLOCK}, NUM_WARPS))
         for has_weight in (0, 1):
             sig = {"x_ptr": f"*{dt}", "stats_ptr": f"*{acc}", "w_ptr": f"*{dt}", "g_ptr": f"*{dt}",
-                   "denom_ptr": f"*{acc}", "dt_ptr": f"*{dt}", "numel": "i64", "C": "i64", "S": "i64",
+                   "denom_ptr": f"*{acc}", "dt_ptr": f"*{dt}", "R": "i64", "C": "i64", "S": "i64",
                    **{k: "i64" for k in ("stride_xn", "stride_xc", "stride_xs", "stride_g")}, "smoothing": "fp32",
                    "HAS_WEIGHT": "constexpr", "BLOCK": "constexpr"}
             configs.append((_cross_entropy_target_bwd_kernel, sig, {"HAS_WEIGHT": has_weight, "BLOCK": BLOCK},
