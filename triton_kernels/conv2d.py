@@ -127,25 +127,26 @@ INTERPRETER_CONFIG_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}
 INTERPRETER_WARPS = 4
 FP64_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 FP64_WARPS = 4
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU.
-GPU_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU: the tiles that
+# compile for sm_90 without spilling (the gathers' address and mask tiles live in registers too;
+# 128×128 spills, and dgrad's divisibility tests need the smaller rows).
+FWD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
+DGRAD_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3)]
+WGRAD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
 GEMM_DTYPES = ("fp16", "bf16", "fp32")  # tl.dot; fp64 takes FP64_CONFIG
 PRECISIONS = {"fp16": ("ieee",), "bf16": ("ieee",), "fp32": ("tf32", "ieee"), "fp64": ("ieee",)}
 AUTOTUNE_KEY = ["N", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"]
 
 
-def gpu_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-            for bm, bn, bk, nw, ns in GPU_TILES]
-
-
-def tuned(kernel, key=AUTOTUNE_KEY):
-    """``kernel`` autotuned over GPU_TILES (multi-config autotune needs a GPU: None under the interpreter)."""
+def tuned(kernel, tiles, key=AUTOTUNE_KEY):
+    """``kernel`` autotuned over ``tiles`` (multi-config autotune needs a GPU: None under the interpreter)."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return None
-    return triton.autotune(configs=gpu_configs(), key=key)(kernel)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+               for bm, bn, bk, nw, ns in tiles]
+    return triton.autotune(configs=configs, key=key)(kernel)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -196,7 +197,7 @@ def geometry(stride, padding, dilation):
     return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
 
 
-_fwd_tuned = tuned(_conv2d_fwd_kernel)
+_fwd_tuned = tuned(_conv2d_fwd_kernel, FWD_TILES)
 
 
 def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation, groups: int,
@@ -241,19 +242,18 @@ GEOMETRY_ARGS = ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
 CONSTEXPRS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "INPUT_PRECISION"]
 
 
-def gemm_aot_configs(kernel, pointers, strides, sizes=SIZE_ARGS):
+def gemm_aot_configs(kernel, tiles, pointers, strides, sizes=SIZE_ARGS):
     """(kernel, signature, constexprs, num_warps, num_stages) for every dtype × precision × tile it launches with."""
     ints = list(sizes) + strides + GEOMETRY_ARGS
     for dt in GEMM_DTYPES + ("fp64",):
         sig = {**{p: f"*{dt}" for p in pointers}, **{a: "i32" for a in ints}, **{c: "constexpr" for c in CONSTEXPRS}}
         if "dw_ptr" in pointers and dt != "fp64":  # split-K partials may go to an fp32 workspace
             sig["dw_ptr"] = "*fp32"
-        tiles = GPU_TILES if dt in GEMM_DTYPES else [(*FP64_CONFIG.values(), FP64_WARPS, None)]
         for prec in PRECISIONS[dt]:
-            for bm, bn, bk, nw, ns in tiles:
+            for bm, bn, bk, nw, ns in tiles if dt in GEMM_DTYPES else [(*FP64_CONFIG.values(), FP64_WARPS, None)]:
                 yield kernel, sig, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "INPUT_PRECISION": prec}, nw, ns
 
 
-AOT_CONFIGS = list(gemm_aot_configs(_conv2d_fwd_kernel, ["x_ptr", "w_ptr", "b_ptr", "y_ptr"],
+AOT_CONFIGS = list(gemm_aot_configs(_conv2d_fwd_kernel, FWD_TILES, ["x_ptr", "w_ptr", "b_ptr", "y_ptr"],
                                     ["sxn", "sxc", "sxh", "sxw", "swk", "swc", "swr", "sws",
                                      "syn", "syk", "syp", "syq"]))

@@ -8,9 +8,9 @@ import triton
 import triton.language as tl
 
 from triton_kernels._launch import acc_type
-from triton_kernels.conv2d import (GPU_TILES, INTERPRETER_CONFIG_WGRAD, SIZE_ARGS, _in_coord, _mma, _out_coord,
-                                   _split3, _tap_step, batch_chunks, gemm_aot_configs, geometry, launch, new_4d,
-                                   tuned)
+from triton_kernels.conv2d import (DGRAD_TILES, INTERPRETER_CONFIG_WGRAD, SIZE_ARGS, WGRAD_TILES, _in_coord, _mma,
+                                   _out_coord, _split3, _tap_step, batch_chunks, gemm_aot_configs, geometry, launch,
+                                   new_4d, tuned)
 
 BIAS_BLOCK = 1024
 BIAS_WARPS = 4
@@ -121,9 +121,10 @@ def _conv2d_bwd_bias_kernel(dy_ptr, db_ptr, NPQ, P, Q, sdyn, sdyk, sdyp, sdyq, B
 
 
 
-_input_tuned = tuned(_conv2d_bwd_input_kernel)
-_weight_tuned = tuned(_conv2d_bwd_weight_kernel, key=["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT",
-                                                      "stride_h", "stride_w", "dil_h", "dil_w"])
+_input_tuned = tuned(_conv2d_bwd_input_kernel, DGRAD_TILES)
+_weight_tuned = tuned(_conv2d_bwd_weight_kernel, WGRAD_TILES,
+                      key=["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT", "stride_h", "stride_w", "dil_h",
+                           "dil_w"])
 
 
 def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last):
@@ -157,7 +158,7 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
     total = torch.zeros((K, C_G, R, S), dtype=acc_dtype, device=x.device)
     if not dw.numel():
         return dw
-    tiles = groups * R * S * triton.cdiv(K_G, GPU_TILES[0][0]) * triton.cdiv(C_G, GPU_TILES[0][1])
+    tiles = groups * R * S * triton.cdiv(K_G, WGRAD_TILES[0][0]) * triton.cdiv(C_G, WGRAD_TILES[0][1])
     for batch in batch_chunks(N, P * Q):
         dys, xs = dy[batch], x[batch]
         npq = xs.shape[0] * P * Q
@@ -189,9 +190,9 @@ def _bias_aot_configs():
 
 
 AOT_CONFIGS = [
-    *gemm_aot_configs(_conv2d_bwd_input_kernel, ["dy_ptr", "w_ptr", "dx_ptr"],
+    *gemm_aot_configs(_conv2d_bwd_input_kernel, DGRAD_TILES, ["dy_ptr", "w_ptr", "dx_ptr"],
                       ["sdyn", "sdyk", "sdyp", "sdyq", "swk", "swc", "swr", "sws", "sdxn", "sdxc", "sdxh", "sdxw"]),
-    *gemm_aot_configs(_conv2d_bwd_weight_kernel, ["dy_ptr", "x_ptr", "dw_ptr"],
+    *gemm_aot_configs(_conv2d_bwd_weight_kernel, WGRAD_TILES, ["dy_ptr", "x_ptr", "dw_ptr"],
                       ["sdyn", "sdyk", "sdyp", "sdyq", "sxn", "sxc", "sxh", "sxw", "sdwz", "sdwk", "sdwc", "sdwr",
                        "sdws"], sizes=["NPQ", *SIZE_ARGS[1:], "SPLIT", "CHUNK"]),
     *_bias_aot_configs(),
