@@ -288,6 +288,31 @@ def test_autocast_cuda_bf16():
     torch.testing.assert_close(y, ref, rtol=1.6e-2, atol=1e-2)
 
 
+# Compute-dtype tolerance (relative to the largest element) of each autotuned GPU path, vs float64.
+GPU_PATHS = {"bfloat16": (torch.bfloat16, False, 1.6e-2), "float16": (torch.float16, False, 2e-3),
+             "tf32": (torch.float32, True, 4e-3), "float32": (torch.float32, False, 1e-5),
+             "float64": (torch.float64, False, 1e-10)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", sorted(GPU_PATHS))
+def test_gpu_autotuned_paths(path, monkeypatch):
+    # Shapes past one tile in every dim (odd, K not a multiple of any BLOCK_K), all three gradients.
+    dtype, tf32, tol = GPU_PATHS[path]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    x, w, b = make((300, 200), dtype), make((260, 200), dtype), make((260,), dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    with scratchops.use_backend("triton"), expect_ops(ALL_OPS, backend="triton"):
+        y = SF.linear(*leaves, activation="sigmoid")
+        y.backward(torch.ones_like(y))
+    ref = torch.sigmoid(TF.linear(*exact))
+    ref.backward(torch.ones_like(ref))
+    for got, want in [(y, ref)] + [(a.grad, e.grad) for a, e in zip(leaves, exact)]:
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol * want.abs().max().item())
+
+
 # ----------------------------------------------------------------- modules
 def test_module_matches_torch(backend):
     ref = torch.nn.Linear(6, 4, device=DEVICE)
