@@ -240,12 +240,12 @@ def _cnn(conv, relu, linear):
 
 
 def test_small_cnn_trains_like_torch(backend):
-    """conv-relu-conv-relu-linear: scratchops Conv2d and ReLU, torch.nn.Linear (both models) so that this
-    test measures the convolutions; same weights, same synthetic images, same SGD: the same losses."""
+    """conv-relu-conv-relu-linear of scratchops.nn modules (Conv2d, ReLU, Linear) against its torch.nn twin:
+    same weights, same synthetic images (3 classes from image statistics), same SGD: the same losses."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(4, 1, 5, 5, generator=g).to(DEVICE)
     labels = (images[:, 0, :2].mean((1, 2)) > images[:, 0, 3:].mean((1, 2))).long() + (images.mean((1, 2, 3)) > 0)
-    mine = _cnn(SN.Conv2d, SN.ReLU, torch.nn.Linear)
+    mine = _cnn(SN.Conv2d, SN.ReLU, SN.Linear)
     ref = _cnn(torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Linear)
     ref.load_state_dict(mine.state_dict())
     losses = {}
