@@ -8,12 +8,16 @@ copy). Per group g, with C_G = C/groups input and K_G = K/groups output channels
     forward  y[n,k,p,q]  = Σ_{c,r,s} x[n,c,ih,iw] · w[k,c,r,s]      GEMM  (N·P·Q) × K_G, reduced over C_G·R·S
     dgrad    dx[n,c,h,w] = Σ_{k,r,s} dy[n,k,p,q] · w[k,c,r,s]        GEMM  (N·H·W) × C_G, reduced over K_G·R·S
              summed over the taps whose (p, q) lands on (h, w) exactly: the transposed convolution
-    wgrad    dw[k,c,r,s] = Σ_{n,p,q} dy[n,k,p,q] · x[n,c,ih,iw]      GEMM  K_G × (C_G·R·S), reduced over N·P·Q
+    wgrad    dw[k,c,r,s] = Σ_{n,p,q} dy[n,k,p,q] · x[n,c,ih,iw]      GEMM  K_G × C_G per tap, reduced over N·P·Q
     bias     db[k]       = Σ_{n,p,q} dy[n,k,p,q]
 
-The reduction index of a patch is flattened as (r, s, c) with c fastest, so a
-channels_last input is read along contiguous channels. Coordinates come from
-one helper, ``_in_coord`` (and its inverse ``_out_coord`` built on it).
+Forward and dgrad walk their reduction as (tap r, tap s, block of channels), one
+flat loop with scalar r and s: for a fixed tap the input coordinate of a row is a
+row vector, so every gathered tile is (row vector) + (channel vector) with a mask
+of the same form, and a channels_last tensor is read along contiguous channels.
+wgrad gives each program one tap. Coordinates come from one helper, ``_in_coord``
+(and its inverse ``_out_coord``, built on it). wgrad may split its N·P·Q
+reduction over programs (partial planes summed by the launcher) to fill the GPU.
 
 Tensor cores (``tl.dot``) for fp16/bf16 with fp32 accumulation; fp32 uses tf32
 or ieee as ``torch.backends.cudnn.allow_tf32`` says; fp64 multiplies and sums in
