@@ -262,9 +262,10 @@ def test_small_cnn_trains_like_torch(backend):
     assert losses["mine"][-1] < losses["mine"][0]
 
 
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, compiler):
     model = torch.nn.Sequential(SN.Conv2d(2, 3, 3, padding=1, device=DEVICE), SN.ReLU())
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     x1, x2 = make((1, 2, 5, 5), requires_grad=True), make((1, 2, 5, 5), requires_grad=True)
     y1, y2 = compiled(x1), model(x2)
     torch.testing.assert_close(y1, y2)
