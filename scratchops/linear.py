@@ -33,6 +33,7 @@ import torch
 from scratchops._backend import backend_op, check_tensor, choose_backend, compute_dtype
 
 KERNELS = "triton_kernels.linear"
+KERNELS_BWD = "triton_kernels.linear_bwd"
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
 
@@ -104,9 +105,9 @@ def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -
 
 # ----------------------------------------------------------------- backend ops
 linear_fwd_op = backend_op("linear_fwd", linear_fwd, KERNELS)
-linear_bwd_input_op = backend_op("linear_bwd_input", linear_bwd_input, KERNELS)
-linear_bwd_weight_op = backend_op("linear_bwd_weight", linear_bwd_weight, KERNELS)
-linear_bwd_bias_op = backend_op("linear_bwd_bias", linear_bwd_bias, KERNELS)
+linear_bwd_input_op = backend_op("linear_bwd_input", linear_bwd_input, KERNELS_BWD)
+linear_bwd_weight_op = backend_op("linear_bwd_weight", linear_bwd_weight, KERNELS_BWD)
+linear_bwd_bias_op = backend_op("linear_bwd_bias", linear_bwd_bias, KERNELS_BWD)
 
 
 # ----------------------------------------------------------------- autograd

@@ -379,15 +379,17 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-def test_aot_compile_sm90():
+@pytest.mark.parametrize("module,kinds", [("linear", ["fwd"]), ("linear_bwd", ["input", "weight"])])
+def test_aot_compile_sm90(module, kinds):
     from triton_kernels import linear as K
+    from triton_kernels import linear_bwd  # noqa: F401  (adds the backward kernels to K.KERNEL_ARGS)
 
-    rows = check_aot("triton_kernels.linear")
-    assert {r["kernel"] for r in rows} == {"_linear_fwd_kernel", "_linear_bwd_input_kernel",
-                                           "_linear_bwd_weight_kernel", "_linear_bwd_bias_kernel"}
+    rows = check_aot(f"triton_kernels.{module}")
+    expected = {K.KERNEL_ARGS[kind][0].__name__ for kind in kinds}
+    assert {r["kernel"] for r in rows} == expected | ({"_linear_bwd_bias_kernel"} if module == "linear_bwd" else set())
     # Every autotune config of every kernel and dtype class, and the fp64 path, is in the list.
-    for kind, kernel in (("fwd", K._linear_fwd_kernel), ("input", K._linear_bwd_input_kernel),
-                         ("weight", K._linear_bwd_weight_kernel)):
+    for kind in kinds:
+        kernel = K.KERNEL_ARGS[kind][0]
         for dtype_class, configs in K.CONFIGS[kind].items():
             dtypes = ["*fp16", "*bf16"] if dtype_class == "half" else ["*fp32"]
             for dt in dtypes:
@@ -397,3 +399,6 @@ def test_aot_compile_sm90():
                                r["constexprs"]["PRECISION"] == K._precision(dtype_class) and
                                all(r["constexprs"][f] == v for f, v in blocks.items()) for r in rows), (kind, dt, c)
         assert any(r["kernel"] == kernel.__name__ and r["dtypes"] == ["*fp64"] for r in rows)
+    if module == "linear_bwd":
+        assert {tuple(r["dtypes"]) for r in rows if r["kernel"] == "_linear_bwd_bias_kernel"} == {
+            ("*fp16",), ("*bf16",), ("*fp32",), ("*fp64",)}

@@ -5,23 +5,22 @@ its strides (a transposed W or a sliced X costs no copy; zero-stride gradients
 work). Tiles are visited in grouped order (GROUP_M output-tile rows share the
 same column tiles of the other operand, which keeps them in L2).
 
-* ``_linear_fwd_kernel``: tiled Z = X·Wᵀ, then b and the activation in the epilogue.
-* ``_linear_bwd_input_kernel``: dX = dZ·W, dZ = dY ⊙ act'(Y) formed as tiles are loaded.
-* ``_linear_bwd_weight_kernel``: dW = dZᵀ·X, and db = Σ_rows dZ fused in (column-0 programs).
-* ``_linear_bwd_bias_kernel``: db alone (when W needs no gradient, or K = 0).
+* ``_linear_fwd_kernel`` (here): tiled Z = X·Wᵀ, then b and the activation in the epilogue.
+* the backward kernels, in ``triton_kernels.linear_bwd``: dX = dZ·W, dW = dZᵀ·X with db fused in,
+  and db alone; this file also holds the helpers, configs and launch plumbing they share.
 
 Products: fp16/bf16 on the tensor cores (``tl.dot``) with fp32 accumulation; fp32
 through ``tl.dot`` with ``PRECISION`` "tf32" or "ieee"; fp64 by an exact
 multiply-and-sum (``tl.dot`` has no fp64 form on NVIDIA GPUs). On a GPU a small
 config list is autotuned per dtype class; under the interpreter one small config runs.
+Offsets: each tile's origin is an int64 scalar, offsets within a tile are int32 (far fewer
+registers; ``_tile_safe`` copies the rare operand whose strides would overflow them).
 """
 import os
 
 import torch
 import triton
 import triton.language as tl
-
-from triton_kernels._launch import TRITON_DTYPE_NAMES
 
 # Activation codes (the ACTIVATION constexpr).
 _NONE = tl.constexpr(0)
@@ -100,24 +99,6 @@ def _activate(z, ACTIVATION: tl.constexpr):
     return z
 
 
-@triton.jit
-def _load_grad_z(dy_ptrs, y_ptrs, mask, ACTIVATION: tl.constexpr):
-    """A tile of dZ = dY ⊙ act'(Z) in the compute dtype, act' written with the output Y:
-    relu [y > 0], sigmoid y(1 - y), tanh 1 - y². (Inline, no nested helpers: each costs the interpreter.)"""
-    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-    cdt = tl.float64 if dy.dtype == tl.float64 else tl.float32
-    dz = dy.to(cdt)
-    if ACTIVATION != _NONE:
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(cdt)
-        if ACTIVATION == _RELU:
-            dz = tl.where(y <= 0, 0.0, dz)  # as torch's threshold_backward: only y <= 0 blocks (NaN passes)
-        elif ACTIVATION == _SIGMOID:
-            dz = dz * y * (1.0 - y)
-        else:
-            dz = dz * (1.0 - y * y)
-    return dz
-
-
 # ----------------------------------------------------------------- kernels
 @triton.jit
 def _linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
@@ -153,108 +134,6 @@ def _linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
     mask = (ar_m < M - m0)[:, None] & (ar_n < N - n0)[None, :]
     y_ptrs = (y_ptr + m0_64 * stride_ym + n0_64 * stride_yn) + (ar_m[:, None] * stride_ym + ar_n[None, :] * stride_yn)
     tl.store(y_ptrs, y.to(out_ty), mask=mask)
-
-
-@triton.jit
-def _linear_bwd_input_kernel(dy_ptr, y_ptr, w_ptr, dx_ptr, M, N, K,
-                             stride_dym, stride_dyn, stride_ym, stride_yn, stride_wn, stride_wk,
-                             stride_dxm, stride_dxk,
-                             ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
-    # dX = dZ·W with dZ = dY ⊙ act'(Y), formed tile by tile as dY (and Y) are loaded.
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    m0, k0 = pid_m * BLOCK_M, pid_k * BLOCK_K
-    m0_64, k0_64 = m0.to(tl.int64), k0.to(tl.int64)
-    ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    lm = (m0 + ar_m) % M - m0  # past the edge: re-read valid rows/columns, never stored
-    lk = (k0 + ar_k) % K - k0
-    dy_ptrs = (dy_ptr + m0_64 * stride_dym) + (lm[:, None] * stride_dym + ar_n[None, :] * stride_dyn)
-    y_ptrs = (y_ptr + m0_64 * stride_ym) + (lm[:, None] * stride_ym + ar_n[None, :] * stride_yn)
-    w_ptrs = (w_ptr + k0_64 * stride_wk) + (ar_n[:, None] * stride_wn + lk[None, :] * stride_wk)
-    block = tl.full((), BLOCK_N, tl.int64)
-    dy_step, y_step, w_step = stride_dyn * block, stride_yn * block, stride_wn * block
-    acc_dtype = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
-    for n in range(0, tl.cdiv(N, BLOCK_N)):
-        n_ok = ar_n < N - n * BLOCK_N
-        dz = _load_grad_z(dy_ptrs, y_ptrs, n_ok[None, :], ACTIVATION)
-        w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        acc = _mma(acc, dz.to(w.dtype), w, PRECISION)
-        dy_ptrs += dy_step
-        y_ptrs += y_step
-        w_ptrs += w_step
-    mask = (ar_m < M - m0)[:, None] & (ar_k < K - k0)[None, :]
-    dx_ptrs = (dx_ptr + m0_64 * stride_dxm + k0_64 * stride_dxk) + (ar_m[:, None] * stride_dxm +
-                                                                     ar_k[None, :] * stride_dxk)
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _linear_bwd_weight_kernel(dy_ptr, y_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
-                              stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk,
-                              stride_dwn, stride_dwk,
-                              ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr):
-    # dW = dZᵀ·X and db = Σ_rows dZ (summed by the programs of the first K tile only); db is contiguous.
-    pid_n, pid_k = _tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP_M)
-    n0, k0 = pid_n * BLOCK_N, pid_k * BLOCK_K
-    n0_64, k0_64 = n0.to(tl.int64), k0.to(tl.int64)
-    ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    ln = (n0 + ar_n) % N - n0
-    lk = (k0 + ar_k) % K - k0
-    dyt_ptrs = (dy_ptr + n0_64 * stride_dyn) + (ln[:, None] * stride_dyn + ar_m[None, :] * stride_dym)  # (n, m)
-    yt_ptrs = (y_ptr + n0_64 * stride_yn) + (ln[:, None] * stride_yn + ar_m[None, :] * stride_ym)
-    x_ptrs = (x_ptr + k0_64 * stride_xk) + (ar_m[:, None] * stride_xm + lk[None, :] * stride_xk)
-    block = tl.full((), BLOCK_M, tl.int64)
-    dy_step, y_step, x_step = stride_dym * block, stride_ym * block, stride_xm * block
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
-    db = tl.zeros((BLOCK_N,), dtype=acc_dtype)
-    for m in range(0, tl.cdiv(M, BLOCK_M)):
-        m_ok = ar_m < M - m * BLOCK_M
-        dzt = _load_grad_z(dyt_ptrs, yt_ptrs, m_ok[None, :], ACTIVATION)
-        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-        acc = _mma(acc, dzt.to(x.dtype), x, PRECISION)
-        if WITH_BIAS:
-            if pid_k == 0:
-                db += tl.sum(dzt, axis=1)
-        dyt_ptrs += dy_step
-        yt_ptrs += y_step
-        x_ptrs += x_step
-    n_ok = ar_n < N - n0
-    mask = n_ok[:, None] & (ar_k < K - k0)[None, :]
-    dw_ptrs = (dw_ptr + n0_64 * stride_dwn + k0_64 * stride_dwk) + (ar_n[:, None] * stride_dwn +
-                                                                     ar_k[None, :] * stride_dwk)
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
-    if WITH_BIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + n0_64 + ar_n, db.to(db_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _linear_bwd_bias_kernel(dy_ptr, y_ptr, db_ptr, M, N, stride_dym, stride_dyn, stride_ym, stride_yn,
-                            ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # db = Σ_rows dZ, dZ = dY ⊙ act'(Y); db is contiguous.
-    n0 = tl.program_id(0) * BLOCK_N
-    n0_64 = n0.to(tl.int64)
-    ar_m, ar_n = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
-    n_ok = ar_n < N - n0
-    # Scalar row pointers move down the rows; the int32 tile offsets stay fixed (few registers).
-    dy_row, y_row = dy_ptr + n0_64 * stride_dyn, y_ptr + n0_64 * stride_yn
-    dy_tile = ar_m[:, None] * stride_dym + ar_n[None, :] * stride_dyn
-    y_tile = ar_m[:, None] * stride_ym + ar_n[None, :] * stride_yn
-    block = tl.full((), BLOCK_M, tl.int64)
-    dy_step, y_step = stride_dym * block, stride_ym * block
-    acc_dtype = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    for m in range(0, tl.cdiv(M, BLOCK_M)):
-        mask = (ar_m < M - m * BLOCK_M)[:, None] & n_ok[None, :]
-        acc += _load_grad_z(dy_row + dy_tile, y_row + y_tile, mask, ACTIVATION)
-        dy_row += dy_step
-        y_row += y_step
-    tl.store(db_ptr + n0_64 + ar_n, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------- launch plumbing
@@ -313,13 +192,6 @@ def _tile_safe(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if max(t.stride(), default=0) * _MAX_TILE >= _INT32_LIMIT else t
 
 
-def _grad_z_args(dy, y, activation):
-    """dY and Y (Y stands in for itself only with an activation; else dY is passed, unread)."""
-    dy = _tile_safe(dy)
-    y = _tile_safe(y) if activation != "none" else dy
-    return (dy, y), (*dy.stride(), *y.stride())
-
-
 def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str) -> torch.Tensor:
     (M, K), N = x.shape, w.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -338,61 +210,11 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
     return y
 
 
-def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
-    (M, N), K = dy.shape, w.shape[1]
-    dx = torch.empty((M, K), dtype=w.dtype, device=w.device)
-    if M == 0 or K == 0:
-        return dx
-    (dy, y), strides = _grad_z_args(dy, y, activation)
-    w = _tile_safe(w)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    _launch(_linear_bwd_input_kernel, "input", w.dtype, grid,
-            (dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride()), {"ACTIVATION": ACTIVATIONS[activation]})
-    return dx
-
-
-def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
-    M, N = dy.shape
-    db = torch.empty((N,), dtype=dy.dtype, device=dy.device)
-    if N == 0:
-        return db
-    (dy, y), strides = _grad_z_args(dy, y, activation)
-    meta = INTERPRETER_BIAS_CONFIG if interpreting() else BIAS_CONFIG
-    _linear_bwd_bias_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
-        dy, y, db, M, N, *strides, ACTIVATION=ACTIVATIONS[activation], **meta, num_warps=BIAS_NUM_WARPS)
-    return db
-
-
-def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, activation: str,
-                      with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dW, db); db is empty (shape (0,)) unless ``with_bias``."""
-    (M, N), K = dy.shape, x.shape[1]
-    dw = torch.empty((N, K), dtype=x.dtype, device=x.device)
-    db = torch.empty((N if with_bias else 0,), dtype=dy.dtype, device=dy.device)
-    if N == 0:
-        return dw, db
-    if M == 0 or K == 0:  # no products to take: dW is all zeros; db needs its own reduction
-        return dw.zero_(), linear_bwd_bias(dy, y, activation) if with_bias else db
-    (dy, y), strides = _grad_z_args(dy, y, activation)
-    x = _tile_safe(x)
-
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    _launch(_linear_bwd_weight_kernel, "weight", x.dtype, grid,
-            (dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride()),
-            {"ACTIVATION": ACTIVATIONS[activation], "WITH_BIAS": with_bias})
-    return dw, db
-
-
 # ----------------------------------------------------------------- ahead-of-time configs
 _SIZES = {"M": "i32", "N": "i32", "K": "i32"}
 
 
-def _signature(pointers, dtype_name, sizes, strides, constexprs):
+def signature(pointers, dtype_name, sizes, strides, constexprs):
     sig = {p: f"*{dtype_name}" for p in pointers}
     sig.update({s: _SIZES[s] for s in sizes})
     sig.update({s: "i32" for s in strides})
@@ -400,39 +222,27 @@ def _signature(pointers, dtype_name, sizes, strides, constexprs):
     return sig
 
 
-# kind -> (kernel, pointers, sizes, strides, unit strides, scalar constexprs of the heaviest variant).
-# The unit strides are those of row-major operands (an nn.Linear's x, W, y and dY): Triton specializes a
-# stride of 1 into a constant at launch, so that is the variant a GPU compiles for them.
-_KERNEL_ARGS = {
-    "fwd": (_linear_fwd_kernel, ("x_ptr", "w_ptr", "b_ptr", "y_ptr"), "MNK",
-            ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_b", "stride_ym", "stride_yn"),
-            ("stride_xk", "stride_wk", "stride_b", "stride_yn"), {"HAS_BIAS": True, "ACTIVATION": _TANH.value}),
-    "input": (_linear_bwd_input_kernel, ("dy_ptr", "y_ptr", "w_ptr", "dx_ptr"), "MNK",
-              ("stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_wn", "stride_wk", "stride_dxm",
-               "stride_dxk"), ("stride_dyn", "stride_yn", "stride_wk", "stride_dxk"), {"ACTIVATION": _TANH.value}),
-    "weight": (_linear_bwd_weight_kernel, ("dy_ptr", "y_ptr", "x_ptr", "dw_ptr", "db_ptr"), "MNK",
-               ("stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_xm", "stride_xk", "stride_dwn",
-                "stride_dwk"), ("stride_dyn", "stride_yn", "stride_xk", "stride_dwk"),
-               {"ACTIVATION": _TANH.value, "WITH_BIAS": True}),
-}
-
-
-def _aot_configs():
-    """Every (config, dtype) the launchers run on a GPU, with the heaviest epilogue (bias + tanh)."""
-    for kind, (kernel, pointers, sizes, strides, units, scalars) in _KERNEL_ARGS.items():
+def aot_entries(kinds):
+    """(kernel, signature, constexprs, num_warps, num_stages) for every (config, dtype) of ``kinds``,
+    with the heaviest epilogue (bias + tanh) and row-major unit strides (see KERNEL_ARGS)."""
+    for kind in kinds:
+        kernel, pointers, sizes, strides, units, scalars = KERNEL_ARGS[kind]
         plans = [(dt, cls, c) for cls, dts in (("half", ("fp16", "bf16")), ("tf32", ("fp32",)), ("ieee", ("fp32",)))
                  for dt in dts for c in CONFIGS[kind][cls]] + [("fp64", "fp64", FP64_CONFIG)]
         for dt, cls, config in plans:
             kw = _config_kwargs(config)
             consts = {**scalars, "PRECISION": _precision(cls), **{k: kw[k] for k in _FIELDS[:4]},
                       **{u: 1 for u in units}}
-            sig = _signature(pointers, dt, sizes, strides, consts)
-            yield kernel, sig, consts, kw["num_warps"], kw["num_stages"]
-    bias_strides = ("stride_dym", "stride_dyn", "stride_ym", "stride_yn")
-    for dt in (TRITON_DTYPE_NAMES[d] for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
-        consts = {"ACTIVATION": _TANH.value, **BIAS_CONFIG, "stride_dyn": 1, "stride_yn": 1}
-        yield (_linear_bwd_bias_kernel, _signature(("dy_ptr", "y_ptr", "db_ptr"), dt, "MN", bias_strides, consts),
-               consts, BIAS_NUM_WARPS)
+            yield kernel, signature(pointers, dt, sizes, strides, consts), consts, kw["num_warps"], kw["num_stages"]
 
 
-AOT_CONFIGS = list(_aot_configs())
+# kind -> (kernel, pointers, sizes, strides, unit strides, scalar constexprs of the heaviest variant).
+# The unit strides are those of row-major operands (an nn.Linear's x, W, y and dY): Triton specializes a
+# stride of 1 into a constant at launch, so that is the variant a GPU compiles for them.
+# triton_kernels.linear_bwd adds its kernels ("input", "weight").
+KERNEL_ARGS = {
+    "fwd": (_linear_fwd_kernel, ("x_ptr", "w_ptr", "b_ptr", "y_ptr"), "MNK",
+            ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_b", "stride_ym", "stride_yn"),
+            ("stride_xk", "stride_wk", "stride_b", "stride_yn"), {"HAS_BIAS": True, "ACTIVATION": _TANH.value}),
+}
+AOT_CONFIGS = list(aot_entries(["fwd"]))
