@@ -287,6 +287,33 @@ def test_opcheck(backend):
     torch.library.opcheck(C.conv2d_bwd_bias_op, (backend, dy))
 
 
+def test_split_k_and_batch_chunks(backend, monkeypatch):
+    """The launchers' GPU-scale paths, forced at test size: wgrad's split reduction (partial planes summed)
+    and the batch split that keeps int32 position indices below 2^31."""
+    if backend != "triton":
+        pytest.skip("launcher paths of the Triton backend")
+    import triton_kernels.conv2d as K
+    import triton_kernels.conv2d_bwd as KB
+
+    monkeypatch.setattr(KB, "_split_k", lambda tiles, npq, device: 3)
+    monkeypatch.setattr(K, "MAX_POSITIONS", 100)  # 81 positions per image: one image per launch
+    kwargs = {"padding": 1, "groups": 2}
+    check_parity(_conv(kwargs), _torch_conv(kwargs), make((3, 4, 9, 9)), make((4, 2, 3, 3)), make((4,)),
+                 reduction_size=3 * 81)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_resnet_layer_gpu(backend, dtype):
+    """A ResNet-like layer at a size where the autotuned tiles and the split-K wgrad run (GPU only)."""
+    x = make((8, 64, 28, 28), dtype).to(memory_format=torch.channels_last)
+    w = make((128, 64, 3, 3), dtype).to(memory_format=torch.channels_last) / 24
+    kwargs = {"padding": 1, "stride": 2}
+    out = check_parity(_conv(kwargs), _yardstick(kwargs, dtype), x, w, make((128,), dtype),
+                       reduction_size=8 * 28 * 28)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_aot_compile_sm90():
     """Forward: every tile × dtype (fp32 with tf32 and ieee; fp64 multiply-and-sum), no spills."""
     rows = check_aot("triton_kernels.conv2d")
