@@ -106,6 +106,10 @@ CASES: list[Case] = [
     Case("conv2d", "(1,3,6,5)*(3,1,2,3) same depthwise", SF.conv2d, TF.conv2d,
          lambda g: (_randn(g, 1, 3, 6, 5), _randn(g, 3, 1, 2, 3), _randn(g, 3)),
          kwargs={"padding": "same", "groups": 3}, gradcheck_kwargs={"fast_mode": True}),
+    Case("softmax", "(3, 5, 7) dim=1", lambda x: SF.softmax(x, 1), lambda x: TF.softmax(x, 1),
+         lambda g: (_randn(g, 3, 5, 7),)),
+    Case("log_softmax", "(7, 13)ᵀ dim=-1", lambda x: SF.log_softmax(x.t(), -1), lambda x: TF.log_softmax(x.t(), -1),
+         lambda g: (_randn(g, 7, 13),)),
     # Later op families add their cases here.
 ]
 
