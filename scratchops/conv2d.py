@@ -135,8 +135,13 @@ class Conv2d(torch.autograd.Function):
         dw = (conv2d_bwd_weight_op(ctx.backend, dy, x, ctx.weight_size, *geometry, cl)
               if ctx.needs_input_grad[1] else None)
         db = conv2d_bwd_bias_op(ctx.backend, dy) if ctx.needs_input_grad[2] else None
-        # stride, padding, dilation, groups, channels_last, backend: not differentiable
-        return dx, dw, db, None, None, None, None, None, None
+        return (dx, dw, db,
+                None,  # stride
+                None,  # padding
+                None,  # dilation
+                None,  # groups
+                None,  # channels_last
+                None)  # backend
 
 
 # ----------------------------------------------------------------- functional
