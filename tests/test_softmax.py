@@ -1,0 +1,249 @@
+"""softmax, log_softmax: every test tier of DESIGN.md, on both backends."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import scratchops
+import scratchops.functional as SF
+import scratchops.nn as SN
+import scratchops.softmax as S
+import triton_kernels.softmax as K
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
+                           make, tolerances)
+
+OPS = {"softmax": (SF.softmax, TF.softmax), "log_softmax": (SF.log_softmax, TF.log_softmax)}
+NAMES = sorted(OPS)
+INF, NAN = float("inf"), float("nan")
+# Single-block BLOCK_N ladder is 64, 256, 1024, 4096 (K.MAX_BLOCK_N); rows longer go to the looped kernels.
+AWKWARD = [((), 0), ((0,), 0), ((3, 0), 1), ((0, 3), 1), ((0, 3), 0), ((1,), 0), ((4, 1), 1), ((1, 5), 0),
+           ((3, 63), 1), ((3, 65), -1), ((2, 4095), 1), ((2, 4097), 1), ((7, 13), 0), ((3, 5, 7), 1),
+           ((2, 3, 5, 7), 2), ((2, 3, 5, 7), -3)]
+SMALL_CAP = 64  # forces rows longer than 64 onto the looped kernels, BLOCK_N = 64 per step
+
+
+def _ops(name):
+    return [f"{name}_fwd", f"{name}_bwd"]
+
+
+def _partial(fn, dim, **kwargs):
+    return lambda x: fn(x, dim, **kwargs)
+
+
+@pytest.fixture
+def small_cap(monkeypatch):
+    """Lower the single-block cap so that short rows take the looped (online) kernels."""
+    monkeypatch.setattr(K, "MAX_BLOCK_N", SMALL_CAP)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape,dim", [((2, 3, 4), 1), ((2, 3, 4), -1), ((4, 3), 0), ((), 0)])
+def test_gradcheck(backend, name, shape, dim):
+    x = make(shape, torch.float64, requires_grad=True)
+    check_gradcheck(_partial(OPS[name][0], dim), x, ops=_ops(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck_non_contiguous_and_looped(backend, name, monkeypatch):
+    monkeypatch.setattr(K, "MAX_BLOCK_N", 16)  # every row takes the looped kernels, 16 columns per step
+    x = make((2, 20), torch.float64).t().requires_grad_()  # 2 rows of 20 with column stride 2: 2 steps each
+    check_gradcheck(_partial(OPS[name][0], -2), x, ops=_ops(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
+@pytest.mark.parametrize("shape,dim", AWKWARD)
+def test_parity(backend, name, dtype, shape, dim):
+    n = shape[dim] if shape else 1
+    half = dtype in (torch.float16, torch.bfloat16)
+    x = make(shape, dtype)
+    out = check_parity(*OPS[name], x, grad=not half, reduction_size=n, dim=dim)
+    assert out.is_contiguous()
+    if half:
+        # In half precision both outputs may sit an ulp apart, and the backward amplifies that (dX is a
+        # difference of nearly equal terms), so the backward is checked on torch's own output Y.
+        y, dy = OPS[name][1](x, dim), make(shape, dtype, seed=1)
+        ours = getattr(S, f"{name}_bwd_op")(backend, y, dy, dim)
+        theirs = (torch.ops.aten._softmax_backward_data if name == "softmax"
+                  else torch.ops.aten._log_softmax_backward_data)(dy, y, dim % max(1, len(shape)), dtype)
+        torch.testing.assert_close(ours, theirs, **tolerances(dtype, n))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_long_row_looped(backend, name):
+    n = 262144
+    x = make((1, n), low=-30.0, high=30.0)
+    check_parity(*OPS[name], x, reduction_size=n, dim=1)
+    if backend == "triton":
+        assert K.BRANCHES["fwd_looped"] and K.BRANCHES["bwd_looped"]
+
+
+def test_every_kernel_branch(backend, small_cap):
+    if backend != "triton":
+        pytest.skip("kernel branches exist on the triton backend only")
+    for name in NAMES:
+        for n, kernels in ((50, ("fwd", "bwd")), (150, ("fwd_looped", "bwd_looped"))):
+            before = dict(K.BRANCHES)
+            check_parity(*OPS[name], make((3, n)), reduction_size=n, dim=1)
+            ran = [k for k in kernels if K.BRANCHES[k] > before.get(k, 0)]
+            assert ran == list(kernels), f"{name} N={n}: only {ran} of {kernels} ran"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("looped", [False, True])
+def test_special_values(backend, name, dtype, looped, monkeypatch):
+    if looped:
+        monkeypatch.setattr(K, "MAX_BLOCK_N", 16)  # blocks of 16 columns: the first blocks of row 1 are all -inf
+    rows = [[1e4, -1e4, 0.0, 1e4 - 1] * 10, [-1e4, 1e4] * 20, [-INF] * 40, [-INF] * 30 + [1.0, 2.0, -INF, 3.0] + [0.0] * 6,
+            [NAN] + [1.0] * 39, [1.0] * 20 + [INF] + [1.0] * 19, [-INF] * 39 + [5.0], [0.0] * 40]
+    x = torch.tensor(rows, dtype=dtype, device=DEVICE)
+    check_parity(*OPS[name], x, equal_nan=True, reduction_size=40, dim=1)
+    check_parity(*OPS[name], x.t(), equal_nan=True, reduction_size=40, dim=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("in_dtype,dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
+                                             (torch.float64, torch.float16), (torch.int64, torch.float32)])
+def test_dtype_argument(backend, name, in_dtype, dtype):
+    x = (make((4, 9)) * 3).to(in_dtype)
+    out = check_parity(*OPS[name], x, grad=in_dtype.is_floating_point, reduction_size=9, dim=1, dtype=dtype)
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "storage_offset", "needs_copy"])
+@pytest.mark.parametrize("dim", [1, -1])
+def test_non_contiguous_input(backend, name, layout, dim):
+    base = make((4, 6, 5, 3))
+    x = {"transposed": base.transpose(1, 3), "sliced": base[:, ::2, 1:, :],
+         "channels_last": base.to(memory_format=torch.channels_last), "storage_offset": base[1:],
+         "needs_copy": base.transpose(2, 3)}[layout]  # dims after dim 1 are no single progression: copied
+    out = check_parity(*OPS[name], x, reduction_size=6, dim=dim)
+    assert out.stride() == OPS[name][1](x, dim).stride(), "output layout differs from torch's"
+
+
+def test_rows_layout_copy_rule():
+    base = torch.empty(4, 6, 5, 3)
+    assert K._rows_layout(base, 1) == (15, 90, 1, 15)
+    assert K._rows_layout(base.to(memory_format=torch.channels_last), 1) == (15, 90, 6, 1)
+    assert K._rows_layout(base[:, :, 1:], 1) == (12, 90, 1, 15)
+    assert K._rows_layout(base.view(24, 15).t(), 0) == (24, 0, 15, 1)
+    assert K._rows_layout(base.transpose(2, 3), 1) is None  # dims after dim 1 are no single progression
+    assert K._rows_layout(torch.ones(()).expand(4, 6, 5), 1) == (5, 0, 0, 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_expanded_grad_output(backend, name, dim):
+    x = make((5, 9))
+    check_parity(*OPS[name], x, grad_output=torch.ones((), device=DEVICE).expand(5, 9), reduction_size=9, dim=dim)
+    check_parity(*OPS[name], x, grad_output=make((9,)).expand(5, 9), reduction_size=9, dim=dim)
+    check_parity(*OPS[name], x, grad_output=make((5, 1)).expand(5, 9), reduction_size=9, dim=dim)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ndim", [0, 1, 2, 3, 4])
+def test_implicit_dim_warns_as_torch(backend, name, ndim):
+    x = make((2, 3, 4, 5)[:ndim])
+    with pytest.warns(UserWarning, match=f"Implicit dimension choice for {name} has been deprecated") as record:
+        ours = OPS[name][0](x)
+    assert record[0].filename == __file__, "the warning points at the caller, as torch's does"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours, OPS[name][1](x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", ["list", "dim_bool", "dim_float", "dim_str", "dim_high", "dim_low", "scalar_dim1",
+                                  "dtype_str", "long", "int", "bool", "uint8", "complex", "dtype_long", "scalar_long"])
+def test_bad_inputs(name, case):
+    x = make((2, 3))
+    args, kwargs = {
+        "list": (([1.0, 2.0], 0), {}), "dim_bool": ((x, True), {}), "dim_float": ((x, 1.5), {}),
+        "dim_str": ((x, "a"), {}), "dim_high": ((x, 2), {}), "dim_low": ((x, -3), {}),
+        "scalar_dim1": ((make(()), 1), {}), "dtype_str": ((x, 0), {"dtype": "float"}),
+        "long": ((torch.arange(6, device=DEVICE).view(2, 3), 1), {}),
+        "int": ((torch.arange(6, device=DEVICE, dtype=torch.int32).view(2, 3), 0), {}),
+        "bool": ((x > 0, 1), {}), "uint8": ((torch.arange(3, device=DEVICE, dtype=torch.uint8), 0), {}),
+        "complex": ((x.to(torch.complex64), 1), {}), "dtype_long": ((x, 1), {"dtype": torch.int64}),
+        "scalar_long": ((torch.tensor(3, device=DEVICE), 0), {}),
+    }[case]
+    check_same_error(*OPS[name], *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_integer_input_as_torch(name):
+    x = torch.empty(0, 3, dtype=torch.int64, device=DEVICE)
+    check_parity(*OPS[name], x, grad=False, dim=1)
+
+
+def test_backward_uses_forward_backend(backend):
+    from scratchops._backend import LAUNCHES
+
+    other = {"triton": "reference", "reference": "triton"}[backend]
+    x = make((4, 10), requires_grad=True)
+    y = SF.log_softmax(x, 1)
+    before = LAUNCHES["log_softmax_bwd", backend]
+    with scratchops.use_backend(other):
+        y.sum().backward()
+    assert LAUNCHES["log_softmax_bwd", backend] == before + 1
+
+
+@pytest.mark.parametrize("ours,theirs", [(SN.Softmax, torch.nn.Softmax), (SN.LogSoftmax, torch.nn.LogSoftmax)])
+@pytest.mark.parametrize("dim", [None, 0, -1, 2])
+def test_modules(backend, ours, theirs, dim):
+    mine, ref = ours(dim), theirs(dim)
+    assert isinstance(mine, theirs) and repr(mine) == repr(ref)
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    mine.load_state_dict(ref.state_dict())
+    x = make((3, 4, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dim=None: the implicit-dim warning, as torch's
+        torch.testing.assert_close(mine(x), ref(x))
+
+
+def test_model_trains_like_torch(backend):
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LogSoftmax(dim=1)).to(DEVICE)
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 5), SN.LogSoftmax(dim=1)).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x, target = make((16, 6)), torch.arange(16, device=DEVICE) % 5
+    losses = []
+    for model in (ours, theirs):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(5):
+            opt.zero_grad()
+            loss = -model(x).gather(1, target[:, None]).mean()
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5, losses
+
+
+def test_torch_compile_fullgraph(backend):
+    model = torch.nn.Sequential(SN.LogSoftmax(dim=1), SN.Softmax(dim=-1))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x1, x2 = make((4, 3, 7), requires_grad=True), make((4, 3, 7), requires_grad=True)
+    y1, y2 = compiled(x1), model(x2)
+    torch.testing.assert_close(y1, y2)
+    g = make((4, 3, 7))
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck(backend, name):
+    x = make((5, 6, 3))
+    y = getattr(S, f"{name}_fwd")(x, 1)
+    torch.library.opcheck(getattr(S, f"{name}_fwd_op"), (backend, x, 1))
+    torch.library.opcheck(getattr(S, f"{name}_bwd_op"), (backend, y, make((5, 6, 3)), 1))
+
+
+def test_aot_compile_sm90():
+    rows = check_aot("triton_kernels.softmax")
+    kernels = {"_softmax_fwd_kernel", "_softmax_bwd_kernel", "_softmax_fwd_looped_kernel", "_softmax_bwd_looped_kernel"}
+    assert {r["kernel"] for r in rows} == kernels
+    assert {d for r in rows for d in r["dtypes"]} == {"*fp16", "*bf16", "*fp32", "*fp64"}
