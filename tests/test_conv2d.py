@@ -121,20 +121,23 @@ def test_channels_last_grad_layout(backend):
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("case", ["unbatched", "no bias", "expanded grad", "scalar-expanded grad", "same 7x7"])
+@pytest.mark.parametrize("case", ["unbatched", "no bias", "expanded grad", "scalar-expanded grad", "same 7x7",
+                                  "blocks + 1"])
 def test_parity_options(backend, case):
     x_shape, w_shape, kwargs = (2, 4, 8, 7), (4, 2, 3, 3), {"padding": 1, "groups": 2}
     if case == "unbatched":
         x_shape = x_shape[1:]
     if case == "same 7x7":
         w_shape, kwargs = (3, 4, 7, 7), {"padding": "same"}
+    if case == "blocks + 1":  # 65 positions and 17 channels: one past the interpreter's 64-row and 16-wide tiles
+        x_shape, w_shape, kwargs = (1, 17, 5, 13), (17, 17, 3, 3), {"padding": 1}
     x, w = make(x_shape, seed=7), make(w_shape, seed=8)
     args = (x, w) if case == "no bias" else (x, w, make((w_shape[0],), seed=9))
     y_shape = TF.conv2d(*args, **kwargs).shape
     grad_output = {"expanded grad": make(y_shape[-1:]).expand(y_shape),
                    "scalar-expanded grad": torch.ones((), device=DEVICE).expand(y_shape)}.get(case)
     check_parity(_conv(kwargs), _torch_conv(kwargs), *args, grad_output=grad_output,
-                 reduction_size=_reduction((2,) + x_shape[-3:], w_shape))
+                 reduction_size=_reduction((x_shape[0] if len(x_shape) == 4 else 1,) + x_shape[-3:], w_shape))
 
 
 @pytest.mark.parametrize("shape", ["empty batch", "one channel", "output 1x1"])
