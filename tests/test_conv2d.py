@@ -305,6 +305,24 @@ def test_split_k_and_batch_chunks(backend, monkeypatch):
                  reduction_size=3 * 81)
 
 
+def test_fp32_precision_follows_cudnn_tf32_flag():
+    pytest.importorskip("triton")
+    from triton_kernels.conv2d import input_precision
+
+    for allowed, expected in ((True, "tf32"), (False, "ieee")):
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allowed):
+            assert input_precision(torch.float32) == expected
+            assert input_precision(torch.float16) == input_precision(torch.float64) == "ieee"
+
+
+@pytest.mark.gpu
+def test_tf32_parity_gpu(backend):
+    """With tf32 allowed (torch's default for convolutions) both sides round the operands to tf32."""
+    x, w = make((4, 32, 16, 16)), make((32, 32, 3, 3)) / 17
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        torch.testing.assert_close(SF.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_resnet_layer_gpu(backend, dtype):
