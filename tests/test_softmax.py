@@ -88,6 +88,14 @@ def test_every_kernel_branch(backend, small_cap):
             check_parity(*OPS[name], make((3, n)), reduction_size=n, dim=1)
             ran = [k for k in kernels if K.BRANCHES[k] > before.get(k, 0)]
             assert ran == list(kernels), f"{name} N={n}: only {ran} of {kernels} ran"
+    # The launchers' own cap argument does the same without the module setting.
+    x, dy = make((2, 100)), make((2, 100), seed=1)
+    before = K.BRANCHES["fwd_looped"], K.BRANCHES["bwd_looped"]
+    y = K.softmax_fwd(x, 1, max_block_n=32)
+    torch.testing.assert_close(y, TF.softmax(x, 1))
+    torch.testing.assert_close(K.softmax_bwd(y, dy, 1, max_block_n=32),
+                               torch.ops.aten._softmax_backward_data(dy, y, 1, x.dtype))
+    assert (K.BRANCHES["fwd_looped"], K.BRANCHES["bwd_looped"]) == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.parametrize("name", NAMES)

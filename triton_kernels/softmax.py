@@ -65,13 +65,15 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_rows, n_cols, n_inner, sx_outer, sx_inne
                         sy_col, is_log, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
     x_offs = _row_start(rows, n_inner, sx_outer, sx_inner)[:, None] + cols[None, :] * sx_col
     x = acc_type(tl.load(x_ptr + x_offs, mask=mask, other=-float("inf")))
     # z = x - max(x); s = Σ e^z; softmax y = e^z / s, log-softmax y = z - log s
-    z = x - tl.max(x, axis=1)[:, None]
+    # (rows past the end get m = 0 and s = 1: nothing is stored for them, and no 0/0 or log 0 is computed)
+    z = x - tl.where(row_mask, tl.max(x, axis=1), 0.0)[:, None]
     e = tl.where(mask, tl.exp(z), 0.0)
-    s = tl.sum(e, axis=1)
+    s = tl.where(row_mask, tl.sum(e, axis=1), 1.0)
     if is_log:
         y = z - tl.log(s)[:, None]
     else:
