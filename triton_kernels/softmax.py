@@ -20,6 +20,12 @@ Two kernels per direction, each doing softmax or log-softmax by its ``is_log`` a
   e^{m_old - m_new} whenever the max grows (online softmax), then writes the row
   in a second sweep; the backward sums Σ dY⊙Y (or Σ dY) in a first sweep.
 
+Costs: the single-block kernels move the minimum (forward: read x, write y;
+backward: read y and dy, write dx). The looped kernels read their inputs twice,
+so they can reach about 2/3 (forward) or 3/5 (backward) of the copy roof unless
+the second read hits L2. The cap is 4096, not 8192: at 8192 the backward spilled
+for fp16 in an sm_90 AOT build, and a coarse ladder keeps the AOT list short.
+
 Stability: e^{x - m} with m the row max. While the running max is still -inf
 the shift is 0, so -inf entries add 0 instead of NaN; a row that is -inf
 everywhere ends with m = -inf and gives NaN (x - m = NaN), as torch does. NaN
