@@ -16,9 +16,9 @@ from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, ch
 OPS = {"softmax": (SF.softmax, TF.softmax), "log_softmax": (SF.log_softmax, TF.log_softmax)}
 NAMES = sorted(OPS)
 INF, NAN = float("inf"), float("nan")
-# Single-block BLOCK_N ladder is 64, 256, 1024, 4096 (K.MAX_BLOCK_N); rows longer go to the looped kernels.
+# Single-block BLOCK_N ladder is 64, 256, 1024, 4096, 8192 (K.MAX_BLOCK_N); longer rows take the looped kernels.
 AWKWARD = [((), 0), ((0,), 0), ((3, 0), 1), ((0, 3), 1), ((0, 3), 0), ((1,), 0), ((4, 1), 1), ((1, 5), 0),
-           ((3, 63), 1), ((3, 65), -1), ((3, 255), 1), ((2, 1025), 1), ((2, 4095), 1), ((2, 4097), 1),
+           ((3, 63), 1), ((3, 65), -1), ((3, 255), 1), ((2, 1025), 1), ((2, 4095), 1), ((2, 4097), 1), ((2, 8193), 1),
            ((7, 13), 0), ((3, 5, 7), 1), ((2, 3, 5, 7), 2), ((2, 3, 5, 7), -3)]
 SMALL_CAP = 64  # forces rows longer than 64 onto the looped kernels, BLOCK_N = 64 per step
 

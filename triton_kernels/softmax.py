@@ -12,7 +12,7 @@ contiguous tensor explicitly (``_as_rows``). Outputs are contiguous, as torch's.
 Two kernels per direction, each doing softmax or log-softmax by its ``is_log`` argument:
 
 * ``_softmax_fwd_kernel`` / ``_softmax_bwd_kernel``: the row fits one block
-  (BLOCK_N = the first of 64, 256, 1024, 4096 that holds N, up to ``MAX_BLOCK_N``);
+  (BLOCK_N = the first of 64, 256, 1024, 4096, 8192 that holds N; 8192 = ``MAX_BLOCK_N``);
   BLOCK_M rows per program; one read and one write per element.
 * ``_softmax_fwd_looped_kernel`` / ``_softmax_bwd_looped_kernel``: one row per
   program, BLOCK_N columns at a time, for rows longer than ``MAX_BLOCK_N``. The
@@ -23,8 +23,8 @@ Two kernels per direction, each doing softmax or log-softmax by its ``is_log`` a
 Costs: the single-block kernels move the minimum (forward: read x, write y;
 backward: read y and dy, write dx). The looped kernels read their inputs twice,
 so they can reach about 2/3 (forward) or 3/5 (backward) of the copy roof unless
-the second read hits L2. The cap is 4096, not 8192: at 8192 the backward spilled
-for fp16 in an sm_90 AOT build, and a coarse ladder keeps the AOT list short.
+the second read hits L2. The cap (8192 columns, 16 warps) compiles for sm_90
+without spills for every dtype; the AOT list checks that.
 
 Stability: e^{x - m} with m the row max. While the running max is still -inf
 the shift is 0, so -inf entries add 0 instead of NaN; a row that is -inf
@@ -41,10 +41,10 @@ import triton.language as tl
 
 from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type
 
-# Row lengths: the single-block kernels take BLOCK_N in MIN_BLOCK_N · 4^k up to MAX_BLOCK_N (a coarse ladder
-# keeps the number of compiled variants small; masked lanes cost no memory traffic); longer rows go to the
-# looped kernels, LOOP_BLOCK_N columns per step.
-MAX_BLOCK_N = 4096
+# Row lengths: the single-block kernels take BLOCK_N in MIN_BLOCK_N · 4^k (a coarse ladder keeps the number of
+# compiled variants small; masked lanes cost no memory traffic), or MAX_BLOCK_N itself when the ladder's next
+# step overshoots it; longer rows go to the looped kernels, LOOP_BLOCK_N columns per step.
+MAX_BLOCK_N = 8192
 LOOP_BLOCK_N = 4096
 MIN_BLOCK_N = 64
 BLOCK_N_STEP = 4
@@ -215,6 +215,8 @@ def _plan(n_cols: int, cap: int):
     block_n = MIN_BLOCK_N
     while block_n < n_cols:
         block_n *= BLOCK_N_STEP
+    if block_n > cap and triton.next_power_of_2(n_cols) <= cap:
+        block_n = cap
     if block_n > cap:
         block_n = min(cap, LOOP_BLOCK_N)
         return True, 1, block_n, _num_warps(block_n)
