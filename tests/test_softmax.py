@@ -103,9 +103,10 @@ def test_every_kernel_branch(backend, small_cap):
 @pytest.mark.parametrize("looped", [False, True])
 def test_special_values(backend, name, dtype, looped, monkeypatch):
     if looped:
-        monkeypatch.setattr(K, "MAX_BLOCK_N", 16)  # blocks of 16 columns: the first blocks of row 1 are all -inf
-    rows = [[1e4, -1e4, 0.0, 1e4 - 1] * 10, [-1e4, 1e4] * 20, [-INF] * 40, [-INF] * 30 + [1.0, 2.0, -INF, 3.0] + [0.0] * 6,
-            [NAN] + [1.0] * 39, [1.0] * 20 + [INF] + [1.0] * 19, [-INF] * 39 + [5.0], [0.0] * 40]
+        monkeypatch.setattr(K, "MAX_BLOCK_N", 16)  # blocks of 16 columns: rows 3 and 6 start with all -inf blocks
+    rows = [[1e4, -1e4, 0.0, 1e4 - 1] * 10, [-1e4, 1e4] * 20, [-INF] * 40,
+            [-INF] * 30 + [1.0, 2.0, -INF, 3.0] + [0.0] * 6, [NAN] + [1.0] * 39, [1.0] * 20 + [INF] + [1.0] * 19,
+            [-INF] * 39 + [5.0], [0.0] * 40]
     x = torch.tensor(rows, dtype=dtype, device=DEVICE)
     check_parity(*OPS[name], x, equal_nan=True, reduction_size=40, dim=1)
     check_parity(*OPS[name], x.t(), equal_nan=True, reduction_size=40, dim=0)
