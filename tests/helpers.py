@@ -77,12 +77,23 @@ def check_gradcheck(fn, *inputs, ops=(), **gradcheck_kwargs):
         assert torch.autograd.gradcheck(fn, inputs, **gradcheck_kwargs)
 
 
+def _leaf_like(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``x`` with the same sizes and strides (gaps included: a sliced view stays
+    strided), so the op under test sees the caller's layout. Overlapping (expanded) tensors cannot
+    be written, so they become contiguous: test those by expanding inside the function under test.
+    """
+    overlapping = any(st == 0 and sz > 1 for sz, st in zip(x.shape, x.stride()))
+    if overlapping:
+        return x.detach().clone(memory_format=torch.contiguous_format)
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x.detach())
+
+
 def _leaves(inputs):
-    """Detached copies of the inputs; floating tensors get requires_grad."""
+    """Copies of the inputs in their layouts; floating tensors get requires_grad."""
     out = []
     for x in inputs:
         if isinstance(x, torch.Tensor):
-            x = x.detach().clone().requires_grad_(x.is_floating_point())
+            x = _leaf_like(x).requires_grad_(x.is_floating_point() or x.is_complex())
         out.append(x)
     return out
 

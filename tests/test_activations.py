@@ -55,6 +55,9 @@ def test_non_contiguous_input(backend, name, layout):
          "channels_last": base.to(memory_format=torch.channels_last), "storage_offset": base[1:]}[layout]
     out = check_parity(*OPS[name], x)
     assert out.stride() == OPS[name][1](x).stride(), "output layout differs from torch's"
+    ours = OPS[name][0](x)  # the view itself, storage offset included
+    torch.testing.assert_close(ours, OPS[name][1](x))
+    assert ours.stride() == OPS[name][1](x).stride()
 
 
 @pytest.mark.parametrize("name", NAMES)
