@@ -158,36 +158,3 @@ def check_aot(module: str):
     spilled = [r for r in rows if r["stack"] or r["local"]]
     assert not spilled, f"kernels spill to local memory: {spilled}"
     return rows
-
-
-# The smallest call of each op family, for tests that use ops written by other families.
-_PROBES = {
-    "linear": lambda F, optim: F.linear(torch.zeros(1, 2), torch.zeros(3, 2)),
-    "conv2d": lambda F, optim: F.conv2d(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 1, 1)),
-    "softmax": lambda F, optim: F.softmax(torch.zeros(2, 3), dim=1),
-    "log_softmax": lambda F, optim: F.log_softmax(torch.zeros(2, 3), dim=1),
-    "mse_loss": lambda F, optim: F.mse_loss(torch.zeros(2), torch.zeros(2)),
-    "cross_entropy": lambda F, optim: F.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1])),
-    "dropout": lambda F, optim: F.dropout(torch.zeros(2), 0.5, True),
-    "l2_penalty": lambda F, optim: F.l2_penalty([torch.zeros(2)]),
-    "sgd": lambda F, optim: _sgd_step(optim),
-}
-
-
-def _sgd_step(optim):
-    p = torch.zeros(2, requires_grad=True)
-    p.grad = torch.ones(2)
-    optim.SGD([p], lr=0.1).step()
-
-
-def skip_unless_landed(*ops):
-    """pytest.skip (with the reason) when one of ``ops`` (keys of _PROBES) is still a NotImplementedError placeholder."""
-    import scratchops
-    import scratchops.functional as F
-
-    for op in ops:
-        try:
-            with scratchops.use_backend("reference"):
-                _PROBES[op](F, scratchops.optim)
-        except NotImplementedError as e:
-            pytest.skip(f"needs scratchops {op}, not written yet ({e})")

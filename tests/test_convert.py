@@ -7,7 +7,7 @@ import torch
 import scratchops
 import scratchops.nn as SN
 from scratchops.convert import TWINS
-from tests.helpers import DEVICE, expect_ops, make, skip_unless_landed, tolerances
+from tests.helpers import DEVICE, expect_ops, make, tolerances
 
 
 class Custom(torch.nn.Module):
@@ -153,7 +153,6 @@ def test_activation_model_same_outputs_and_grads(backend):
 
 
 def test_mlp_same_outputs_and_grads(backend):
-    skip_unless_landed("linear", "cross_entropy")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
                                 torch.nn.Linear(8, 5)).to(DEVICE)
@@ -163,7 +162,6 @@ def test_mlp_same_outputs_and_grads(backend):
 
 
 def test_cnn_same_outputs_and_grads(backend):
-    skip_unless_landed("conv2d", "linear", "log_softmax", "mse_loss")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.5),
                                 torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 4), torch.nn.LogSoftmax(dim=1))
@@ -173,7 +171,6 @@ def test_cnn_same_outputs_and_grads(backend):
 
 
 def test_optimizer_built_before_conversion_still_trains_the_model():
-    skip_unless_landed("linear", "mse_loss")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -4,12 +4,10 @@ import torch
 
 import scratchops
 import scratchops.nn as SN
-from tests.helpers import DEVICE, expect_ops, skip_unless_landed
+from tests.helpers import DEVICE, expect_ops
 
 pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the demo extra)")
 from scratchops import demo  # noqa: E402
-
-DEMO_OPS = ("conv2d", "linear", "cross_entropy", "dropout", "l2_penalty", "sgd")
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +20,6 @@ def one_thread():
 
 
 def test_short_demo_matches_torch(tmp_path, monkeypatch, capsys):
-    skip_unless_landed(*DEMO_OPS)
     runs = []
     real_run = demo.run
     monkeypatch.setattr(demo, "run", lambda **kw: runs.append(real_run(**kw)) or runs[-1])
@@ -45,14 +42,12 @@ def test_short_demo_matches_torch(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_fails_below_min_accuracy(capsys):
-    skip_unless_landed(*DEMO_OPS)
     assert demo.main(["--epochs", "1", "--train-size", "32", "--no-plot", "--min-accuracy", "0.99"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
 def test_converted_cnn_compiles_fullgraph_and_trains_like_eager():
     """The demo's CNN converted and wrapped in torch.compile(fullgraph=True): no graph break, eager's losses."""
-    skip_unless_landed(*DEMO_OPS)
     x, y, _, _ = demo.load_data(seed=0, train_size=64, device=DEVICE)
     # On a CPU the kernels would run in Triton's interpreter (about 25 s of CPU for these 4 steps): reference there.
     backend = "triton" if DEVICE == "cuda" else "reference"

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import scratchops
 import scratchops.functional as SF
-from tests.helpers import skip_unless_landed, tolerances
+from tests.helpers import tolerances
 
 WORLD = 2
 STEPS = 3
@@ -99,16 +99,10 @@ def _free_port() -> int:
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
-    skip_unless_landed("linear", "mse_loss", "sgd")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     backends = ["reference"]  # see the module docstring
-    models = ["mlp"]
-    try:
-        skip_unless_landed("conv2d")
-        models.append("cnn")
-    except pytest.skip.Exception:
-        pass  # conv2d not written yet: the MLP alone
+    models = ["mlp", "cnn"]
     path = str(tmp_path / "rank0.pt")
     context = mp.start_processes(_worker, args=(_free_port(), backends, models, path), nprocs=WORLD, join=False,
                                  start_method="spawn")
