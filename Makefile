@@ -24,9 +24,10 @@ test: setup
 
 demo: setup
 	$(PY) -m scratchops verify
+	$(PY) -m scratchops demo
 
 bench: setup
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) -m scratchops bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info
