@@ -28,6 +28,15 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny problems: one intra-op thread each (several threads on a shared 2-core machine mostly spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if DEVICE == "cuda":
         return

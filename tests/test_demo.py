@@ -10,13 +10,7 @@ pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the demo ext
 from scratchops import demo  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread each (several threads on a shared 2-core machine mostly spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_short_demo_matches_torch(tmp_path, monkeypatch, capsys):

@@ -30,13 +30,7 @@ BATCH = 8
 JOIN_SECONDS = 120
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread each (several threads on a shared 2-core machine mostly spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str) -> torch.nn.Module:
