@@ -20,6 +20,7 @@ from scratchops._backend import (FLOAT_DTYPES, backend_op, check_inplace, check_
                                  compute_dtype)
 
 KERNELS = "triton_kernels.activations"
+_OVERLAP_YES = 1  # torch._debug_has_internal_overlap: 0 no, 1 yes, 2 too hard to tell
 RELU_DTYPES = FLOAT_DTYPES + (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -54,7 +55,8 @@ def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
     xc = x.to(compute_dtype(x.dtype))
     # tanh(|x|) = -m / (2 + m) with m = e^{-2|x|} - 1 (expm1 keeps it exact near 0)
     m = torch.expm1(-2 * xc.abs())
-    return torch.where(xc < 0, m / (2 + m), -m / (2 + m)).to(x.dtype)
+    y = torch.where(xc < 0, m / (2 + m), -m / (2 + m))
+    return torch.where(xc == 0, xc, y).to(x.dtype)  # tanh(±0) = ±0, the sign kept as torch's
 
 
 def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -169,6 +171,9 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     backend = choose_backend(input, RELU_DTYPES)
     if inplace:
         check_inplace(input)
+        if torch._debug_has_internal_overlap(input) == _OVERLAP_YES:  # e.g. expanded: torch refuses to write it
+            raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                               "single memory location. Please clone() the tensor before performing the operation.")
         return ReluInplace.apply(input, backend)
     return Relu.apply(input, backend)
 

@@ -128,6 +128,24 @@ def test_relu_inplace_non_contiguous(backend):
     torch.testing.assert_close(base, expect)
 
 
+def test_relu_inplace_overlapping_memory(backend):
+    # An expanded tensor has elements sharing memory: torch refuses the in-place write (both backends must too).
+    from scratchops._backend import LAUNCHES
+
+    before = LAUNCHES.copy()
+    check_same_error(lambda t: SF.relu(t, inplace=True), lambda t: TF.relu(t, inplace=True),
+                     make((3, 1)).expand(3, 4), match="more than one element")
+    assert LAUNCHES == before  # raised on the host, before any kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_tanh_signed_zero(backend, dtype):
+    x = torch.tensor([-0.0, 0.0, -1e-30, 1e-30, -2.0], dtype=dtype, device=DEVICE)
+    y = SF.tanh(x)
+    assert torch.equal(y.signbit(), torch.tanh(x).signbit())
+    torch.testing.assert_close(y, torch.tanh(x))
+
+
 def test_backward_uses_forward_backend(backend):
     from scratchops._backend import LAUNCHES
 

@@ -68,6 +68,7 @@ def _tanh_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     m = tl.where(u == 1.0, t, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * t / tl.log(u)))
     y = -m / (2.0 + m)
     y = tl.where(x < 0, -y, y)
+    y = tl.where(x == 0, x, y)  # tanh(±0) = ±0, the sign kept as torch's
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
