@@ -35,6 +35,8 @@ Differences from torch.optim.SGD, by design:
 * The backend is chosen (``choose_backend``) once per (device, dtype) bucket of
   a group, from its first parameter.
 * A tensor ``lr`` or ``weight_decay`` is read as a Python number at each step.
+* A gradient of another dtype than its parameter (``grad_dtype=None``) is cast to
+  the parameter's dtype first; its momentum buffer has the parameter's dtype.
 """
 import torch
 
@@ -110,6 +112,8 @@ class SGD(torch.optim.SGD):
                 if g.is_sparse:
                     raise RuntimeError("scratchops.optim.SGD does not support sparse gradients (as "
                                        "torch.optim.SGD(fused=True)); use torch.optim.SGD")
+                if g.dtype != p.dtype:  # a grad_dtype=None parameter: the kernels read the gradient as w's dtype
+                    g = g.to(p.dtype)
                 bucket = buckets.get((p.device, p.dtype))
                 if bucket is None:
                     bucket = buckets[p.device, p.dtype] = ([], [])

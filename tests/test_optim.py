@@ -343,3 +343,15 @@ def test_backend_per_bucket():
         opt.step()
         ref.step()
     torch.testing.assert_close(p, q)
+
+
+def test_grad_of_another_dtype(backend):
+    """A parameter with grad_dtype=None may hold a float64 gradient: it is read as a float64 value, not reinterpreted."""
+    ours, theirs = _params([(5,)])
+    for p in ours + theirs:
+        p.grad_dtype = None
+        p.grad = make((5,), torch.float64, seed=7)
+    opt_a, opt_b = SGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    opt_a.step()
+    opt_b.step()
+    _assert_same(ours, theirs, 1, torch.float32)
