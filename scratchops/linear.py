@@ -170,7 +170,8 @@ def _check(input, weight, bias) -> None:
                            f"{weight.dim()}D")
     if weight.dim() > 2:
         raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, but self is {weight.dim()}D")
-    if weight.dim() == 1 and bias is not None:
+    if weight.dim() == 1 and bias is not None and (input.dim() == 2 or bias.dim() != 0):
+        # torch adds a 0-d bias to the product with a 1-D weight, except for a 2-D input (its addmm path)
         raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
     devices = {t.device for t in (input, weight, bias) if t is not None}
     if len(devices) > 1:
@@ -182,8 +183,8 @@ def _check(input, weight, bias) -> None:
     if bias is not None and bias.dtype != input.dtype:
         raise RuntimeError(f"self and mat2 must have the same dtype, but got {_dtype_name(bias.dtype)} and "
                            f"{_dtype_name(input.dtype)}")
-    if not input.is_floating_point():
-        raise RuntimeError(f"scratchops linear supports floating dtypes only, got {input.dtype}")
+    if not input.is_floating_point():  # NotImplementedError, as torch's matmul for a dtype it lacks (bool)
+        raise NotImplementedError(f"scratchops linear supports floating dtypes only, got {input.dtype}")
     k_in, k_w = input.shape[-1], weight.shape[-1]
     n = weight.shape[0] if weight.dim() == 2 else 1
     if k_in != k_w:

@@ -97,6 +97,10 @@ def _awkward(name):
         return make((9,)), make((5, 9)), make((5,))
     if name == "weight_1d":
         return make((3, 9)), make((9,)), None
+    if name == "weight_1d_bias_0d":  # torch adds a 0-d bias to a 1-D weight's product unless the input is 2-D
+        return make((9,)), make((9,)), make(())
+    if name == "weight_1d_bias_0d_3d":
+        return make((2, 3, 9)), make((9,)), make(())
     if name == "non_contiguous_input":
         return make((4, 20, 6))[:, ::3, :].transpose(0, 1), make((5, 6)), make((5,))
     if name == "transposed_weight":
@@ -120,7 +124,7 @@ def _awkward(name):
     raise KeyError(name)
 
 
-AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "non_contiguous_input", "transposed_weight",
+AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "weight_1d_bias_0d", "weight_1d_bias_0d_3d", "non_contiguous_input", "transposed_weight",
            "sliced_weight_and_bias", "expanded_input_and_weight", "bias_none", "bias_broadcast", "empty_batch",
            "empty_batch_3d", "k_zero", "n_zero"]
 
@@ -234,6 +238,8 @@ BAD = {
     "input_0d": lambda: (make(()), make((5, 4)), None),
     "weight_3d": lambda: (make((3, 4)), make((2, 5, 4)), None),
     "weight_1d_with_bias": lambda: (make((3, 4)), make((4,)), make(())),
+    "weight_1d_with_bias_1d": lambda: (make((4,)), make((4,)), make((1,))),
+    "bool_inputs": lambda: (make((3, 4)) > 0, make((5, 4)) > 0, None),
     "bias_other_device": lambda: (make((3, 4)), make((5, 4)), torch.empty(5, device="meta")),
     "input_not_tensor": lambda: ([1.0, 2.0], make((5, 2)), None),
     "weight_not_tensor": lambda: (make((3, 4)), "w", None),
