@@ -222,6 +222,10 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     else:  # p = 1 keeps nothing and, as torch, draws nothing
         seed = torch.zeros((), dtype=torch.int64, device=input.device)
     stride = _out_strides(input)
+    if inplace and not (torch.is_grad_enabled() and input.requires_grad):
+        # no graph to record: write x directly and return x itself, as torch (a Function would return an alias)
+        dropout_fwd__op(backend, input, seed, p, stride)
+        return input
     if inplace:
         return DropoutInplace.apply(input, seed, p, stride, backend)
     return Dropout.apply(input, seed, p, stride, backend)

@@ -194,6 +194,16 @@ def test_dropout_inplace(backend):
         check_same_error(*inplace, make((4, 2), requires_grad=True)[1:], p, match="view of a leaf Variable")
 
 
+def test_dropout_inplace_without_grad_returns_input(backend):
+    """Under no_grad (even for a leaf requiring grad) torch returns the input object itself, written in place."""
+    for x in (make((5,), low=1.0, high=2.0, requires_grad=True), make((5,), low=1.0, high=2.0)):
+        before = x.detach().clone()
+        with torch.no_grad():
+            y = SF.dropout(x, 0.5, inplace=True)
+        assert y is x and y.requires_grad == x.requires_grad
+        assert torch.equal(x.detach(), torch.where(x.detach() != 0, 2 * before, 0.0))  # kept ones scaled by 1/(1-p)
+
+
 def test_dropout_inplace_non_contiguous(backend):
     base = make((6, 8), low=1.0, high=2.0)
     keep = base.clone()
