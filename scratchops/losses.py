@@ -31,7 +31,7 @@ ignored) or D = number of rows (probabilities). The forward writes ∂ℓ_r/∂z
 every row in the same pass that computes ℓ_r (the logits are read twice: the
 lse sweep, then the gradient sweep) and saves it; the backward only scales it:
 
-    dz_rc = ∂ℓ_r/∂z_rc · g_r / D                (g_r = g for sum and mean; 0 when D = 0)
+    dz_rc = ∂ℓ_r/∂z_rc · g_r / D                (g_r = g for sum and mean; D taken as 1 when every row is ignored)
 """
 import math
 import warnings
@@ -82,9 +82,8 @@ def _check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> Non
 
 
 def _row_scale(g: torch.Tensor, denom: torch.Tensor, n: int, s: int) -> torch.Tensor:
-    """g_r / D per row, as (N, 1, S) or 0-d; 0 when D = 0 (every row ignored: their gradients are 0, as torch's)."""
+    """g_r / D per row, as (N, 1, S) or 0-d (D = 0 with active rows gives inf/nan, as torch's)."""
     scale = g.to(denom.dtype) / denom
-    scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
     return scale.reshape(n, 1, s) if g.dim() else scale
 
 
@@ -109,13 +108,14 @@ def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
     logp = shifted - log_s
     p = torch.exp(logp)
     w = (weight.to(cd) if weight is not None else xc.new_ones(c)).view(1, c, 1)
-    eps = label_smoothing if label_smoothing > 0 else 0.0
+    eps = label_smoothing if label_smoothing > 0 and c else 0.0  # no classes: nothing to smooth over
     if prob:
         q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
         wq = w * q
         loss = -(wq * logp).sum(dim=1, keepdim=True)
         grad = p * wq.sum(dim=1, keepdim=True) - wq
-        wt = xc.new_ones(n * s)
+        # no classes: D = nan, as torch's mean over numel / C = 0 / 0
+        wt = xc.new_full((n * s,), 1.0 if c else float("nan"))
     else:
         t = target.long().unsqueeze(1)
         active = t != ignore_index
@@ -130,6 +130,8 @@ def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
         loss = torch.where(active, loss, torch.zeros_like(loss))
         grad = torch.where(active, grad, torch.zeros_like(grad))
         wt = wt.reshape(-1)
+        if not c and label_smoothing > 0:  # no classes: torch's smoothing term ε/C · 0 is nan for every row
+            loss = torch.full_like(loss, float("nan"))
     loss = loss.reshape(-1)
     if reduction == NONE:
         out, denom = loss.to(x.dtype), x.new_ones((), dtype=cd)
@@ -206,6 +208,10 @@ class CrossEntropyFn(torch.autograd.Function):
         out, grad, denom, stats = cross_entropy_fwd_op(backend, x, target, weight, ignore_index, label_smoothing,
                                                        reduction)
         ctx.backend, ctx.label_smoothing = backend, label_smoothing
+        if reduction == MEAN and not target.is_floating_point():
+            # every row ignored: D = 0 and every saved gradient row is 0; the backward divides by 1 instead, so
+            # the gradient is 0 as torch's (D = 0 from weights summing to 0 over active rows stays: inf/nan)
+            denom = torch.where((target != ignore_index).any(), denom, torch.ones_like(denom))
         if target.is_floating_point() and target.requires_grad:
             ctx.save_for_backward(grad, denom, x, stats, weight)
         else:
@@ -310,6 +316,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         reduction = _legacy_reduction(size_average, reduce)
     enum = _reduction_enum(reduction)
     if input.dim() == 0:
+        if target.is_floating_point():  # torch's class-probability path indexes dim 1 of the 0-d input
+            raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
         raise RuntimeError("Expected floating point type for target with class probabilities, got "
                            f"{_type_name(target.dtype)}" if not target.is_floating_point()
                            else "cross_entropy: input must have at least one dimension")

@@ -155,6 +155,21 @@ def test_ce_all_ignored_and_empty(backend):
             check_parity(SF.cross_entropy, TF.cross_entropy, empty, target, reduction=reduction, equal_nan=True)
 
 
+def test_ce_zero_weight_sum_and_no_classes(backend):
+    # D = Σ w_t = 0 over active rows: torch's gradient is nan (0 · g / 0), not the all-ignored case's 0
+    x, t = make((3, 5), requires_grad=True), _targets((3,), 5)
+    zero = torch.zeros(5, device=DEVICE)
+    SF.cross_entropy(x, t, weight=zero).backward()
+    assert torch.isnan(x.grad).all()
+    check_parity(SF.cross_entropy, TF.cross_entropy, x, t, weight=zero, reduction="sum")
+    # no classes: every loss is 0, the mean over probabilities is 0 / 0
+    for reduction, smoothing in itertools.product(REDUCTIONS, (0.0, 0.2)):
+        kw = {"reduction": reduction, "label_smoothing": smoothing, "equal_nan": True}
+        check_parity(SF.cross_entropy, TF.cross_entropy, make((3, 0, 2), requires_grad=True), make((3, 0, 2)), **kw)
+        check_parity(SF.cross_entropy, TF.cross_entropy, make((3, 0), requires_grad=True),
+                     torch.full((3,), -100, device=DEVICE), **kw)
+
+
 def test_ce_target_dtypes_and_layouts(backend):
     x = make((6, 9))
     check_parity(SF.cross_entropy, TF.cross_entropy, x, _targets((6,), 9).to(torch.uint8), ignore_index=4)
@@ -240,6 +255,8 @@ BAD_CE = {
     "kdim batch mismatch": lambda: (make((3, 5, 2)), torch.zeros(4, 2, dtype=torch.long)),
     "kdim byte target": lambda: (make((2, 5, 3)), torch.zeros(2, 3, dtype=torch.uint8)),
     "unbatched 2 targets": lambda: (make((5,)), torch.tensor([1, 2])),
+    "0-d logits, 0-d probabilities": lambda: (make(()), make((), seed=1)),
+    "0-d logits, 1-D probabilities": lambda: (make(()), make((3,), seed=1)),
     "integer logits": lambda: (torch.zeros(3, 5, dtype=torch.long), torch.tensor([1, 2, 3])),
     "not a tensor": lambda: ([1.0, 2.0], torch.tensor([1])),
 }

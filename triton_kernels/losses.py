@@ -254,10 +254,11 @@ def _cross_entropy_bwd_kernel(grad_ptr, g_ptr, denom_ptr, dx_ptr, C, S, stride_g
     mask = c < C
     offs = (row // S) * C * S + c * S + row % S
     # dz = (∂ℓ_r/∂z_r saved by the forward) · g_r / D
-    # (D = 0 only when every row is ignored: their gradients are 0, as torch's)
+    # (the autograd.Function passes D = 1 when every row is ignored, so their zero gradients stay 0 as torch's;
+    # D = 0 with active rows, their weights summing to 0, gives inf/nan as torch's)
     denom = tl.load(denom_ptr)
     g = acc_type(tl.load(g_ptr + row * stride_g))
-    scale = tl.where(denom == 0, 0.0, g / denom)
+    scale = g / denom
     grad = acc_type(tl.load(grad_ptr + offs, mask=mask, other=0))
     tl.store(dx_ptr + offs, (grad * scale).to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -310,7 +311,13 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
     wt = torch.empty(rows, dtype=cd, device=x.device)
     stats = torch.empty((2, rows), dtype=cd, device=x.device)
     weight = None if weight is None else weight.contiguous()
-    if rows:
+    if rows and not c:
+        # no classes: every row's loss is 0 (nan with class indices and smoothing: torch's ε/C · 0); D is nan for
+        # probabilities (torch divides by numel / C = 0 / 0) and Σ w_t = 0 for class indices (all rows ignored)
+        loss.fill_(float("nan") if not prob and label_smoothing > 0 else 0.0)
+        wt.fill_(float("nan") if prob else 0.0)
+        stats.zero_()
+    elif rows:
         ts = (target.stride(0), target.stride(1), target.stride(2)) if prob else (target.stride(0), 0,
                                                                                  target.stride(1))
         block = _ce_block(c, x.dtype)
