@@ -74,7 +74,7 @@ def _fuse(model: torch.nn.Module) -> int:
             if (type(lin) is SN.Linear and lin.activation is None and type(act) in FUSABLE
                     and uses[id(lin)] == 1 and uses[id(act)] == 1 and not _has_hooks(lin) and not _has_hooks(act)):
                 lin.activation = FUSABLE[type(act)]
-                seq._modules[second] = torch.nn.Identity()
+                seq._modules[second] = torch.nn.Identity().train(act.training)  # the model's mode is kept
                 fused += 1
     return fused
 

@@ -104,6 +104,14 @@ def test_linear_activation_fusion():
     assert "activation='relu'" in repr(model)
 
 
+def test_fusion_keeps_eval_mode():
+    """The Identity taking a fused activation's slot has the mode the activation had (model.eval() holds)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()).eval()
+    scratchops.convert(model)
+    assert type(model[1]) is torch.nn.Identity
+    assert not any(m.training for m in model.modules())
+
+
 def test_no_fusion_when_unsafe():
     shared = torch.nn.Linear(3, 3)
     hooked = torch.nn.Linear(3, 3)
