@@ -20,7 +20,6 @@ from scratchops._backend import (FLOAT_DTYPES, backend_op, check_inplace, check_
                                  compute_dtype)
 
 KERNELS = "triton_kernels.activations"
-_OVERLAP_YES = 1  # torch._debug_has_internal_overlap: 0 no, 1 yes, 2 too hard to tell
 RELU_DTYPES = FLOAT_DTYPES + (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
@@ -171,9 +170,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     backend = choose_backend(input, RELU_DTYPES)
     if inplace:
         check_inplace(input)
-        if torch._debug_has_internal_overlap(input) == _OVERLAP_YES:  # e.g. expanded: torch refuses to write it
+        if any(size > 1 and stride == 0 for size, stride in zip(input.shape, input.stride())):
+            # elements sharing memory (an expanded tensor): torch refuses to write them
             raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
                                "single memory location. Please clone() the tensor before performing the operation.")
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace ctx.mark_dirty: the out-of-place op written back traces to the same result.
+            return input.copy_(Relu.apply(input, backend))
         return ReluInplace.apply(input, backend)
     return Relu.apply(input, backend)
 

@@ -180,6 +180,24 @@ def test_torch_compile_fullgraph(backend, compiler):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_torch_compile_fullgraph_relu_inplace(backend):
+    # ReLU(inplace=True) on a strided view of an intermediate, as in a model: values and grads as eager torch.
+    def model(x, relu):
+        h = x * 2.0
+        relu(h[:, ::2])
+        return h
+
+    compiled = torch.compile(lambda x: model(x, SN.ReLU(inplace=True)), fullgraph=True, backend="aot_eager")
+    x1, x2 = make((4, 33), requires_grad=True), make((4, 33), requires_grad=True)
+    y1, y2 = compiled(x1), model(x2, torch.nn.ReLU(inplace=True))
+    torch.testing.assert_close(y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    x3 = make((4, 33))  # no grad anywhere: the traced path differs
+    torch.testing.assert_close(compiled(x3), model(x3, torch.nn.ReLU(inplace=True)))
+
+
 @pytest.mark.parametrize("name", ["sigmoid", "relu", "tanh"])
 def test_opcheck(backend, name):
     from scratchops import activations as A
