@@ -157,7 +157,17 @@ def _pair(name: str, value) -> list[int]:
 
 
 def _suggests_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    """torch's ``suggest_memory_format() == channels_last`` for a 4-D tensor: its strides order the
+    dimensions C, W, H, N from the innermost out (sliced and size-1 dimensions included); a zero-size
+    tensor, a zero channel stride, or an N111-like tie (N's stride equal to C's) stays contiguous."""
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 1 and t.stride(1) == 0):
+            return False
+        if d == 0 and smallest == t.stride(1):
+            return False
+        smallest = t.stride(d) * max(t.shape[d], 1)
+    return True
 
 
 def _resolve_padding(padding, stride, dilation, w) -> list[int]:

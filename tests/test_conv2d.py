@@ -121,6 +121,21 @@ def test_channels_last_grad_layout(backend):
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", ["one channel", "1x1 image", "sliced"])
+def test_ambiguous_channels_last_layout(backend, layout):
+    # torch reads the layout from the strides (suggest_memory_format), also where size-1 dimensions make a
+    # channels_last tensor contiguous too, or where a slice makes it contiguous in neither format.
+    x_shape, sliced = {"one channel": ((2, 1, 5, 5), False), "1x1 image": ((2, 3, 1, 1), False),
+                       "sliced": ((1, 3, 6, 6), True)}[layout]
+    x = make(x_shape).to(memory_format=torch.channels_last)
+    x = (x[:, :, ::2] if sliced else x).requires_grad_()
+    w = make((2, x_shape[1], 1, 1))
+    y, y_torch = SF.conv2d(x, w), TF.conv2d(x, w)
+    assert y.stride() == y_torch.stride(), "output layout differs from torch's"
+    (dx,), (dx_torch,) = (torch.autograd.grad(out, x, torch.ones_like(out)) for out in (y, y_torch))
+    assert dx.stride() == dx_torch.stride(), "input gradient layout differs from torch's"
+
+
 @pytest.mark.parametrize("case", ["unbatched", "no bias", "expanded grad", "scalar-expanded grad", "same 7x7",
                                   "blocks + 1"])
 def test_parity_options(backend, case):
@@ -152,6 +167,20 @@ def test_special_values(backend):
     x[0, 0, 2, 2], x[0, 1, 0, 0], w[1, 0, 0, 0] = float("nan"), float("inf"), -float("inf")
     check_parity(_conv({"padding": 1}), _torch_conv({"padding": 1}), x, w, grad=False, equal_nan=True)
 
+
+
+@pytest.mark.parametrize("kwargs", [{"padding": 1}, {"stride": 2, "padding": 1, "dilation": 2}])
+def test_infinite_weight_input_grad(backend, kwargs):
+    # dx sums dy·w over the taps that reach each input position only: an infinite tap must not turn the
+    # positions it never reaches (borders, stride gaps) into NaN through 0·inf.
+    x, w = make((1, 1, 5, 5), requires_grad=True), make((1, 1, 3, 3))
+    w[0, 0, 0, 0] = float("inf")
+    y_torch = TF.conv2d(x, w, **kwargs)
+    grad_output = make(tuple(y_torch.shape), seed=11)
+    (dx_torch,) = torch.autograd.grad(y_torch, x, grad_output)
+    (dx,) = torch.autograd.grad(SF.conv2d(x, w, **kwargs), x, grad_output)
+    assert not dx_torch.isnan().all()
+    torch.testing.assert_close(dx, dx_torch, equal_nan=True)
 
 BAD = {
     "channel mismatch": ((1, 4, 5, 5), (4, 3, 3, 3), {}, r"Given groups=1, weight of size \[4, 3, 3, 3\], expected "

@@ -32,7 +32,8 @@ def _conv2d_bwd_input_kernel(dy_ptr, w_ptr, dx_ptr,
     # for an integer output position (p, q) = _out_coord(h, r), _out_coord(w, s) (the transposed convolution):
     # rows m = (n, h, w) input positions, columns = input channels of group g; the reduction walks the taps
     # (r, s) and blocks of the group's output channels. A row whose h + pad − r·dil is not a multiple of
-    # the stride (or lands outside the output) gets nothing from that tap: its dy row is masked out.
+    # the stride (or lands outside the output) gets nothing from that tap: its dy row is masked out and its
+    # accumulator row kept as it was.
     g = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # < 2^31: the launcher splits the batch
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,7 +54,8 @@ def _conv2d_bwd_input_kernel(dy_ptr, w_ptr, dx_ptr,
                     + (k.to(tl.int64) * sdyk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load((w_cols + r * swr + s * sws)[None, :] + (k.to(tl.int64) * swk)[:, None],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(acc, a, b, INPUT_PRECISION)
+        # A row this tap does not reach adds nothing, not 0·w (NaN for an infinite weight, unlike torch).
+        acc = tl.where(row_ok[:, None], _mma(acc, a, b, INPUT_PRECISION), acc)
     dx = (dx_ptr + (n.to(tl.int64) * sdxn + h.to(tl.int64) * sdxh + w.to(tl.int64) * sdxw)[:, None]
           + (c_in * sdxc)[None, :])
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
