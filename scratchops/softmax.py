@@ -39,18 +39,27 @@ def _shifted(x: torch.Tensor, dim: int):
     return z, torch.exp(z).sum(dim, keepdim=True)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the canonical contiguous strides torch's outputs have (size-1 dims included)."""
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.insert(0, step)
+        step *= max(size, 1)
+    return t if t.stride() == tuple(strides) else torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def softmax_fwd(x: torch.Tensor, dim: int) -> torch.Tensor:
     if not x.numel():
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     z, s = _shifted(x, dim)
-    return (torch.exp(z) / s).to(x.dtype).contiguous()
+    return _dense((torch.exp(z) / s).to(x.dtype))
 
 
 def log_softmax_fwd(x: torch.Tensor, dim: int) -> torch.Tensor:
     if not x.numel():
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     z, s = _shifted(x, dim)
-    return (z - torch.log(s)).to(x.dtype).contiguous()
+    return _dense((z - torch.log(s)).to(x.dtype))
 
 
 def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
@@ -58,7 +67,7 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.empty(y.shape, dtype=y.dtype, device=y.device)
     yc, dyc = y.to(compute_dtype(y.dtype)), dy.to(compute_dtype(y.dtype))
     # dX = Y ⊙ (dY - Σ dY⊙Y)
-    return (yc * (dyc - (dyc * yc).sum(dim, keepdim=True))).to(y.dtype).contiguous()
+    return _dense((yc * (dyc - (dyc * yc).sum(dim, keepdim=True))).to(y.dtype))
 
 
 def log_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,7 +75,7 @@ def log_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor
         return torch.empty(y.shape, dtype=y.dtype, device=y.device)
     yc, dyc = y.to(compute_dtype(y.dtype)), dy.to(compute_dtype(y.dtype))
     # dX = dY - e^Y · Σ dY
-    return (dyc - torch.exp(yc) * dyc.sum(dim, keepdim=True)).to(y.dtype).contiguous()
+    return _dense((dyc - torch.exp(yc) * dyc.sum(dim, keepdim=True)).to(y.dtype))
 
 
 # ----------------------------------------------------------------- backend ops

@@ -125,7 +125,9 @@ def test_dtype_argument(backend, name, in_dtype, dtype):
 LAYOUTS = {"transposed": lambda b: b.transpose(1, 3), "sliced": lambda b: b[:, ::2, 1:, :],
            "channels_last": lambda b: b.to(memory_format=torch.channels_last), "storage_offset": lambda b: b[1:],
            "expanded": lambda b: b[:1, :, :1].expand(4, 6, 5, 3),
-           "needs_copy": lambda b: b.transpose(2, 3)}  # dims after dim 1 are no single progression: copied
+           "needs_copy": lambda b: b.transpose(2, 3),  # dims after dim 1 are no single progression: copied
+           # "contiguous" to torch but with an odd size-1 stride: the output still gets torch's canonical strides
+           "size1_odd_stride": lambda b: b.as_strided((4, 6, 1, 3), (18, 3, 100, 1))}
 
 
 @pytest.mark.parametrize("name", NAMES)
