@@ -151,14 +151,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _autocast(input, weight, bias):
-    """As torch's autocast: where it is on for the input's device, floating operands go to its dtype."""
+    """As torch's autocast: where it is on for the input's device, floating operands other than float64
+    (autocast leaves those alone) go to its dtype."""
     device_type = input.device.type
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
     return cast(input), cast(weight), cast(bias)
 

@@ -266,6 +266,17 @@ def test_unknown_activation():
 
 
 # ----------------------------------------------------------------- autocast
+def test_autocast_leaves_float64_alone(backend):
+    # torch's autocast casts no float64 operand: all-fp64 runs in fp64, a mix raises torch's dtype error.
+    x, w, b = make((4, 6), torch.float64), make((3, 6), torch.float64), make((3,), torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = SF.linear(x, w, b, activation="tanh")
+        ref = torch.tanh(TF.linear(x, w, b))
+        assert y.dtype == ref.dtype == torch.float64
+        torch.testing.assert_close(y, ref)
+        check_same_error(ours, torch_linear, x.float(), w, b, match="same dtype")
+
+
 def test_autocast_cpu_bf16():
     # bf16 on CPU runs on the reference backend (the interpreter has no bf16), chosen under "auto".
     x, w, b = make((4, 6), requires_grad=True), make((3, 6), requires_grad=True), make((3,), requires_grad=True)
