@@ -312,6 +312,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     check_tensor("cross_entropy_loss", input)
     check_tensor("cross_entropy_loss", target, "target", 2)
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"cross_entropy_loss(): argument 'weight' (position 3) must be Tensor, not "
+                        f"{type(weight).__name__}")
+    if not hasattr(ignore_index, "__index__"):
+        raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
+                        f"{type(ignore_index).__name__}")
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     enum = _reduction_enum(reduction)

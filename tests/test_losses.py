@@ -269,6 +269,8 @@ BAD_CE_KW = {
     "prob smoothing > 1": ({"label_smoothing": 1.5}, True),
     "prob ignore_index": ({"ignore_index": 2}, True),
     "bad reduction": ({"reduction": "bad"}, False),
+    "float ignore_index": ({"ignore_index": 1.0}, False),
+    "list weight": ({"weight": [1.0] * 5}, False),
 }
 
 
