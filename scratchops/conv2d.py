@@ -25,6 +25,7 @@ the patch gradients tap by tap into a padded buffer.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -145,12 +146,21 @@ class Conv2d(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------- functional
+def _int(name: str, value) -> int:
+    """An int argument as torch's parser takes it: any integer (numpy's, a 0-d int tensor), but no bool or
+    float (TypeError)."""
+    if isinstance(value, (bool, float)) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"conv2d(): argument '{name}' must be int or tuple of ints, not {type(value).__name__}")
+    return operator.index(value)
+
+
 def _pair(name: str, value) -> list[int]:
     """int or 1-/2-sequence → [h, w], with torch's error for a wrong length."""
-    values = [value] if isinstance(value, int) else list(value)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    values = [_int(name, v) for v in values]
     if len(values) == 1:
         values = values * SPATIAL_DIMS
-    if len(values) != SPATIAL_DIMS or not all(isinstance(v, int) for v in values):
+    if len(values) != SPATIAL_DIMS:
         raise RuntimeError(f"expected {name} to be a single integer value or a list of {SPATIAL_DIMS} values to "
                            f"match the convolution dimensions, but got {name}={list(values)}")
     return values
@@ -215,6 +225,9 @@ def _check(x, w, bias, stride, padding, dilation, groups):
     if any(k > p for k, p in zip(kernel, padded)):
         raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
                            f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
+    if x.numel() == 0 and x.shape[0] and x.shape[1]:
+        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
+                           f"{list(x.shape)}")
     if not x.is_floating_point():
         raise RuntimeError(f"scratchops conv2d supports floating-point tensors only, got {x.dtype}")
     if w.dtype != x.dtype:
@@ -232,7 +245,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if input.dim() not in (3, 4):
         raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
                            f"{list(input.shape)}")
-    stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
+    stride, dilation, groups = _pair("stride", stride), _pair("dilation", dilation), _int("groups", groups)
     if weight.dim() != 4:
         raise RuntimeError(f"weight of conv2d should be 4-D, but got weight of size {list(weight.shape)}")
     pads = _resolve_padding(padding, stride, dilation, weight)

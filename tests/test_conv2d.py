@@ -5,6 +5,7 @@ sizes), so shapes are tiny and the option grid is chosen to cover each option
 (stride 1/2/3, padding 0/1/'same'/'valid'/asymmetric, dilation 1/2, groups
 1/2/depthwise, 1×1/3×3/7×7, odd sizes, bias None, unbatched) with few cases.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -199,7 +200,18 @@ BAD = {
     "bad padding string": ((1, 4, 5, 5), (4, 4, 3, 3), {"padding": "full"}, "Invalid padding string"),
     "3 strides": ((1, 4, 5, 5), (4, 4, 3, 3), {"stride": (1, 1, 1)}, "expected stride"),
     "3-D weight": ((1, 4, 5, 5), (4, 4, 3), {}, None),
+    "float stride": ((1, 4, 5, 5), (4, 4, 3, 3), {"stride": (1, 1.5)}, "stride"),
+    "bool padding": ((1, 4, 5, 5), (4, 4, 3, 3), {"padding": True}, "padding"),
+    "float groups": ((1, 4, 5, 5), (4, 4, 3, 3), {"groups": 1.0}, "groups"),
+    "empty image, padded": ((1, 4, 0, 5), (4, 4, 1, 1), {"padding": 1}, "Only zero batch or zero channel inputs"),
 }
+
+
+def test_integer_like_arguments(backend):
+    # torch's parser takes any integer for an int argument: numpy's, a 0-d integer tensor.
+    kwargs = {"stride": np.int64(2), "padding": (torch.tensor(1), 0), "dilation": 1, "groups": np.int32(2)}
+    x, w = make((1, 4, 5, 5)), make((2, 2, 3, 3))
+    torch.testing.assert_close(SF.conv2d(x, w, **kwargs), TF.conv2d(x, w, **kwargs))
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
