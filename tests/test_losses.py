@@ -143,6 +143,18 @@ def test_ce_special_values(backend):
     check_parity(SF.cross_entropy, TF.cross_entropy, x[:2], t[:2], reduction="mean", label_smoothing=0.2)
 
 
+def test_ce_prob_special_values(backend):
+    # a -inf logit with probability 0 (its target gradient is +inf, not nan); a nan target stays in its own row
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[-inf, 0.0, 1.0], [1.0, 2.0, 3.0]], device=DEVICE, requires_grad=True)
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]], device=DEVICE, requires_grad=True)
+    q_nan = torch.tensor([[nan, 0.5, 0.5], [0.2, 0.3, 0.5]], device=DEVICE, requires_grad=True)
+    for reduction in REDUCTIONS:
+        check_parity(SF.cross_entropy, TF.cross_entropy, x, q, reduction=reduction, equal_nan=True)
+        check_parity(SF.cross_entropy, TF.cross_entropy, x.detach().nan_to_num(-1.0).requires_grad_(), q_nan,
+                     reduction=reduction, equal_nan=True)
+
+
 def test_ce_all_ignored_and_empty(backend):
     x = make((3, 4), requires_grad=True)
     t = torch.full((3,), -100, device=DEVICE)

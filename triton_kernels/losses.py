@@ -184,7 +184,7 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, s
     if PROB:
         loss = dist + v_all * log_s  # Σ v_c (lse - z_c)
         coef = v_all
-        w_t = coef * 0.0 + 1.0
+        w_t = tl.sum(zeros, 0) + 1.0  # not coef · 0 + 1: nan for an inf/nan target
         t = ignore_index  # unused: every row counts
         active = w_t > 0.0
     else:
@@ -238,7 +238,7 @@ def _cross_entropy_reduce_kernel(loss_ptr, wt_ptr, out_ptr, denom_ptr, R, REDUCT
             total += tl.load(loss_ptr + start + cols, mask=mask, other=0)
             wsum += tl.load(wt_ptr + start + cols, mask=mask, other=0)
         loss = tl.sum(total, 0)
-        denom = tl.sum(wsum, 0) * 0.0 + 1.0
+        denom = tl.sum(tl.zeros_like(wsum), 0) + 1.0
         if REDUCTION == 1:
             denom = tl.sum(wsum, 0)
             loss = loss / denom
@@ -276,10 +276,10 @@ def _cross_entropy_target_bwd_kernel(x_ptr, stats_ptr, w_ptr, g_ptr, denom_ptr, 
     m = tl.load(stats_ptr + row)
     log_s = tl.load(stats_ptr + R + row)
     g = acc_type(tl.load(g_ptr + row * stride_g))
-    w = z * 0.0 + 1.0
+    w = tl.zeros_like(z) + 1.0  # not z · 0 + 1: nan at a -inf logit
     if HAS_WEIGHT:
         w = acc_type(tl.load(w_ptr + c, mask=mask, other=0))
-    eps = m * 0.0 + smoothing
+    eps = tl.sum(tl.zeros_like(z), 0) + smoothing
     eps = tl.where(eps > 0, eps, 0.0)
     # dq = -(1-ε) w_c log p_c · g_r / D,  log p_c = (z_c - m) - log Σ e^{z - m}
     denom = tl.load(denom_ptr)
