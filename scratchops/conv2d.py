@@ -18,8 +18,9 @@ Backward, with dy = ∂L/∂y:
     db[k]                  = Σ_{n,p,q} dy[n,k,p,q]
 
 padding='same' pads dil·(R−1) in total, the odd one extra at the bottom/right (as
-torch); 'valid' pads nothing. The output is channels_last when the input or the
-weight is (as torch). The reference backend gathers patches from an explicitly
+torch); 'valid' pads nothing. The output (and dx) is channels_last when torch would
+suggest channels_last for the input or the weight, read from the strides as torch's
+``suggest_memory_format`` does (size-1 and sliced dimensions included). The reference backend gathers patches from an explicitly
 padded copy with ``as_strided`` and contracts them with ``einsum``; dx accumulates
 the patch gradients tap by tap into a padded buffer.
 """
