@@ -156,6 +156,17 @@ def test_parity_options(backend, case):
                  reduction_size=_reduction((x_shape[0] if len(x_shape) == 4 else 1,) + x_shape[-3:], w_shape))
 
 
+@pytest.mark.parametrize("bias_layout", ["strided", "expanded"])
+def test_non_contiguous_bias(backend, bias_layout):
+    # A sliced bias keeps its strides through check_parity; an expanded one is expanded inside the call.
+    x, w = make((1, 2, 5, 5)), make((3, 2, 3, 3))
+    if bias_layout == "strided":
+        check_parity(_conv({}), _torch_conv({}), x, w, make((6,))[::2])
+    else:
+        check_parity(lambda x, w, b: SF.conv2d(x, w, b.expand(3)), lambda x, w, b: TF.conv2d(x, w, b.expand(3)),
+                     x, w, make((1,)))
+
+
 @pytest.mark.parametrize("shape", ["empty batch", "one channel", "output 1x1"])
 def test_awkward_sizes(backend, shape):
     x_shape, w_shape = {"empty batch": ((0, 2, 5, 5), (3, 2, 3, 3)), "one channel": ((2, 1, 5, 5), (1, 1, 3, 3)),

@@ -212,7 +212,8 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
     y = new_4d((N, K, P, Q), x, channels_last)
     if not y.numel():
         return y
-    b = bias if bias is not None else torch.zeros(K, dtype=x.dtype, device=x.device)
+    # The kernel reads the bias as a contiguous vector: a strided or expanded one is copied (K elements).
+    b = bias.contiguous() if bias is not None else torch.zeros(K, dtype=x.dtype, device=x.device)
     for chunk in batch_chunks(N, P * Q):
         xs, ys = x[chunk], y[chunk]
         args = (xs, w, b, ys, xs.shape[0], C_G, H, W, K // groups, P, Q, R, S, *xs.stride(), *w.stride(),
