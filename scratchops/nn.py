@@ -60,12 +60,17 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 
 class Conv2d(torch.nn.Conv2d):
-    def forward(self, input):
+    # torch's forward calls _conv_forward(input, weight, bias); subclasses call or override it (standardized
+    # weights, for instance), so scratchops replaces it, not only forward.
+    def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
             # As torch: pad explicitly with the chosen mode, then convolve with no padding.
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, input):
+        return self._conv_forward(input, self.weight, self.bias)
 
 
 class Dropout(torch.nn.Dropout):

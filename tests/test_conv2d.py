@@ -280,6 +280,21 @@ def test_module(backend, padding_mode):
     torch.testing.assert_close(mine.bias.grad, ref.bias.grad)
 
 
+def test_module_conv_forward_hook_point(backend):
+    # A subclass that convolves with a transformed weight through _conv_forward (as torch's forward does).
+    class Scaled(SN.Conv2d):
+        def forward(self, input):
+            return self._conv_forward(input, 2 * self.weight, self.bias)
+
+    ours, theirs = Scaled(2, 3, 3, padding=1, padding_mode="reflect"), torch.nn.Conv2d(2, 3, 3, padding=1,
+                                                                                        padding_mode="reflect")
+    theirs.load_state_dict(ours.state_dict())
+    x = make((1, 2, 5, 5))
+    with expect_ops(["conv2d_fwd"]):
+        y = ours(x)
+    torch.testing.assert_close(y, theirs._conv_forward(x, 2 * theirs.weight, theirs.bias))
+
+
 def test_module_same_padding_no_bias(backend):
     kwargs = dict(in_channels=3, out_channels=2, kernel_size=(2, 3), padding="same", bias=False)
     mine, ref = SN.Conv2d(**kwargs, device=DEVICE), torch.nn.Conv2d(**kwargs, device=DEVICE)
