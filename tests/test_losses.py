@@ -174,6 +174,10 @@ def test_ce_zero_weight_sum_and_no_classes(backend):
     SF.cross_entropy(x, t, weight=zero).backward()
     assert torch.isnan(x.grad).all()
     check_parity(SF.cross_entropy, TF.cross_entropy, x, t, weight=zero, reduction="sum")
+    # a nan weight only reaches the rows whose target has it (without smoothing)
+    w_nan = torch.tensor([float("nan"), 1.0, 1.0, 1.0, 1.0], device=DEVICE)
+    check_parity(SF.cross_entropy, TF.cross_entropy, x, torch.tensor([0, 1, 2], device=DEVICE), weight=w_nan,
+                 reduction="none", equal_nan=True)
     # no classes: every loss is 0, the mean over probabilities is 0 / 0
     for reduction, smoothing in itertools.product(REDUCTIONS, (0.0, 0.2)):
         kw = {"reduction": reduction, "label_smoothing": smoothing, "equal_nan": True}

@@ -213,7 +213,8 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, grad_ptr, loss_ptr, wt_ptr, s
             q = acc_type(tl.load(t_row + c * stride_tc, mask=mask, other=0))
             grad = p * coef - w * (q * (1.0 - eps) + eps_c)
         else:
-            grad = p * coef - tl.where(c == t, (1.0 - eps) * w_t, 0.0) - eps_c * w
+            grad = p * coef - tl.where(c == t, (1.0 - eps) * w_t, 0.0)
+            grad -= tl.where(eps > 0, eps_c * w, 0.0)  # not 0 · w without smoothing: nan for an inf/nan weight
             grad = tl.where(active, grad, 0.0)
         tl.store(g_row + c * S, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(loss_ptr + row, loss)
