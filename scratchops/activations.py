@@ -106,8 +106,8 @@ class Relu(torch.autograd.Function):
         return dx, None  # x, backend
 
 
-class ReluInplace(torch.autograd.Function):
-    """relu_(x): x is overwritten by y, marked dirty, and y (that is, x) is saved."""
+class ReluInplace(Relu):
+    """relu_(x): x is overwritten by y, marked dirty, and y (that is, x) is saved; Relu's backward."""
 
     @staticmethod
     def forward(ctx, x, backend):
@@ -116,13 +116,6 @@ class ReluInplace(torch.autograd.Function):
         ctx.backend = backend
         ctx.save_for_backward(x)
         return x
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        # dx = dy · [y > 0]
-        dx = relu_bwd_op(ctx.backend, y, dy) if ctx.needs_input_grad[0] else None
-        return dx, None  # x, backend
 
 
 class Tanh(torch.autograd.Function):

@@ -145,8 +145,8 @@ class Dropout(torch.autograd.Function):
         return dx, None, None, None, None  # x, seed, p, stride, backend
 
 
-class DropoutInplace(torch.autograd.Function):
-    """dropout(x, inplace=True): x is overwritten by y and marked dirty; only the seed is saved."""
+class DropoutInplace(Dropout):
+    """dropout(x, inplace=True): x is overwritten by y and marked dirty; only the seed is saved; Dropout's backward."""
 
     @staticmethod
     def forward(ctx, x, seed, p, stride, backend):
@@ -155,13 +155,6 @@ class DropoutInplace(torch.autograd.Function):
         ctx.save_for_backward(seed)
         ctx.p, ctx.stride, ctx.backend = p, stride, backend
         return x
-
-    @staticmethod
-    def backward(ctx, dy):
-        (seed,) = ctx.saved_tensors
-        # dx = dy · mask / (1 - p), mask regenerated from the seed
-        dx = dropout_bwd_op(ctx.backend, dy, seed, ctx.p, ctx.stride) if ctx.needs_input_grad[0] else None
-        return dx, None, None, None, None  # x, seed, p, stride, backend
 
 
 def _carve(tensors, flats):
