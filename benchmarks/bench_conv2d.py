@@ -54,7 +54,7 @@ def impls_for(pass_name, x, w, dy, stride, padding, channels_last):
     import torch.nn.functional as TF
 
     import scratchops.functional as SF
-    import triton_kernels.conv2d as K
+    import scratchops._kernels.conv2d as K
 
     s, pads, d = [stride, stride], [padding] * 4, [1, 1]
     aten_args = (dy, x, w, None, s, [padding, padding], d, False, [0, 0], 1)

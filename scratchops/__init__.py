@@ -6,9 +6,29 @@ against PyTorch. See ``scratchops.functional``, ``scratchops.nn`` and
 ``scratchops.optim``; ``scratchops.convert(model)`` switches an existing model's
 torch.nn layers to the scratchops ones.
 """
-from scratchops import functional, nn, optim
-from scratchops._backend import requested_backend, use_backend
-from scratchops.convert import convert  # the function (it shadows the submodule's name as an attribute)
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
 
-__all__ = ["convert", "functional", "nn", "optim", "requested_backend", "use_backend"]
+
+def _kernels_from_checkout() -> None:
+    """Installed, the kernels are the package ``scratchops._kernels``. In a plain checkout on
+    PYTHONPATH they sit in the repository's ``triton_kernels/``: load that folder under the same name."""
+    if "scratchops._kernels" in _sys.modules or _importlib_util.find_spec("scratchops._kernels") is not None:
+        return
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "triton_kernels")
+    spec = _importlib_util.spec_from_file_location("scratchops._kernels", _os.path.join(folder, "__init__.py"),
+                                                   submodule_search_locations=[folder])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules["scratchops._kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_from_checkout()
+
+from scratchops import functional, nn, optim  # noqa: E402
+from scratchops._backend import current_backend, requested_backend, use_backend  # noqa: E402
+from scratchops.convert import convert  # noqa: E402 - the function (it shadows the submodule's name as an attribute)
+
+__all__ = ["convert", "current_backend", "functional", "nn", "optim", "requested_backend", "use_backend"]
 __version__ = "0.1.0"

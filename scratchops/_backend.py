@@ -1,22 +1,28 @@
-"""The one dispatch point: which implementation runs an op.
+"""The one dispatch point: which implementation runs an op, and how it is called.
 
-Every op of scratchops is split in two registered backend ops, ``<op>_fwd`` and
-``<op>_bwd`` (``torch.library.custom_op`` in the ``scratchops`` namespace). Each
-takes the backend name as its first argument and runs either
+Every op of scratchops is split in backend ops, ``<op>_fwd`` / ``<op>_bwd`` (:func:`backend_op`).
+Each takes the backend name as its first argument and runs either
 
-* ``triton``: the launcher of the same name in ``triton_kernels/<family>.py``, or
+* ``triton``: the launcher of the same name in ``scratchops._kernels.<family>`` (the repository's
+  ``triton_kernels/<family>.py``), or
 * ``reference``: the plain-torch formula of the same name in ``scratchops/<family>.py``.
 
-The backend is chosen here, once per forward call, by :func:`choose_backend`:
+The backend is chosen once per forward call by :func:`choose_backend`:
 
-* ``reference`` when asked for (``use_backend("reference")`` or
-  ``SCRATCHOPS_BACKEND=reference``);
-* ``triton`` for CUDA tensors, or for CPU tensors when Triton runs in interpreter
-  mode (``TRITON_INTERPRET=1``), when the op's kernels support the dtype;
-* otherwise ``reference`` under ``auto`` (the default), and a ``RuntimeError``
-  under an explicit ``triton`` request that cannot be met.
+* ``reference`` when asked for (``use_backend("reference")`` or ``SCRATCHOPS_BACKEND=reference``);
+* ``triton`` for CUDA tensors, or for CPU tensors when Triton runs in interpreter mode
+  (``TRITON_INTERPRET=1``), when the op's kernels support the dtype;
+* otherwise ``reference`` under ``auto`` (the default), and a ``RuntimeError`` under an explicit
+  ``triton`` request that cannot be met.
 
-The autograd.Function stores the forward's choice and hands it to the backward op.
+``use_backend`` is thread-local, as torch's own context managers are. The autograd.Function
+stores the forward's choice and hands it to the backward ops.
+
+How a backend op is called. Each is also registered as ``torch.ops.scratchops.<name>``
+(``torch.library.custom_op``, with a fake implementation), which is what ``torch.compile``,
+``torch.export``, fake tensors, functionalization and tensor subclasses see. In plain eager mode
+that dispatch is pure host cost, so :meth:`BackendOp.__call__` calls the implementation directly
+whenever :func:`eager_plain` says nothing needs the custom op: one check, here and nowhere else.
 """
 from __future__ import annotations
 
@@ -24,19 +30,29 @@ import collections
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
+import threading
 
 import torch
 
+from scratchops._common import FLOAT_DTYPES
+
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "SCRATCHOPS_BACKEND"
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Stack of names pushed by use_backend(); the innermost request wins.
-_requests: list[str] = []
 
 # How many times each (op, backend) ran: tests read it to prove a kernel ran.
 LAUNCHES: collections.Counter = collections.Counter()
+
+
+class _Requests(threading.local):
+    """Per thread: the stack of names pushed by use_backend(); the innermost request wins."""
+
+    def __init__(self):
+        self.stack: list[str] = []
+
+
+_requests = _Requests()
 
 
 def _check_name(name: str) -> str:
@@ -45,21 +61,29 @@ def _check_name(name: str) -> str:
     return name
 
 
-def requested_backend() -> str:
-    """The backend asked for: the innermost ``use_backend``, else ``$SCRATCHOPS_BACKEND``, else auto."""
-    if _requests:
-        return _requests[-1]
+def env_backend() -> str:
+    """``$SCRATCHOPS_BACKEND`` (default ``auto``), checked."""
     return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def current_backend() -> str:
+    """The backend requested in this thread: the innermost ``use_backend``, else ``$SCRATCHOPS_BACKEND``, else auto."""
+    stack = _requests.stack
+    return stack[-1] if stack else env_backend()
+
+
+requested_backend = current_backend  # the name earlier releases exported
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the enclosed scratchops calls on ``name`` ("triton", "reference" or "auto")."""
-    _requests.append(_check_name(name))
+    """Run the enclosed scratchops calls of this thread on ``name`` ("triton", "reference" or "auto")."""
+    stack = _requests.stack
+    stack.append(_check_name(name))
     try:
         yield
     finally:
-        _requests.pop()
+        stack.pop()
 
 
 def interpreter_mode() -> bool:
@@ -88,7 +112,8 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, dtypes=F
 
 def choose_backend(tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> str:
     """The backend that runs an op whose main operand is ``tensor`` (see the module docstring)."""
-    requested = requested_backend()
+    stack = _requests.stack
+    requested = stack[-1] if stack else env_backend()
     if requested == "reference":
         return "reference"
     reason = triton_unavailable_reason(tensor.device, tensor.dtype, dtypes)
@@ -99,43 +124,65 @@ def choose_backend(tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> str:
     return "reference"
 
 
-def backend_op(name: str, reference, kernels: str, *, mutates_args=(), fake=None):
-    """Register ``scratchops::<name>`` running ``reference`` or the Triton launcher ``<kernels>.<name>``.
+# ----------------------------------------------------------------- the eager fast path
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
 
-    The op's schema is ``reference``'s signature with a leading ``str backend``.
-    Its fake (meta) implementation runs ``reference`` on fake tensors unless
-    ``fake`` is given (needed where the reference reads data, e.g. ``.item()``).
+
+def eager_plain(args) -> bool:
+    """True when a direct call gives what the custom op would: eager mode, no dispatch mode (fake
+    tensors, functionalization, export), no functorch transform, and every tensor a plain one."""
+    if _is_compiling() or _dispatch_modes() or _functorch_active():
+        return False
+    for a in args:
+        if type(a) in _PLAIN_TYPES or a is None:
+            continue
+        if isinstance(a, torch.Tensor):
+            return False
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN_TYPES
+                                                for t in a):
+            return False
+    return True
+
+
+def backend_op(name: str, reference, family: str, *, mutates_args=(), fake=None):
+    """``scratchops::<name>``: the reference formula or the Triton launcher ``<family>.<name>``.
+
+    Returns ``op(backend, *args)``. In plain eager mode (:func:`eager_plain`) the implementation
+    runs directly; otherwise through the registered custom op (``op.custom``), whose schema is
+    ``reference``'s signature with a leading ``str backend``. Its fake (meta) implementation runs
+    ``reference`` on fake tensors unless ``fake`` is given (needed where the reference reads data,
+    e.g. ``.item()``). The launcher is imported once, on first use.
     """
-    schema = torch.library.infer_schema(reference, mutates_args=mutates_args)
-    schema = "(str backend" + (", " if schema[1] != ")" else "") + schema[1:]
+    impls = {"reference": reference}
+    mutated = [i for i, arg in enumerate(inspect.signature(reference).parameters) if arg in mutates_args]
+
+    def impl(backend: str):
+        fn = impls.get(backend)
+        if fn is None:
+            fn = impls[backend] = getattr(importlib.import_module(f"scratchops._kernels.{family}"), name)
+        return fn
 
     def run(backend: str, *args):
         LAUNCHES[name, backend] += 1
-        if backend == "triton":
-            return getattr(importlib.import_module(kernels), name)(*args)
-        return reference(*args)
+        return impl(backend)(*args)
 
-    op = torch.library.custom_op(f"scratchops::{name}", run, mutates_args=mutates_args, schema=schema)
-    op.register_fake(fake or (lambda backend, *args: reference(*args)))
+    schema = torch.library.infer_schema(reference, mutates_args=mutates_args)
+    schema = "(str backend" + (", " if schema[1] != ")" else "") + schema[1:]
+    custom = torch.library.custom_op(f"scratchops::{name}", run, mutates_args=mutates_args, schema=schema)
+    custom.register_fake(fake or (lambda backend, *args: reference(*args)))
+    overload = getattr(torch.ops.scratchops, name).default
+
+    def op(backend: str, *args):
+        if not eager_plain(args):
+            return overload(backend, *args)
+        out = run(backend, *args)
+        for i in mutated:  # as the custom op would: autograd must see the write
+            torch.autograd.graph.increment_version(args[i])
+        return out
+
+    op.__name__ = op.__qualname__ = f"{name}_op"
+    op.custom, op.impl, op.reference = custom, impl, reference
     return op
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype math runs in: float64 for float64, float32 for the other floating types."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_tensor(fn: str, value, arg: str = "input", position: int = 1) -> None:
-    """Raise torch's TypeError when ``value`` is not a tensor."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{fn}(): argument '{arg}' (position {position}) must be Tensor, not {type(value).__name__}")
-
-
-def check_inplace(x: torch.Tensor) -> None:
-    """Raise torch's RuntimeError, before anything is written, for an in-place op autograd would reject."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return
-    if x.is_leaf:
-        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
-    if x._base is not None and x._base.is_leaf:
-        raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")

@@ -16,26 +16,54 @@ For complex inputs (reference backend only) autograd wants dx = dy · conj(f'(x)
 """
 import torch
 
-from scratchops._backend import (FLOAT_DTYPES, backend_op, check_inplace, check_tensor, choose_backend,
-                                 compute_dtype)
+from scratchops._backend import backend_op, choose_backend
+from scratchops._common import FLOAT_DTYPES, INT_DTYPES, check_inplace, check_tensor, compute_dtype
 
-KERNELS = "triton_kernels.activations"
-RELU_DTYPES = FLOAT_DTYPES + (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+KERNELS = "activations"
+RELU_DTYPES = FLOAT_DTYPES + INT_DTYPES
 
 
-# ----------------------------------------------------------------- reference math
+# ----------------------------------------------------------------- reference math (one owner per formula)
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """y = act(z) for real z in its compute dtype: the formulas linear's epilogue uses too."""
+    if activation == "relu":
+        return torch.where(z < 0, torch.zeros_like(z), z)
+    if activation == "sigmoid":
+        return 1 / (1 + torch.exp(-z))
+    if activation == "tanh":
+        # tanh(|z|) = -m / (2 + m) with m = e^{-2|z|} - 1 (expm1 keeps it exact near 0)
+        m = torch.expm1(-2 * z.abs())
+        y = torch.where(z < 0, m / (2 + m), -m / (2 + m))
+        return torch.where(z == 0, z, y)  # tanh(±0) = ±0, the sign kept as torch's
+    return z
+
+
+def activation_grad(dy: torch.Tensor, y: torch.Tensor, activation: str) -> torch.Tensor:
+    """dz = dy · act'(z) written with the output y (complex: dy · conj(act'(z)))."""
+    if activation == "relu":
+        # As torch's threshold_backward: only y <= 0 blocks the gradient, so NaN passes.
+        return torch.where(y <= 0, torch.zeros_like(dy), dy)
+    if activation == "sigmoid":
+        return dy * (y * (1 - y)).conj()
+    if activation == "tanh":
+        return dy * (1 - y * y).conj()
+    return dy
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_complex() else t.to(compute_dtype(t.dtype))
+
+
 def sigmoid_fwd(x: torch.Tensor) -> torch.Tensor:
-    xc = x if x.is_complex() else x.to(compute_dtype(x.dtype))
-    return (1 / (1 + torch.exp(-xc))).to(x.dtype)
+    return activate(_compute(x), "sigmoid").to(x.dtype)
 
 
 def sigmoid_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    yc = y if y.is_complex() else y.to(compute_dtype(y.dtype))
-    return (dy * (yc * (1 - yc)).conj()).to(dy.dtype)
+    return activation_grad(dy, _compute(y), "sigmoid").to(dy.dtype)
 
 
 def relu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x < 0, torch.zeros_like(x), x)
+    return activate(x, "relu")
 
 
 def relu_fwd_(x: torch.Tensor) -> None:
@@ -43,24 +71,18 @@ def relu_fwd_(x: torch.Tensor) -> None:
 
 
 def relu_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    # As torch's threshold_backward: only y <= 0 blocks the gradient, so NaN passes.
-    return torch.where(y <= 0, torch.zeros_like(dy), dy)
+    return activation_grad(dy, y, "relu")
 
 
 def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
     if x.is_complex():
         e = torch.exp(2 * x)
         return torch.where(x.real.abs() > 20, torch.sgn(x.real).to(x.dtype), (e - 1) / (e + 1))
-    xc = x.to(compute_dtype(x.dtype))
-    # tanh(|x|) = -m / (2 + m) with m = e^{-2|x|} - 1 (expm1 keeps it exact near 0)
-    m = torch.expm1(-2 * xc.abs())
-    y = torch.where(xc < 0, m / (2 + m), -m / (2 + m))
-    return torch.where(xc == 0, xc, y).to(x.dtype)  # tanh(±0) = ±0, the sign kept as torch's
+    return activate(_compute(x), "tanh").to(x.dtype)
 
 
 def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    yc = y if y.is_complex() else y.to(compute_dtype(y.dtype))
-    return (dy * (1 - yc * yc).conj()).to(dy.dtype)
+    return activation_grad(dy, _compute(y), "tanh").to(dy.dtype)
 
 
 # ----------------------------------------------------------------- backend ops
@@ -74,64 +96,46 @@ tanh_bwd_op = backend_op("tanh_bwd", tanh_bwd, KERNELS)
 
 
 # ----------------------------------------------------------------- autograd
-class Sigmoid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, backend):
-        y = sigmoid_fwd_op(backend, x)
-        ctx.backend = backend
-        ctx.save_for_backward(y)
-        return y
+def _activation_function(name: str, fwd_op, bwd_op, formula: str):
+    """The autograd.Function of an activation: y = fwd(x) saved, dx = bwd(y, dy) (``formula``)."""
 
-    @staticmethod
+    def forward(x, backend):
+        return fwd_op(backend, x)
+
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[1]
+        ctx.save_for_backward(output)
+
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        # dx = dy · y (1 - y)
-        dx = sigmoid_bwd_op(ctx.backend, y, dy) if ctx.needs_input_grad[0] else None
+        dx = bwd_op(ctx.backend, y, dy) if ctx.needs_input_grad[0] else None
         return dx, None  # x, backend
 
-
-class Relu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, backend):
-        y = relu_fwd_op(backend, x)
-        ctx.backend = backend
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        # dx = dy · [y > 0]
-        dx = relu_bwd_op(ctx.backend, y, dy) if ctx.needs_input_grad[0] else None
-        return dx, None  # x, backend
+    backward.__doc__ = formula
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name[:-len('Function')].lower()}(x, backend); backward {formula}",
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
 
 
-class ReluInplace(Relu):
-    """relu_(x): x is overwritten by y, marked dirty, and y (that is, x) is saved; Relu's backward."""
+SigmoidFunction = _activation_function("SigmoidFunction", sigmoid_fwd_op, sigmoid_bwd_op, "dx = dy · y (1 - y)")
+ReluFunction = _activation_function("ReluFunction", relu_fwd_op, relu_bwd_op, "dx = dy · [y > 0]")
+TanhFunction = _activation_function("TanhFunction", tanh_fwd_op, tanh_bwd_op, "dx = dy · (1 - y²)")
+
+
+class ReluInplaceFunction(ReluFunction):
+    """relu_(x): x is overwritten by y, marked dirty, and y (that is, x) is saved; ReluFunction's backward."""
 
     @staticmethod
-    def forward(ctx, x, backend):
+    def forward(x, backend):
         relu_fwd__op(backend, x)
-        ctx.mark_dirty(x)
-        ctx.backend = backend
-        ctx.save_for_backward(x)
         return x
 
-
-class Tanh(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, backend):
-        y = tanh_fwd_op(backend, x)
-        ctx.backend = backend
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        # dx = dy · (1 - y²)
-        dx = tanh_bwd_op(ctx.backend, y, dy) if ctx.needs_input_grad[0] else None
-        return dx, None  # x, backend
+    def setup_context(ctx, inputs, output):
+        x, ctx.backend = inputs
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(output)
 
 
 # ----------------------------------------------------------------- functional
@@ -145,13 +149,13 @@ def _as_floating(x: torch.Tensor) -> torch.Tensor:
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     check_tensor("sigmoid", input)
     x = _as_floating(input)
-    return Sigmoid.apply(x, choose_backend(x))
+    return SigmoidFunction.apply(x, choose_backend(x))
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     check_tensor("tanh", input)
     x = _as_floating(input)
-    return Tanh.apply(x, choose_backend(x))
+    return TanhFunction.apply(x, choose_backend(x))
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -169,9 +173,9 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
                                "single memory location. Please clone() the tensor before performing the operation.")
         if torch.compiler.is_compiling():
             # Dynamo cannot trace ctx.mark_dirty: the out-of-place op written back traces to the same result.
-            return input.copy_(Relu.apply(input, backend))
-        return ReluInplace.apply(input, backend)
-    return Relu.apply(input, backend)
+            return input.copy_(ReluFunction.apply(input, backend))
+        return ReluInplaceFunction.apply(input, backend)
+    return ReluFunction.apply(input, backend)
 
 
 def relu_(input: torch.Tensor) -> torch.Tensor:

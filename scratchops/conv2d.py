@@ -31,9 +31,10 @@ from typing import Optional
 
 import torch
 
-from scratchops._backend import backend_op, check_tensor, choose_backend, compute_dtype
+from scratchops._backend import backend_op, choose_backend
+from scratchops._common import check_tensor, compute_dtype
 
-KERNELS = "triton_kernels.conv2d"
+KERNELS = "conv2d"
 SPATIAL_DIMS = 2
 
 

@@ -30,10 +30,11 @@ import contextlib
 
 import torch
 
-from scratchops._backend import backend_op, check_tensor, choose_backend, compute_dtype
+from scratchops._backend import backend_op, choose_backend
+from scratchops._common import check_tensor, compute_dtype
 
-KERNELS = "triton_kernels.linear"
-KERNELS_BWD = "triton_kernels.linear_bwd"
+KERNELS = "linear"
+KERNELS_BWD = "linear_bwd"
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 _DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
 

@@ -39,9 +39,10 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import backend_op, check_tensor, choose_backend, compute_dtype
+from scratchops._backend import backend_op, choose_backend
+from scratchops._common import check_tensor, compute_dtype
 
-KERNELS = "triton_kernels.losses"
+KERNELS = "losses"
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
 LEGACY_WARNING = "size_average and reduce args will be deprecated, please use reduction='{}' instead."

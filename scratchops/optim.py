@@ -40,9 +40,10 @@ Differences from torch.optim.SGD, by design:
 """
 import torch
 
-from scratchops._backend import backend_op, choose_backend, compute_dtype
+from scratchops._backend import backend_op, choose_backend
+from scratchops._common import compute_dtype
 
-KERNELS = "triton_kernels.optim"
+KERNELS = "optim"
 
 
 # ----------------------------------------------------------------- reference math

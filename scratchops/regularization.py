@@ -28,10 +28,10 @@ import struct
 
 import torch
 
-from scratchops._backend import (FLOAT_DTYPES, backend_op, check_inplace, check_tensor, choose_backend,
-                                 compute_dtype, triton_unavailable_reason)
+from scratchops._backend import backend_op, choose_backend, triton_unavailable_reason
+from scratchops._common import FLOAT_DTYPES, check_inplace, check_tensor, compute_dtype
 
-KERNELS = "triton_kernels.regularization"
+KERNELS = "regularization"
 SEED_HIGH = 2**63 - 1  # seeds are drawn uniformly from [0, 2^63 - 1)
 TORCH_INT_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
                    torch.int32: "Int", torch.int64: "Long"}

@@ -22,9 +22,10 @@ import warnings
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend, compute_dtype
+from scratchops._backend import backend_op, choose_backend
+from scratchops._common import compute_dtype
 
-KERNELS = "triton_kernels.softmax"
+KERNELS = "softmax"
 # torch's names for the dtypes its softmax kernels reject, as its error messages spell them.
 _TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
                      torch.int32: "Int", torch.int64: "Long", torch.complex64: "ComplexFloat",

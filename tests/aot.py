@@ -1,8 +1,8 @@
 """Compile a kernel family ahead of time for sm_90 and report registers and spills.
 
-Run as ``python -m tests.aot triton_kernels.<family>`` with TRITON_INTERPRET unset
+Run as ``python -m tests.aot scratchops._kernels.<family>`` with TRITON_INTERPRET unset
 (the interpreter replaces ``@triton.jit`` functions, so it needs a process of its
-own). It compiles every entry of the module's ``AOT_CONFIGS`` with
+own). It compiles every entry of the module's ``aot_configs()`` with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (no GPU
 needed: ptxas ships in the triton wheel), reads the cubin's resource usage with
 ``cuobjdump --dump-resource-usage`` and prints one JSON line per config.
@@ -24,10 +24,12 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def compile_config(kernel, signature, constexprs, num_warps, num_stages=None):
+def compile_config(entry):
+    """Compile one ``AotEntry`` (``scratchops._kernels._launch``) and read its resource usage."""
+    kernel, signature, constexprs, num_warps = entry.fn, entry.signature, entry.constexprs, entry.num_warps
     options = {"num_warps": num_warps}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
+    if entry.num_stages is not None:
+        options["num_stages"] = entry.num_stages
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=TARGET, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -43,8 +45,8 @@ def compile_config(kernel, signature, constexprs, num_warps, num_stages=None):
 
 def main(module_name: str) -> None:
     module = importlib.import_module(module_name)
-    for config in module.AOT_CONFIGS:
-        print(json.dumps(compile_config(*config)), flush=True)
+    for config in module.aot_configs():
+        print(json.dumps(compile_config(config)), flush=True)
 
 
 if __name__ == "__main__":

@@ -143,14 +143,14 @@ def check_same_error(ours, theirs, *args, match=None, **kwargs):
 
 
 def check_aot(module: str):
-    """Compile every config in ``<module>.AOT_CONFIGS`` for sm_90; assert no spills; return the report rows."""
+    """Compile every config in ``<module>.aot_configs()`` for sm_90; assert no spills; return the report rows."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "tests.aot", module], cwd=REPO, env=env, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert rows, f"{module} lists no AOT_CONFIGS"
+    assert rows, f"{module} lists no aot_configs()"
     print(f"\nsm_90 resource usage for {module}:")
     for r in rows:
         print(f"  {r['kernel']:32s} {','.join(r['dtypes']):18s} {r['constexprs']} warps={r['num_warps']} "

@@ -204,15 +204,16 @@ def test_opcheck(backend, name):
 
     x = make((5, 6))
     y = getattr(A, f"{name}_fwd")(x)
-    torch.library.opcheck(getattr(A, f"{name}_fwd_op"), (backend, x))
-    torch.library.opcheck(getattr(A, f"{name}_bwd_op"), (backend, y, make((5, 6))))
+    torch.library.opcheck(getattr(A, f"{name}_fwd_op").custom, (backend, x))
+    torch.library.opcheck(getattr(A, f"{name}_bwd_op").custom, (backend, y, make((5, 6))))
     if name == "relu":
-        torch.library.opcheck(A.relu_fwd__op, (backend, make((5, 6))))
+        torch.library.opcheck(A.relu_fwd__op.custom, (backend, make((5, 6))))
 
 
 def test_aot_compile_sm90():
-    rows = check_aot("triton_kernels.activations")
-    assert {r["kernel"] for r in rows} == {f"_{n}_{d}_kernel" for n in NAMES for d in ("fwd", "bwd")}
+    rows = check_aot("scratchops._kernels.activations")
+    assert {r["kernel"] for r in rows} == {"_activation_fwd_kernel", "_activation_bwd_kernel"}
+    assert len(rows) == 3 * 2 * 4 + 5  # sigmoid, relu, tanh x fwd, bwd x 4 float types, + relu fwd on 5 int types
 
 
 @pytest.mark.gpu

@@ -362,8 +362,8 @@ def test_split_k_and_batch_chunks(backend, monkeypatch):
     and the batch split that keeps int32 position indices below 2^31."""
     if backend != "triton":
         pytest.skip("launcher paths of the Triton backend")
-    import triton_kernels.conv2d as K
-    import triton_kernels.conv2d_bwd as KB
+    import scratchops._kernels.conv2d as K
+    import scratchops._kernels.conv2d_bwd as KB
 
     monkeypatch.setattr(KB, "_split_k", lambda tiles, npq, device: 3)
     monkeypatch.setattr(K, "MAX_POSITIONS", 100)  # 81 positions per image: one image per launch
@@ -374,7 +374,7 @@ def test_split_k_and_batch_chunks(backend, monkeypatch):
 
 def test_fp32_precision_follows_cudnn_tf32_flag():
     pytest.importorskip("triton")
-    from triton_kernels.conv2d import input_precision
+    from scratchops._kernels.conv2d import input_precision
 
     for allowed, expected in ((True, "tf32"), (False, "ieee")):
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allowed):
@@ -404,14 +404,14 @@ def test_resnet_layer_gpu(backend, dtype):
 
 def test_aot_compile_sm90():
     """Forward: every tile × dtype (fp32 with tf32 and ieee; fp64 multiply-and-sum), no spills."""
-    rows = check_aot("triton_kernels.conv2d")
+    rows = check_aot("scratchops._kernels.conv2d")
     assert {r["kernel"] for r in rows} == {"_conv2d_fwd_kernel"}
     assert {r["dtypes"][0] for r in rows} == {"*fp16", "*bf16", "*fp32", "*fp64"}
     assert {r["constexprs"]["INPUT_PRECISION"] for r in rows if r["dtypes"] == ["*fp32"]} == {"tf32", "ieee"}
 
 
 def test_aot_compile_sm90_backward():
-    rows = check_aot("triton_kernels.conv2d_bwd")
+    rows = check_aot("scratchops._kernels.conv2d_bwd")
     names = {"_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel", "_conv2d_bwd_bias_kernel"}
     assert {r["kernel"] for r in rows} == names
     for name in names:

@@ -398,10 +398,10 @@ def test_torch_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("module,kinds", [("linear", ["fwd"]), ("linear_bwd", ["input", "weight"])])
 def test_aot_compile_sm90(module, kinds):
-    from triton_kernels import linear as K
-    from triton_kernels import linear_bwd  # noqa: F401  (adds the backward kernels to K.KERNEL_ARGS)
+    from scratchops._kernels import linear as K
+    from scratchops._kernels import linear_bwd  # noqa: F401  (adds the backward kernels to K.KERNEL_ARGS)
 
-    rows = check_aot(f"triton_kernels.{module}")
+    rows = check_aot(f"scratchops._kernels.{module}")
     expected = {K.KERNEL_ARGS[kind][0].__name__ for kind in kinds}
     assert {r["kernel"] for r in rows} == expected | ({"_linear_bwd_bias_kernel"} if module == "linear_bwd" else set())
     # Every autotune config of every kernel and dtype class, and the fp64 path, is in the list.

@@ -472,7 +472,7 @@ def test_backward_uses_forward_backend(backend):
 
 
 def test_aot_compile_sm90():
-    rows = check_aot("triton_kernels.losses")
+    rows = check_aot("scratchops._kernels.losses")
     names = {r["kernel"] for r in rows}
     assert names == {"_mse_fwd_kernel", "_mse_finish_kernel", "_mse_bwd_kernel", "_cross_entropy_fwd_kernel",
                      "_cross_entropy_reduce_kernel", "_cross_entropy_bwd_kernel", "_cross_entropy_target_bwd_kernel"}

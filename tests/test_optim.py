@@ -151,7 +151,7 @@ def test_half(backend, dtype):
 
 def test_groups_dtypes_and_missing_grads(backend, monkeypatch):
     """Groups with their own options; a group mixing dtypes; parameters without gradients are left alone."""
-    import triton_kernels.optim as K
+    import scratchops._kernels.optim as K
 
     ours, theirs = _params([(4, 3), (5,), (), (6,), (2, 2)])
     ours64, theirs64 = _params([(3,), (9,)], torch.float64, seed=7)
@@ -322,7 +322,7 @@ def test_opcheck(backend):
 
 
 def test_aot_compile_sm90():
-    rows = check_aot("triton_kernels.optim")
+    rows = check_aot("scratchops._kernels.optim")
     assert {r["kernel"] for r in rows} == {"_sgd_step_kernel"}
     assert {r["constexprs"]["DTYPE"] for r in rows} == {"fp16", "bf16", "fp32", "fp64"}
     assert {r["constexprs"]["ALIGNED"] for r in rows} == {"True", "False"}

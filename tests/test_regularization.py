@@ -321,7 +321,7 @@ def test_l2_penalty_mixed_dtypes(backend, dtypes):
 def test_l2_penalty_one_launch_per_dtype(monkeypatch):
     if backend_skip_reason("triton"):
         pytest.skip(backend_skip_reason("triton"))
-    import triton_kernels.regularization as K
+    import scratchops._kernels.regularization as K
 
     launches = []
 
@@ -471,7 +471,7 @@ def test_opcheck(backend):
 
 
 def test_aot_compile_sm90():
-    rows = check_aot("triton_kernels.regularization")
+    rows = check_aot("scratchops._kernels.regularization")
     kernels = {f"_{name}_{d}_kernel" for name in ("dropout", "l2_penalty") for d in ("fwd", "bwd")}
     assert {r["kernel"] for r in rows} == kernels
     assert len(rows) == 4 * 4, "every kernel compiles for fp16, bf16, fp32 and fp64"

@@ -9,7 +9,7 @@ import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
 import scratchops.softmax as S
-import triton_kernels.softmax as K
+import scratchops._kernels.softmax as K
 from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
                            make, tolerances)
 
@@ -260,7 +260,7 @@ def test_opcheck(backend, name):
 
 
 def test_aot_compile_sm90():
-    rows = check_aot("triton_kernels.softmax")
+    rows = check_aot("scratchops._kernels.softmax")
     kernels = {"_softmax_fwd_kernel", "_softmax_bwd_kernel", "_softmax_fwd_looped_kernel", "_softmax_bwd_looped_kernel"}
     assert {r["kernel"] for r in rows} == kernels
     assert {d for r in rows for d in r["dtypes"]} == {"*fp16", "*bf16", "*fp32", "*fp64"}

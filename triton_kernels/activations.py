@@ -1,147 +1,167 @@
 """Triton kernels for sigmoid, ReLU and tanh: 1-D grids over the flat elements.
 
-Forward kernels read x and write y; backward kernels read the saved output y and
-the incoming gradient dy and write dx. Offsets are int64; math runs in fp32
-(fp64 for fp64 tensors); loads and stores use the tensor's dtype.
+The activation formulas live here once, as two ``@triton.jit`` helpers that every kernel applying
+an activation uses (these kernels, and linear's epilogue and backward):
+
+* :func:`activate`: y = act(z);
+* :func:`activation_grad`: dz = dy · act'(z), written with the output y.
+
+One forward kernel and one backward kernel serve the three ops, the op chosen by the ACTIVATION
+constexpr (``scratchops._common.Activation``). Offsets are int64; math runs in the ACC dtype
+(fp64 for fp64 tensors, fp32 otherwise); loads and stores use the tensor's dtype.
 """
 import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import (FLOAT_DTYPE_NAMES, acc_type, elementwise_out, grid_1d, is_dense,
-                                    same_layout)
+from .._common import Activation
+from ._launch import FLOAT_TYPES, INT_TYPES, Kernel, acc_dtype, config, elementwise_out, flat_offsets, is_dense, \
+    same_layout
 
-BLOCK = 1024
-NUM_WARPS = 4
-RELU_INT_DTYPE_NAMES = ("i8", "u8", "i16", "i32", "i64")
+NONE = tl.constexpr(Activation.NONE.value)
+RELU = tl.constexpr(Activation.RELU.value)
+SIGMOID = tl.constexpr(Activation.SIGMOID.value)
+TANH = tl.constexpr(Activation.TANH.value)
+
+
+# ----------------------------------------------------------------- the formulas (one owner)
+@triton.jit
+def activate(z, ACTIVATION: tl.constexpr, EXACT: tl.constexpr):
+    """y = act(z) in z's dtype (the compute dtype; relu also takes integers).
+
+    relu     max(z, 0), written so that NaN passes through as torch's does
+    sigmoid  1 / (1 + e^{-z}): e^{-z} overflows to inf for z << 0, giving exactly 0
+    tanh     tanh(|z|) = -m / (2 + m) with m = e^{-2|z|} - 1, the sign restored, tanh(±0) = ±0.
+             EXACT: m by expm1 (Kahan: u = e^t; t if u == 1, -1 if u - 1 == -1, else (u - 1) t / ln u),
+             free of cancellation near 0. Otherwise m = u - 1, about one ulp of 1 in absolute terms:
+             a GEMM epilogue's own rounding, where expm1's registers would make big tiles spill.
+    """
+    if ACTIVATION == RELU:
+        z = tl.where(z < 0, 0, z)
+    elif ACTIVATION == SIGMOID:
+        z = 1.0 / (1.0 + tl.exp(-z))
+    elif ACTIVATION == TANH:
+        t = -2.0 * tl.abs(z)
+        u = tl.exp(t)
+        if EXACT:
+            m = tl.where(u == 1.0, t, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * t / tl.log(u)))
+        else:
+            m = u - 1.0
+        y = -m / (2.0 + m)
+        y = tl.where(z < 0, -y, y)
+        z = tl.where(z == 0, z, y)
+    return z
 
 
 @triton.jit
-def _offsets(n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < n
+def activation_grad(dy, y, ACTIVATION: tl.constexpr):
+    """dz = dy · act'(z), from the output y, both in the compute dtype.
+
+    relu     dy · [y > 0]: as torch's threshold_backward only y <= 0 blocks the gradient (NaN passes)
+    sigmoid  dy · y (1 - y)
+    tanh     dy · (1 - y²)
+    """
+    if ACTIVATION == RELU:
+        dy = tl.where(y <= 0, 0.0, dy)
+    elif ACTIVATION == SIGMOID:
+        dy = dy * y * (1.0 - y)
+    elif ACTIVATION == TANH:
+        dy = dy * (1.0 - y * y)
+    return dy
 
 
+# ----------------------------------------------------------------- kernels
 @triton.jit
-def _sigmoid_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n, BLOCK)
-    x = acc_type(tl.load(x_ptr + offs, mask=mask))
-    # σ(x) = 1 / (1 + e^{-x}): e^{-x} overflows to inf for x << 0, giving exactly 0.
-    y = 1.0 / (1.0 + tl.exp(-x))
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sigmoid_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n, BLOCK)
-    y = acc_type(tl.load(y_ptr + offs, mask=mask))
-    dy = acc_type(tl.load(dy_ptr + offs, mask=mask))
-    # dx = dy · σ'(x) = dy · y (1 - y)
-    tl.store(dx_ptr + offs, (dy * y * (1.0 - y)).to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _relu_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n, BLOCK)
+def _activation_fwd_kernel(x_ptr, y_ptr, n,
+                           ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = flat_offsets(n, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask)
-    # relu(x) = max(x, 0), written so that NaN passes through as torch's does.
-    tl.store(y_ptr + offs, tl.where(x < 0, 0, x), mask=mask)
+    if ACTIVATION != RELU:  # relu compares in the storage dtype (integers included)
+        x = x.to(ACC)
+    tl.store(y_ptr + offs, activate(x, ACTIVATION, True).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _relu_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n, BLOCK)
-    y = tl.load(y_ptr + offs, mask=mask)
-    dy = tl.load(dy_ptr + offs, mask=mask)
-    # dx = dy · [y > 0]; as torch's threshold_backward, only y <= 0 blocks the gradient (NaN passes).
-    tl.store(dx_ptr + offs, tl.where(y <= 0, 0, dy).to(dx_ptr.dtype.element_ty), mask=mask)
+def _activation_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n,
+                           ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = flat_offsets(n, BLOCK)
+    y = tl.load(y_ptr + offs, mask=mask).to(ACC)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(ACC)
+    tl.store(dx_ptr + offs, activation_grad(dy, y, ACTIVATION).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _tanh_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n, BLOCK)
-    x = acc_type(tl.load(x_ptr + offs, mask=mask))
-    # tanh(|x|) = -m / (2 + m) with m = expm1(-2|x|), free of cancellation near 0.
-    # expm1(t) by Kahan's trick: u = e^t; t if u == 1, -1 if u - 1 == -1, else (u - 1) t / ln u.
-    t = -2.0 * tl.abs(x)
-    u = tl.exp(t)
-    m = tl.where(u == 1.0, t, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * t / tl.log(u)))
-    y = -m / (2.0 + m)
-    y = tl.where(x < 0, -y, y)
-    y = tl.where(x == 0, x, y)  # tanh(±0) = ±0, the sign kept as torch's
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+ELEMENTWISE = [config(BLOCK=1024, num_warps=4)]
+_fwd = Kernel(_activation_fwd_kernel, ELEMENTWISE)
+_bwd = Kernel(_activation_bwd_kernel, ELEMENTWISE)
 
 
-@triton.jit
-def _tanh_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
-    offs, mask = _offsets(n, BLOCK)
-    y = acc_type(tl.load(y_ptr + offs, mask=mask))
-    dy = acc_type(tl.load(dy_ptr + offs, mask=mask))
-    # dx = dy · (1 - y²)
-    tl.store(dx_ptr + offs, (dy * (1.0 - y * y)).to(dx_ptr.dtype.element_ty), mask=mask)
+# ----------------------------------------------------------------- launchers
+def _grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
 
 
-def _unary(kernel, x: torch.Tensor) -> torch.Tensor:
+def _forward(activation: Activation, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y = act(x) for x and y of the same dense layout (x may be y: in place)."""
+    n = y.numel()
+    if n:
+        _fwd(_grid(n), x, y, n, ACTIVATION=activation.value, ACC=acc_dtype(y.dtype))
+
+
+def _unary(activation: Activation, x: torch.Tensor) -> torch.Tensor:
     y = elementwise_out(x)
-    if y.numel():
-        kernel[grid_1d(y.numel(), BLOCK)](same_layout(x, y), y, y.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _forward(activation, same_layout(x, y), y)
     return y
 
 
-def _backward(kernel, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def _backward(activation: Activation, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     dx = elementwise_out(y, dtype=dy.dtype)
-    if dx.numel():
-        kernel[grid_1d(dx.numel(), BLOCK)](same_layout(y, dx), same_layout(dy, dx), dx, dx.numel(),
-                                            BLOCK=BLOCK, num_warps=NUM_WARPS)
+    n = dx.numel()
+    if n:
+        _bwd(_grid(n), same_layout(y, dx), same_layout(dy, dx), dx, n, ACTIVATION=activation.value,
+             ACC=acc_dtype(dy.dtype))
     return dx
 
 
 def sigmoid_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(_sigmoid_fwd_kernel, x)
+    return _unary(Activation.SIGMOID, x)
 
 
 def sigmoid_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(_sigmoid_bwd_kernel, y, dy)
+    return _backward(Activation.SIGMOID, y, dy)
 
 
 def relu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(_relu_fwd_kernel, x)
+    return _unary(Activation.RELU, x)
 
 
 def relu_fwd_(x: torch.Tensor) -> None:
     """In place: y is written over x (through a dense copy, written back, when x has gaps)."""
-    if not x.numel():
-        return
     dense = x if is_dense(x) else x.contiguous()
-    _relu_fwd_kernel[grid_1d(x.numel(), BLOCK)](dense, dense, x.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _forward(Activation.RELU, dense, dense)
     if dense is not x:
         x.copy_(dense)
 
 
 def relu_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(_relu_bwd_kernel, y, dy)
+    return _backward(Activation.RELU, y, dy)
 
 
 def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(_tanh_fwd_kernel, x)
+    return _unary(Activation.TANH, x)
 
 
 def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(_tanh_bwd_kernel, y, dy)
+    return _backward(Activation.TANH, y, dy)
 
 
-def _configs(kernel, n_tensors, dtype_names):
-    names = ("x_ptr", "y_ptr") if n_tensors == 2 else ("y_ptr", "dy_ptr", "dx_ptr")
-    for dt in dtype_names:
-        yield kernel, {**{p: f"*{dt}" for p in names}, "n": "i64", "BLOCK": "constexpr"}, {"BLOCK": BLOCK}, NUM_WARPS
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """Every compile the launchers above get on a GPU (read by tests/aot.py, outside the interpreter)."""
+    for act in (Activation.SIGMOID, Activation.RELU, Activation.TANH):
+        types = FLOAT_TYPES + (INT_TYPES if act == Activation.RELU else ())
+        for t in types:
+            consts = {"ACTIVATION": act.value, "ACC": tl.float64 if t == "fp64" else tl.float32}
+            yield from _fwd.aot(t, consts, ints={"n": "i64"})
+            if t in FLOAT_TYPES:
+                yield from _bwd.aot(t, consts, ints={"n": "i64"})
 
-
-# Every (kernel, signature, constexprs, num_warps) the launchers above launch with.
-AOT_CONFIGS = [
-    *_configs(_sigmoid_fwd_kernel, 2, FLOAT_DTYPE_NAMES),
-    *_configs(_sigmoid_bwd_kernel, 3, FLOAT_DTYPE_NAMES),
-    *_configs(_relu_fwd_kernel, 2, FLOAT_DTYPE_NAMES + RELU_INT_DTYPE_NAMES),
-    *_configs(_relu_bwd_kernel, 3, FLOAT_DTYPE_NAMES),
-    *_configs(_tanh_fwd_kernel, 2, FLOAT_DTYPE_NAMES),
-    *_configs(_tanh_bwd_kernel, 3, FLOAT_DTYPE_NAMES),
-]

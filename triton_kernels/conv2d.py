@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import acc_type
+from ._launch import acc_type
 
 
 # ----------------------------------------------------------------- index algebra (the one place)
@@ -224,19 +224,19 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
 
 # The backward launchers live in conv2d_bwd.py (imported on first use: it imports this module).
 def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last):
-    from triton_kernels import conv2d_bwd
+    from . import conv2d_bwd
 
     return conv2d_bwd.conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last)
 
 
 def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last):
-    from triton_kernels import conv2d_bwd
+    from . import conv2d_bwd
 
     return conv2d_bwd.conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last)
 
 
 def conv2d_bwd_bias(dy):
-    from triton_kernels import conv2d_bwd
+    from . import conv2d_bwd
 
     return conv2d_bwd.conv2d_bwd_bias(dy)
 

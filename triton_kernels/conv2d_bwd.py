@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import acc_type
-from triton_kernels.conv2d import (DGRAD_TILES, INTERPRETER_CONFIG_WGRAD, SIZE_ARGS, WGRAD_TILES, _in_coord, _mma,
+from ._launch import acc_type
+from .conv2d import (DGRAD_TILES, INTERPRETER_CONFIG_WGRAD, SIZE_ARGS, WGRAD_TILES, _in_coord, _mma,
                                    _out_coord, _split3, _tap_step, batch_chunks, gemm_aot_configs, geometry, launch,
                                    new_4d, tuned)
 

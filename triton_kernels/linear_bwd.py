@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import TRITON_DTYPE_NAMES
-from triton_kernels.linear import (_NONE, _RELU, _SIGMOID, _TANH, ACTIVATIONS, BIAS_CONFIG, BIAS_NUM_WARPS,
+from ._launch import TRITON_DTYPE_NAMES
+from .linear import (_NONE, _RELU, _SIGMOID, _TANH, ACTIVATIONS, BIAS_CONFIG, BIAS_NUM_WARPS,
                                    INTERPRETER_BIAS_CONFIG, KERNEL_ARGS, _launch, _mma, _tile_ids, _tile_safe,
                                    aot_entries, interpreting, signature)
 

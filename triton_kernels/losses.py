@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type, elementwise_out, grid_1d, same_layout
+from ._launch import FLOAT_DTYPE_NAMES, acc_type, elementwise_out, grid_1d, same_layout
 
 NONE, MEAN, SUM = 0, 1, 2  # scratchops.losses reduction codes
 BLOCK = 1024

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import is_dense, same_layout
+from ._launch import is_dense, same_layout
 
 BLOCK = 1024
 NUM_WARPS = 4

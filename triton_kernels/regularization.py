@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type, is_dense, same_layout
+from ._launch import FLOAT_DTYPE_NAMES, acc_type, is_dense, same_layout
 
 DROPOUT_BLOCK = 2048  # elements per program: four quarters of 512, one Philox call per lane
 DROPOUT_WARPS = 4

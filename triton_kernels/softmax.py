@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._launch import FLOAT_DTYPE_NAMES, acc_type
+from ._launch import FLOAT_DTYPE_NAMES, acc_type
 
 # Row lengths: the single-block kernels take BLOCK_N in MIN_BLOCK_N · 4^k (a coarse ladder keeps the number of
 # compiled variants small; masked lanes cost no memory traffic), or MAX_BLOCK_N itself when the ladder's next

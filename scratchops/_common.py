@@ -1,0 +1,111 @@
+"""Host helpers that both layers need: the functional layer (``scratchops/<family>.py``) and the
+launchers (``scratchops._kernels.<family>``, the repository's ``triton_kernels/``).
+
+Torch only, no Triton: importing it never starts Triton. One owner per fact:
+
+* dtype names as torch spells them in error messages, and as Triton spells them in signatures;
+* the compute dtype of a storage dtype;
+* the named codes shared by a functional and its kernels (reductions, activations);
+* the shape arithmetic both sides repeat (conv output size, dtype groups of a tensor list);
+* the host-side checks both sides run (class-index targets in range).
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+# torch's names for dtypes in its error messages ("expected ... Long, but got Float").
+TORCH_TYPE_NAMES = {
+    torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
+    torch.int64: "Long", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+    torch.float64: "Double", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+# Triton's names for a pointer's element type in a kernel signature ("*fp32").
+TRITON_TYPE_NAMES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+}
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """``dtype`` as torch's error messages spell it (``torch.float32`` -> ``Float``)."""
+    return TORCH_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype math runs in: float64 for float64, float32 for the other floating types."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Reduction(enum.IntEnum):
+    """A loss's ``reduction``, as the REDUCTION constexpr of its kernels."""
+
+    NONE = 0
+    MEAN = 1
+    SUM = 2
+
+
+REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
+
+
+class Activation(enum.IntEnum):
+    """An activation fused into another op (linear's epilogue), as the ACTIVATION constexpr."""
+
+    NONE = 0
+    RELU = 1
+    SIGMOID = 2
+    TANH = 3
+
+
+ACTIVATIONS = {"none": Activation.NONE, "relu": Activation.RELU, "sigmoid": Activation.SIGMOID,
+               "tanh": Activation.TANH}
+
+
+def dtype_groups(tensors) -> dict[torch.dtype, list[torch.Tensor]]:
+    """Tensors by dtype, in order of first appearance (multi-tensor ops run one launch per group)."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
+    """Output length of a convolution along one spatial dim."""
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """torch's IndexError for a class index outside [0, classes) that is not ``ignore_index``."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+def check_tensor(fn: str, value, arg: str = "input", position: int = 1) -> None:
+    """torch's TypeError when ``value`` is not a tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}(): argument '{arg}' (position {position}) must be Tensor, not {type(value).__name__}")
+
+
+def check_same_device(*tensors) -> None:
+    """torch's RuntimeError when the operands (None skipped) live on more than one device."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {names}!")
+
+
+def check_inplace(x: torch.Tensor) -> None:
+    """torch's RuntimeError, before anything is written, for an in-place op autograd would reject."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return
+    if x.is_leaf:
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+    if x._base is not None and x._base.is_leaf:
+        raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
