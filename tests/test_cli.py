@@ -32,8 +32,14 @@ def test_verify_passes_and_prints_the_table(capsys, tmp_path):
 
 
 def test_verify_fails_when_a_backward_is_broken(monkeypatch, capsys, tmp_path):
-    real = scratchops.activations.relu_bwd_op
-    monkeypatch.setattr(scratchops.activations, "relu_bwd_op", lambda backend, y, dy: 2 * real(backend, y, dy))
+    fn = scratchops.activations.ReluFunction
+    real = fn.backward
+
+    def doubled(ctx, dy):
+        dx, none = real(ctx, dy)
+        return 2 * dx, none
+
+    monkeypatch.setattr(fn, "backward", staticmethod(doubled))
     assert verify.main(["--ops", "relu", "tanh", "--backend", "reference", "--json", str(tmp_path / "v.json")]) == 1
     relu, tanh = _rows(tmp_path / "v.json")
     assert relu["gradcheck"] is False and relu["parity"] is False and not relu["ok"], relu
