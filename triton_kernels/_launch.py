@@ -17,9 +17,11 @@ tensors, fp32 otherwise) is the compute dtype every kernel accumulates in.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
+import threading
 
 import torch
 import triton
@@ -31,6 +33,11 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_TYPES = ("fp16", "bf16", "fp32", "fp64")
 INT_TYPES = ("i8", "u8", "i16", "i32", "i64")
+
+
+# The interpreter patches module state (triton.language) while a kernel runs: two threads interpreting at once
+# can crash the process. Interpreted launches are serialised; compiled launches need no lock.
+_INTERPRETER_LOCK = threading.RLock() if _INTERPRETING else contextlib.nullcontext()
 
 
 def interpreting() -> bool:
@@ -68,8 +75,13 @@ class Kernel:
     def __call__(self, grid, *args, cls: str = "default", **consts):
         """Launch over ``grid`` (a tuple, or a function of the chosen config's constexprs)."""
         configs = self.configs[cls]
-        if _INTERPRETING or len(configs) == 1:
-            chosen = self.interpreter if _INTERPRETING else configs[0]
+        if _INTERPRETING:
+            meta = self.interpreter.kwargs
+            with _INTERPRETER_LOCK:
+                self.fn[grid(meta) if callable(grid) else grid](*args, **consts, **meta)
+            return
+        if len(configs) == 1:
+            chosen = configs[0]
             meta = chosen.kwargs
             self.fn[grid(meta) if callable(grid) else grid](*args, **consts, **meta, num_warps=chosen.num_warps,
                                                              num_stages=chosen.num_stages)
