@@ -1,18 +1,14 @@
 """sigmoid, relu, tanh: GB/s of forward, backward and both, vs torch eager and torch.compile.
 
 Forward moves 2n elements (read x, write y), backward 3n (read y and dy, write dx).
-    python benchmarks/bench_activations.py [--quick]
+    python -m benchmarks.bench_activations [--quick]
 """
-import os
-import sys
 
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scratchops.functional as SF  # noqa: E402
-from benchmarks.harness import Bench  # noqa: E402
+import scratchops.functional as SF
+from benchmarks.harness import Bench
 
 OPS = {"relu": (SF.relu, TF.relu), "sigmoid": (SF.sigmoid, torch.sigmoid), "tanh": (SF.tanh, torch.tanh)}
 LOG2_SIZES = range(20, 29, 2)

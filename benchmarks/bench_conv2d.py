@@ -11,17 +11,13 @@ torch.backends.cudnn.allow_tf32, left at torch's default: tf32), cudnn.benchmark
 Each does 2·N·K·P·Q·C·R·S flops. Rows carry TFLOP/s and % of the bf16 cuBLAS roof
 (harness); the scratchops rows also get ``pct_cudnn`` (cuDNN time / ours), and a
 geomean per pass and dtype is printed (the goal: ≥ 80% for bf16 channels_last).
-    python benchmarks/bench_conv2d.py [--quick]
+    python -m benchmarks.bench_conv2d [--quick]
 """
 import math
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.harness import Bench  # noqa: E402
+from benchmarks.harness import Bench
 
 BATCH = 32
 # name: (C, K, H=W, R=S, stride, padding)

@@ -5,18 +5,14 @@ Cases: square M = N = K in 256..8192 and the M = 8192 LLM shapes (N x K = 4096 x
 fused (one scratchops kernel) against torch's linear followed by relu, eager and compiled.
 Forward is 2MNK flops, backward 4MNK (dX and dW). Each row's % roof is against the
 harness's cuBLAS bf16 8192³; "% of cuBLAS" lines compare with torch on the same shape.
-    python benchmarks/bench_linear.py [--quick]
+    python -m benchmarks.bench_linear [--quick]
 """
-import os
-import sys
 
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scratchops.functional as SF  # noqa: E402
-from benchmarks.harness import Bench  # noqa: E402
+import scratchops.functional as SF
+from benchmarks.harness import Bench
 
 SQUARE = (256, 512, 1024, 2048, 4096, 8192)
 LLM = ((8192, 4096, 4096), (8192, 11008, 4096), (8192, 4096, 11008))  # (M, N, K)

@@ -4,17 +4,13 @@ Momentum 0.9 and weight decay 1e-4, so a step reads w, g and b and writes w and 
 5 elements moved per parameter. The parameters (10^6..10^8 in all) are spread
 over many tensors of uneven sizes, as in a model. Rows are the "fwd" pass of the
 harness: one optimizer step (steady state: momentum buffers exist).
-    python benchmarks/bench_optim.py [--quick]
+    python -m benchmarks.bench_optim [--quick]
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.harness import Bench  # noqa: E402
-from scratchops.optim import SGD  # noqa: E402
+from benchmarks.harness import Bench
+from scratchops.optim import SGD
 
 OPTIONS = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 ELEMENTS_MOVED = 5  # read w, g, b; write w, b

@@ -5,19 +5,15 @@ write dx): the useful traffic, counted the same for every implementation (torch
 also reads its stored mask in backward; scratchops regenerates it from the seed).
 l2_penalty reads every parameter once forward and reads w / writes dw backward,
 over many tensors of model-like sizes (the torch formula launches per tensor).
-    python benchmarks/bench_regularization.py [--quick]
+    python -m benchmarks.bench_regularization [--quick]
 (The SGD step benchmark is benchmarks/bench_optim.py.)
 """
-import os
-import sys
 
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scratchops.functional as SF  # noqa: E402
-from benchmarks.harness import Bench  # noqa: E402
+import scratchops.functional as SF
+from benchmarks.harness import Bench
 
 LOG2_SIZES = range(20, 29, 2)
 QUICK_LOG2_SIZES = (20, 24)

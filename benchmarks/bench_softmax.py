@@ -5,18 +5,14 @@ Forward moves 2·M·N elements (read x, write y), backward 3·M·N (read y and d
 perfect kernel must move. Rows up to 4096 columns take the single-block kernels (one pass); longer rows
 take the looped online kernels, which read the row twice (the second read mostly from L2 while rows are
 short enough to stay there).
-    python benchmarks/bench_softmax.py [--quick]
+    python -m benchmarks.bench_softmax [--quick]
 """
-import os
-import sys
 
 import torch
 import torch.nn.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import scratchops.functional as SF  # noqa: E402
-from benchmarks.harness import Bench  # noqa: E402
+import scratchops.functional as SF
+from benchmarks.harness import Bench
 
 M = 4096
 LOG2_N = range(8, 19)  # N = 256 ... 262144

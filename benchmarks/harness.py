@@ -10,6 +10,12 @@ the GPU name, torch/triton versions and the git commit.
 
 Without a CUDA device there is nothing to time: ``Bench.gpu`` is False and the
 script says so and exits 0.
+
+The scripts run as modules from the repository root (nothing edits the import
+path): ``python -m benchmarks.bench_<family> [--quick]`` (or
+``scratchops bench``, which starts them that way). The helpers the package
+shares with them (saved-tensor bytes, the GPU slug, the results files) live in
+``scratchops._bench_utils``; the package never imports this folder.
 """
 from __future__ import annotations
 
@@ -17,52 +23,19 @@ import argparse
 import datetime
 import json
 import os
-import re
-import subprocess
 
 import torch
+
+from scratchops._bench_utils import (gpu_slug, git_commit, load_results, merge_family, saved_tensor_bytes,
+                                     to_markdown)
+
+__all__ = ["Bench", "gpu_slug", "git_commit", "saved_tensor_bytes", "to_markdown"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUANTILES = (0.5, 0.2, 0.8)
 COPY_ROOF_BYTES = 1 << 30        # 1 GiB source, 1 GiB destination
 MATMUL_ROOF_SIZE = 8192          # bf16 8192^3 through cuBLAS
 PASSES = ("fwd", "bwd", "fwd+bwd")
-
-
-def saved_tensor_bytes(fn, exclude=()):
-    """Run ``fn()`` and count the bytes autograd saves for backward (each storage once).
-
-    Storages of the tensors in ``exclude`` (typically the inputs, which exist
-    anyway) are left out of ``new``; ``total`` counts everything.
-    """
-    seen, excluded = {}, {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    total = sum(seen.values())
-    new = sum(n for ptr, n in seen.items() if ptr not in excluded)
-    return {"total": total, "new": new}, out
-
-
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def git_commit() -> str:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SCRATCHOPS_COMMIT", "unknown")
 
 
 def _dtype_name(dtype) -> str:
@@ -204,45 +177,14 @@ class Bench:
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def save(self, env=None):
-        """Merge this family's rows into ``<out>/<gpu>.json`` and rewrite ``<gpu>.md``."""
+        """Merge this run's rows into ``<out>/<gpu>.json`` (rows measured again are replaced, the others kept)
+        and rewrite ``<gpu>.md``."""
         env = env or self.environment()
         os.makedirs(self.args.out, exist_ok=True)
         stem = os.path.join(self.args.out, gpu_slug(env["gpu"]))
-        data = {"families": {}}
-        if os.path.exists(stem + ".json"):
-            with open(stem + ".json") as f:
-                data = json.load(f)
-        data["families"][self.family] = {"environment": env, "roofs": self._roofs or {}, "rows": self.rows}
+        data = merge_family(load_results(stem + ".json"), self.family, env, self._roofs or {}, self.rows)
         with open(stem + ".json", "w") as f:
             json.dump(data, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(to_markdown(data))
         print(f"wrote {stem}.json and {stem}.md")
-
-
-def to_markdown(data: dict) -> str:
-    """One table per family, with the environment and roofs it was measured with."""
-    lines = []
-    for family, entry in sorted(data["families"].items()):
-        env, roofs = entry["environment"], entry["roofs"]
-        lines += [f"## {family}", "",
-                  f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, "
-                  f"commit {env['commit']}, {env['date']}."]
-        if roofs:
-            lines.append(f"Roofs in this run: copy {roofs['copy_gbps']:.0f} GB/s, "
-                         f"cuBLAS bf16 matmul {roofs['matmul_bf16_tflops']:.0f} TFLOP/s.")
-        lines += ["", "| op | case | dtype | impl | pass | median ms | p20-p80 ms | rate | % roof |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in entry["rows"]:
-            if "error" in r:
-                cells = ["", "", r["error"], ""]
-            elif r["pass"] == "memory":
-                cells = ["", "", f"peak {r['peak_bytes'] / 2**20:.1f} MiB, saved {r['saved_bytes'] / 2**20:.1f} MiB",
-                         ""]
-            else:
-                rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else (f"{r['gbps']:.0f} GB/s" if "gbps" in r else "")
-                cells = [f"{r['ms']:.4f}", f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}", rate,
-                         f"{r['pct_roof']:.1f}" if "pct_roof" in r else ""]
-            lines.append("| " + " | ".join([r["op"], r["case"], r["dtype"], r["impl"], r["pass"], *cells]) + " |")
-        lines.append("")
-    return "\n".join(lines)

@@ -17,9 +17,10 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 git rev-parse HEAD 2>/dev/null | tee -a "$out/gpu.txt"
 python -m pytest -q -n 8 -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.log" | tail -40
 status=${PIPESTATUS[0]}
-for script in benchmarks/bench_*.py; do
+# The harness scripts, each run as a module from the repository root (PYTHONPATH=. above finds scratchops).
+for script in $(grep -l "benchmarks.harness" benchmarks/bench_*.py); do
   family=$(basename "$script" .py)
-  python "$script" $quick 2>&1 | tee "$out/$family.log" | tail -5
+  python -m "benchmarks.$family" $quick 2>&1 | tee "$out/$family.log" | tail -5
 done
 cp benchmarks/results/*.json benchmarks/results/*.md "$out/" 2>/dev/null
 exit "$status"

@@ -1,25 +1,27 @@
 """``scratchops bench``: the benchmark suite, or (without a GPU) a CPU reference comparison.
 
 With a CUDA GPU it runs the repository's ``benchmarks/bench_<family>.py`` scripts
-(``--ops`` picks families), which time the Triton kernels against torch eager and
+(``--ops`` picks families), each as ``python -m benchmarks.bench_<family>`` from
+the repository root; they time the Triton kernels against torch eager and
 ``torch.compile`` and merge their rows into ``<out>/<gpu>.json`` and ``.md``; then
 it prints the table and draws one PNG per family. The scripts live in the
 repository, not in the installed wheel: they are found next to the package in a
-checkout (an editable install, ``pip install -e .``); elsewhere the command says
-they are absent.
+checkout; elsewhere the command says they are absent.
 
 Without a GPU nothing about the kernels can be timed. It says so and runs the CPU
 reference comparison instead: the plain-torch reference formulas of scratchops
 against torch's own CPU ops, forward and forward+backward, on a few small shapes.
-Those numbers describe the reference backend on this CPU, not the kernels.
+Those numbers describe the reference backend on this CPU, not the kernels. A run
+of some ops (``--ops relu``) replaces those rows in ``cpu-reference.json`` and
+keeps the others.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -28,8 +30,7 @@ import torch.nn.functional as TF
 
 import scratchops
 import scratchops.functional as SF
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scratchops._bench_utils import REPO, gpu_slug, load_results, merge_rows, to_markdown
 SCRIPTS = os.path.join(REPO, "benchmarks")
 CPU_STEM = "cpu-reference"
 BAR_WIDTH = 30
@@ -140,7 +141,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install -e '.[demo]')")
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,8 +149,10 @@ def _pyplot():
     return plt
 
 
-def plot_bars(path: str, title: str, labels, series: dict, ylabel: str) -> bool:
-    """Grouped bars: one group per label, one bar per series (name -> values, None for missing)."""
+def plot_bars(path: str, title: str, labels, series: dict, ylabel: str, log: bool = True) -> bool:
+    """Grouped bars: one group per label, one bar per series (name -> values, None for missing).
+
+    The value axis is logarithmic by default: ops that differ by orders of magnitude stay readable."""
     plt = _pyplot()
     if plt is None or not labels:
         return False
@@ -159,7 +162,9 @@ def plot_bars(path: str, title: str, labels, series: dict, ylabel: str) -> bool:
         xs = [i + k * width for i, v in enumerate(values) if v is not None]
         ax.bar(xs, [v for v in values if v is not None], width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel=ylabel, title=title)
+    ax.set(ylabel=ylabel + (" (log scale)" if log else ""), title=title)
+    if log:
+        ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -178,13 +183,16 @@ def run_cpu(args) -> int:
     finally:
         torch.set_num_threads(threads)
     print(md)
-    os.makedirs(args.out, exist_ok=True)
+    broken = [r["op"] for r in rows if "error" in r and not r["error"].startswith("not written")]
     stem = os.path.join(args.out, CPU_STEM)
+    previous = load_results(stem + ".json").get("rows", [])
+    if previous and args.ops:  # a partial run replaces its rows and keeps the others
+        rows = merge_rows(previous, rows, key=("family", "op", "case"))
     with open(stem + ".json", "w") as f:
         json.dump({"kind": "cpu-reference", "torch": torch.__version__, "threads": args.threads,
                    "rows": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(md)
+        f.write(cpu_markdown(rows))
     done = [r for r in rows if "error" not in r]
     labels = [r["op"] for r in done]
     series = {"scratchops reference": [r["reference_fwd+bwd_ms"] for r in done],
@@ -193,7 +201,6 @@ def run_cpu(args) -> int:
                                       labels, series, "median ms"):
         print(f"wrote {stem}.png")
     print(f"wrote {stem}.json and {stem}.md")
-    broken = [r["op"] for r in rows if "error" in r and not r["error"].startswith("not written")]
     if broken:
         print(f"failed: {', '.join(broken)}")
     return 1 if broken else 0
@@ -203,41 +210,41 @@ def scripts(filters) -> dict:
     found = {}
     if os.path.isdir(SCRIPTS):
         for name in sorted(os.listdir(SCRIPTS)):
-            if name.startswith("bench_") and name.endswith(".py"):
+            # the scripts built on the harness (they take --out and --quick); others have their own command line
+            if (name.startswith("bench_") and name.endswith(".py")
+                    and "benchmarks.harness" in open(os.path.join(SCRIPTS, name)).read()):
                 found[name[len("bench_"):-len(".py")]] = os.path.join(SCRIPTS, name)
     ops = {**FAMILY_OF, **{c[1]: c[0] for c in cpu_cases()}}
     wanted = {ops.get(f, f) for f in filters} if filters else set(found)
     return {family: path for family, path in found.items() if family in wanted}
 
 
+def run_script(family: str, args) -> int:
+    """``python -m benchmarks.bench_<family>`` in its own process, from the repository root (the package never
+    imports the benchmarks folder: it is not installed)."""
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{family}", "--out", os.path.abspath(args.out)]
+    return subprocess.run(cmd + (["--quick"] if args.quick else []), cwd=REPO).returncode
+
+
 def run_gpu(args) -> int:
     if not os.path.isdir(SCRIPTS):
         print(f"the benchmark scripts are not here ({SCRIPTS} is absent): they live in the repository's "
-              "benchmarks/ folder, not in the installed package. Run from a checkout with `pip install -e .`.")
+              "benchmarks/ folder, not in the installed package. Clone the repository and run "
+              "`scratchops bench` (or `make bench`) from the checkout.")
         return 2
     selected = scripts(args.ops)
     if not selected:
         print(f"no benchmark script matches {args.ops}", file=sys.stderr)
         return 2
-    sys.path.insert(0, REPO)  # first: the repository's benchmarks package, not another one on the path
     failed = []
     for i, family in enumerate(selected):
         progress(i, len(selected), f"bench_{family}")
-        try:
-            module = importlib.import_module(f"benchmarks.bench_{family}")
-            status = module.main(["--out", args.out] + (["--quick"] if args.quick else []))
-        except Exception as e:  # one broken script is reported, the others still run
-            print(f"bench_{family} failed: {type(e).__name__}: {e}")
-            status = 1
-        if status:
+        if run_script(family, args):  # one broken script is reported, the others still run
             failed.append(family)
     progress(len(selected), len(selected), "done")
-    from benchmarks.harness import gpu_slug, to_markdown
-
     stem = os.path.join(args.out, gpu_slug(torch.cuda.get_device_name()))
     if os.path.exists(stem + ".json"):
-        with open(stem + ".json") as f:
-            data = json.load(f)
+        data = load_results(stem + ".json")
         print(to_markdown(data))
         if not args.no_plot:
             for family, entry in data["families"].items():
@@ -260,11 +267,17 @@ def plot_family(stem: str, family: str, entry: dict) -> None:
         print(f"wrote {path}")
 
 
+DESCRIPTION = ("Benchmark the Triton kernels against torch eager and torch.compile on a CUDA GPU (the scripts in the "
+               "repository's benchmarks/ folder). Without a GPU: a CPU comparison of scratchops' reference formulas "
+               "with torch's CPU ops, which says nothing about the kernels.")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="scratchops bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="scratchops bench", description=DESCRIPTION)
     p.add_argument("--ops", nargs="+", metavar="NAME", help="families (bench_<family>.py) or op names; default all")
     p.add_argument("--quick", action="store_true", help="a small subset of the cases")
-    p.add_argument("--out", help="results folder (default: benchmarks/results on a GPU, bench_results on a CPU)")
+    p.add_argument("--out", help="results folder, created if missing (default: benchmarks/results on a GPU, "
+                                 "bench_results on a CPU)")
     p.add_argument("--no-plot", action="store_true", help="draw no PNG")
     p.add_argument("--cpu", action="store_true", help="run the CPU reference comparison even with a GPU")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the CPU comparison (default: 1)")
@@ -272,7 +285,13 @@ def main(argv=None) -> int:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:
         return int(e.code or 0)
-    args.ops = [name for item in args.ops or [] for name in item.split(",") if name]
+    if args.ops is not None:
+        args.ops = [name.strip() for item in args.ops for name in item.split(",") if name.strip()]
+        if not args.ops:
+            print("scratchops bench: --ops names no op (give family or op names, or leave --ops out for all)",
+                  file=sys.stderr)
+            return 2
+    args.ops = args.ops or []
     known = {c[0] for c in cpu_cases()} | {c[1] for c in cpu_cases()} | set(scripts(None)) | set(FAMILY_OF)
     unknown = [name for name in args.ops if name not in known]
     if unknown:
@@ -281,6 +300,11 @@ def main(argv=None) -> int:
         return 2
     gpu = torch.cuda.is_available() and not args.cpu
     args.out = args.out or (os.path.join(SCRIPTS, "results") if gpu else "bench_results")
+    try:  # before any work: a results folder that cannot be made is a usage error, not a traceback at the end
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        print(f"scratchops bench: cannot create the results folder {args.out!r}: {e.strerror}", file=sys.stderr)
+        return 2
     return run_gpu(args) if gpu else run_cpu(args)
 
 

@@ -1,16 +1,22 @@
-"""The benchmark harness: results files from synthetic rows, and every script's no-GPU exit."""
+"""The benchmark harness: results files from synthetic rows, every script's no-GPU exit, and the folder's
+independence (the package never imports it; the scripts run as modules, with no sys.path patching)."""
 import glob
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from benchmarks import harness
+from scratchops import _bench_utils
 from tests.helpers import DEVICE, REPO
 
-SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "benchmarks", "bench_*.py")))
+# The scripts built on the shared harness (others, such as the host-overhead bench, have their own command line).
+SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "benchmarks", "bench_*.py"))
+                 if "benchmarks.harness" in open(p).read())
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the no-GPU path")
@@ -55,7 +61,51 @@ def test_rates_and_results_files_merge(tmp_path):
 
 def test_saved_tensor_bytes_counts_each_storage_once():
     x = torch.randn(64, requires_grad=True)
-    saved, out = harness.saved_tensor_bytes(lambda: (x * x).sum(), exclude=[x])
+    saved, out = _bench_utils.saved_tensor_bytes(lambda: (x * x).sum(), exclude=[x])
     assert saved == {"total": 64 * 4, "new": 0}
-    saved, _ = harness.saved_tensor_bytes(lambda: torch.exp(x).sum(), exclude=[x])
+    saved, _ = _bench_utils.saved_tensor_bytes(lambda: torch.exp(x).sum(), exclude=[x])
     assert saved["new"] == 64 * 4
+
+
+def test_a_partial_run_replaces_its_rows_and_keeps_the_others(tmp_path):
+    env = {"gpu": "Fake GPU", "torch": "t", "triton": "tr", "cuda": "c", "commit": "old1", "date": "d1"}
+    row = {"op": "relu", "case": "n=2^20", "dtype": "float32", "impl": "scratchops", "pass": "fwd", "ms": 1.0,
+           "p20_ms": 0.9, "p80_ms": 1.1}
+    b = _bench(tmp_path, "activations")
+    b.rows = [row, dict(row, case="n=2^24", ms=2.0), dict(row, impl="torch", ms=3.0)]
+    b.save(env)
+    b = _bench(tmp_path, "activations")
+    b.rows = [dict(row, ms=0.5), dict(row, case="n=2^26", ms=4.0)]  # a --quick rerun: one row again, one new
+    b.save(dict(env, commit="new2", date="d2"))
+    rows = json.loads((tmp_path / "fake-gpu.json").read_text())["families"]["activations"]["rows"]
+    assert [(r["case"], r["impl"], r["ms"], r["commit"]) for r in rows] == [
+        ("n=2^20", "scratchops", 0.5, "new2"), ("n=2^24", "scratchops", 2.0, "old1"),
+        ("n=2^20", "torch", 3.0, "old1"), ("n=2^26", "scratchops", 4.0, "new2")]
+    md = (tmp_path / "fake-gpu.md").read_text()
+    assert "commit new2" in md and "| old1 d1 |" in md and "earlier run" in md
+
+
+def test_the_package_does_not_import_benchmarks():
+    """Neither the sources nor an import of every public module pulls in the (unpackaged) benchmarks folder."""
+    for path in glob.glob(os.path.join(REPO, "scratchops", "*.py")):
+        text = open(path).read()
+        assert "import benchmarks" not in text and "from benchmarks" not in text, path
+    code = ("import sys, scratchops, scratchops.bench, scratchops.verify, scratchops.demo, scratchops.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'benchmarks'))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "benchmarks", "*.py"))),
+                         ids=os.path.basename)
+def test_no_script_patches_sys_path(path):
+    assert "sys.path" not in open(path).read()
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the no-GPU path (on a GPU this would time the kernels)")
+def test_a_script_runs_as_a_module_from_the_repository_root():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.bench_activations", "--quick"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "no CUDA GPU found; timings need one" in run.stdout
