@@ -16,6 +16,7 @@ COMMANDS = {
     "verify": ("scratchops.verify", "gradcheck and torch parity of every op, as a table"),
     "bench": ("scratchops.bench", "kernel benchmarks (GPU), or a CPU reference comparison"),
     "demo": ("scratchops.demo", "train a CNN on the 8x8 digits with scratchops and with torch.nn"),
+    "traffic": ("scratchops.traffic", "bytes each op moves (kernels, glue, syncs) against its compulsory bytes"),
 }
 
 
