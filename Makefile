@@ -24,7 +24,7 @@ test: setup
 
 demo: setup
 	$(PY) -m scratchops verify
-	$(PY) -m scratchops demo
+	$(PY) -m scratchops demo --min-accuracy 0.95
 
 bench: setup
 	$(PY) -m scratchops bench

@@ -29,6 +29,8 @@ _kernels_from_checkout()
 from scratchops import functional, nn, optim  # noqa: E402
 from scratchops._backend import current_backend, requested_backend, use_backend  # noqa: E402
 from scratchops.convert import convert  # noqa: E402 - the function (it shadows the submodule's name as an attribute)
+from scratchops.enable import disable, enable, enabled  # noqa: E402 - enable shadows its submodule's name too
 
-__all__ = ["convert", "current_backend", "functional", "nn", "optim", "requested_backend", "use_backend"]
+__all__ = ["convert", "current_backend", "disable", "enable", "enabled", "functional", "nn", "optim",
+           "requested_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as TF
 
 from scratchops import functional as SF
-from scratchops._backend import LAUNCHES, triton_unavailable_reason, use_backend
+from scratchops._backend import LAUNCHES, env_backend, triton_unavailable_reason, use_backend
 
 DEFAULT_TOLERANCE = 1e-4  # float32 parity: max abs error of values and gradients
 CHECKS = ("gradcheck", "parity", "ran")
@@ -86,6 +86,9 @@ CASES: list[Case] = [
                {"none": lambda z: z, "relu": TF.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]),
            lambda g: (_randn(g, 5, 11), _randn(g, 7, 11), _randn(g, 7)), gradcheck_kwargs={"fast_mode": True})
       for act in ("none", "relu", "sigmoid", "tanh")],
+    Case("linear", "(5, 11)·(7, 11)ᵀ + b, W frozen, tanh", lambda x, w, b: SF.linear(x, w, b, activation="tanh"),
+         lambda x, w, b: torch.tanh(TF.linear(x, w, b)),
+         lambda g: (_randn(g, 5, 11), _randn(g, 7, 11, grad=False), _randn(g, 7)), gradcheck_kwargs={"fast_mode": True}),
     Case("mse_loss", "(7, 13) mean", SF.mse_loss, TF.mse_loss, lambda g: (_randn(g, 7, 13), _randn(g, 7, 13))),
     Case("mse_loss", "(7, 13) weighted sum", lambda x, y, w: SF.mse_loss(x, y, reduction="sum", weight=w),
          lambda x, y, w: TF.mse_loss(x, y, reduction="sum", weight=w),
@@ -202,10 +205,15 @@ def backends_here(device: str) -> list[str]:
 
 
 def select(cases: list[Case], ops) -> list[Case]:
-    """The cases whose op is in ``ops`` (names, comma-separated or not); all of them for None."""
-    if not ops:
+    """The cases whose op is in ``ops`` (names, comma-separated or not); all of them for None.
+
+    Raises ValueError for an unknown name, and for ``ops`` that names nothing (``--ops ""``): a run that
+    checks nothing must not pass."""
+    if ops is None:
         return list(cases)
     wanted = {name.strip() for item in ops for name in item.split(",") if name.strip()}
+    if not wanted:
+        raise ValueError(f"--ops names no op; known: {', '.join(sorted({c.op for c in cases}))}")
     unknown = wanted - {c.op for c in cases}
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(sorted(unknown))}; known: "
@@ -217,17 +225,26 @@ def _mark(value) -> str:
     return "-" if value is None else ("pass" if value else "FAIL")
 
 
+def table_header(width: int) -> str:
+    return (f"{'op':16s} {'case':{width}s} {'backend':10s} {'gradcheck':9s} {'parity':6s} {'ran':4s} "
+            f"{'max err':>9s} {'tol':>7s}")
+
+
+def format_row(r: dict, width: int) -> str:
+    err = "-" if r["max_error"] is None else f"{r['max_error']:.2e}"
+    return (f"{r['op']:16s} {r['case']:{width}s} {r['backend']:10s} {_mark(r['gradcheck']):9s} "
+            f"{_mark(r['parity']):6s} {_mark(r['ran']):4s} {err:>9s} {r['tolerance']:7.0e}"
+            + (f"  {r['error']}" if "error" in r else ""))
+
+
 def format_table(rows: list[dict]) -> str:
     width = max([len("case")] + [len(r["case"]) for r in rows])
-    header = (f"{'op':16s} {'case':{width}s} {'backend':10s} {'gradcheck':9s} {'parity':6s} {'ran':4s} "
-              f"{'max err':>9s} {'tol':>7s}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        err = "-" if r["max_error"] is None else f"{r['max_error']:.2e}"
-        lines.append(f"{r['op']:16s} {r['case']:{width}s} {r['backend']:10s} {_mark(r['gradcheck']):9s} "
-                     f"{_mark(r['parity']):6s} {_mark(r['ran']):4s} {err:>9s} {r['tolerance']:7.0e}"
-                     + (f"  {r['error']}" if "error" in r else ""))
-    return "\n".join(lines)
+    header = table_header(width)
+    return "\n".join([header, "-" * len(header)] + [format_row(r, width) for r in rows])
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -245,14 +262,24 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DESCRIPTION = ("Check every scratchops op on every backend that runs here: gradcheck in float64, float32 parity of "
+               "values and gradients against torch, and that a scratchops backend op really ran. "
+               "Exit status: 0 all pass, 1 any failure, 2 usage error.")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="scratchops verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scratchops verify", description=DESCRIPTION)
     parser.add_argument("--ops", nargs="+", metavar="OP", help="only these ops (names or comma-separated lists)")
     parser.add_argument("--backend", choices=("all", "triton", "reference"), default="all",
                         help="which backends to check (default: every one that runs here)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (its folder must exist)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser.parse_args(argv)
+
+
+def usage_error(message: str) -> int:
+    print(f"scratchops verify: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -262,29 +289,37 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     try:
         cases = select(CASES, args.ops)
+        env_backend()  # a bad $SCRATCHOPS_BACKEND would make every library call raise: say so now
     except ValueError as e:
-        print(f"scratchops verify: {e}", file=sys.stderr)
-        return 2
+        return usage_error(str(e))
     if args.list:
         for c in cases:
             print(f"{c.op:16s} {c.label}")
         return 0
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        return usage_error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} "
+                           "does not exist")
     device = best_device()
     backends = backends_here(device)
     if args.backend != "all":
         if args.backend not in backends:
-            print(f"scratchops verify: backend {args.backend!r} cannot run here: "
-                  f"{triton_unavailable_reason(torch.device(device), torch.float32)}", file=sys.stderr)
-            return 2
+            return usage_error(f"backend {args.backend!r} cannot run here: "
+                               f"{triton_unavailable_reason(torch.device(device), torch.float32)}")
         backends = [args.backend]
+    total = len(cases) * len(backends)
     print(f"scratchops verify on {device} (backends: {', '.join(backends)}; "
-          f"triton interpreter: {os.environ.get('TRITON_INTERPRET') == '1'}); {len(cases)} cases")
+          f"triton interpreter: {os.environ.get('TRITON_INTERPRET') == '1'}); {plural(len(cases), 'case')}, "
+          f"{plural(total, 'check row')}", flush=True)
+    width = max([len("case")] + [len(c.label) for c in cases])
+    counter = len(f"[{total}/{total}] ")
+    header = " " * counter + table_header(width)
+    print(header + "\n" + "-" * len(header), flush=True)
     rows = []
     for case in cases:
         for backend in backends:
             rows.append(run_case(case, backend, device))
-    print(format_table(rows))
-    print(f"\nop x check ({len(cases)} cases on {len(backends)} backend(s)):")
+            print(f"{f'[{len(rows)}/{total}]':{counter}s}{format_row(rows[-1], width)}", flush=True)
+    print(f"\nop x check ({plural(len(cases), 'case')} on {plural(len(backends), 'backend')}):")
     print(format_summary(rows))
     failed = sum(not r["ok"] for r in rows)
     print(f"{len(rows) - failed} passed, {failed} failed")

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import scratchops.activations
 import scratchops.functional as SF
 from scratchops import __main__ as cli
 from scratchops import bench, verify
+from scratchops._backend import LAUNCHES
 from tests.helpers import REPO
 
 
@@ -86,6 +88,46 @@ def test_verify_usage_errors(capsys):
     assert "verify" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", ""], "names no op"),
+    (["--ops", ",", " "], "names no op"),
+    (["--ops", "relu", "--json", "/no/such/folder/rows.json"], "does not exist"),
+])
+def test_verify_usage_errors_come_before_any_work(argv, message, capsys):
+    before = sum(LAUNCHES.values())
+    assert verify.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert sum(LAUNCHES.values()) == before, "work was done before the usage error"
+
+
+def test_bad_backend_environment_variable_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("SCRATCHOPS_BACKEND", "bogus")
+    before = sum(LAUNCHES.values())
+    for argv in (["verify", "--ops", "relu"], ["demo", "--epochs", "1"], ["bench", "--cpu"], []):
+        assert cli.main(argv) == 2, argv
+        assert "SCRATCHOPS_BACKEND='bogus' names no backend" in capsys.readouterr().err
+    assert verify.main(["--ops", "relu"]) == 2  # called directly too
+    assert sum(LAUNCHES.values()) == before
+
+
+def test_version(capsys):
+    import tomllib
+
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert out.startswith(f"scratchops {version} (torch {torch.__version__}") and scratchops.__version__ == version
+
+
+@pytest.mark.parametrize("command", ["verify", "bench", "demo"])
+def test_help_is_plain_text(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: scratchops {command}") and "``" not in out and ":func:" not in out
+    assert "pip install -e" not in out
+
+
 def test_python_m_scratchops_runs_verify():
     run = subprocess.run([sys.executable, "-m", "scratchops", "verify", "--ops", "tanh", "--backend", "reference"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -113,6 +155,37 @@ def test_bench_cpu_reference_comparison(tmp_path, capsys):
     assert "| activations | relu |" in (tmp_path / "cpu-reference.md").read_text()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "cpu-reference.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_partial_run_merges_into_the_results(tmp_path, capsys):
+    assert bench.main(["--cpu", "--ops", "relu,tanh", "--quick", "--no-plot", "--out", str(tmp_path)]) == 0
+    first = {r["op"]: r for r in _rows(tmp_path / "cpu-reference.json")}
+    assert bench.main(["--cpu", "--ops", "sigmoid", "relu", "--quick", "--no-plot", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "cpu-reference.json")
+    assert [r["op"] for r in rows] == ["relu", "tanh", "sigmoid"]  # relu re-measured in place, tanh kept
+    assert rows[1] == first["tanh"]
+    md = (tmp_path / "cpu-reference.md").read_text()
+    assert "| activations | tanh |" in md and "| activations | sigmoid |" in md
+
+
+def test_bench_usage_errors_come_before_any_work(tmp_path, capsys):
+    before = sum(LAUNCHES.values())
+    assert bench.main(["--cpu", "--ops", ""]) == 2
+    assert "names no op" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert bench.main(["--cpu", "--ops", "relu", "--out", str(blocker / "results")]) == 2
+    assert "cannot create the results folder" in capsys.readouterr().err
+    assert sum(LAUNCHES.values()) == before
+
+
+def test_bench_plot_uses_a_log_axis(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    scales = []
+    real = plt.Axes.set_yscale
+    monkeypatch.setattr(plt.Axes, "set_yscale", lambda self, value, **kw: scales.append(value) or real(self, value))
+    assert bench.plot_bars(str(tmp_path / "p.png"), "t", ["relu", "conv2d"], {"a": [0.01, 100.0]}, "ms")
+    assert scales == ["log"]
 
 
 def test_bench_says_when_scripts_are_absent(tmp_path, monkeypatch, capsys):
