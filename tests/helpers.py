@@ -158,3 +158,18 @@ def check_aot(module: str):
     spilled = [r for r in rows if r["stack"] or r["local"]]
     assert not spilled, f"kernels spill to local memory: {spilled}"
     return rows
+
+
+def check_sass(rows, *, vector128=(), hgmma=(), utmaldg=()):
+    """From ``check_aot``'s rows (compiled as launched): every row of a kernel named in ``vector128`` makes
+    128-bit global accesses, in ``hgmma`` uses wgmma (HGMMA), in ``utmaldg`` loads through TMA (UTMALDG).
+
+    Pass the rows the claim is about (e.g. only 16-bit/tf32 rows for ``hgmma``: fp32 ieee and fp64 GEMMs have none).
+    """
+    failures = []
+    for r in rows:
+        for field, names in (("vector128", vector128), ("hgmma", hgmma), ("utmaldg", utmaldg)):
+            if r["kernel"] in names and not r[field]:
+                failures.append(f"{r['kernel']} {','.join(r['dtypes'])} {r['constexprs']}: no {field} "
+                                f"(ldg={r['ldg']} stg={r['stg']} hgmma={r['hgmma']} utmaldg={r['utmaldg']})")
+    assert not failures, "\n".join(failures)
