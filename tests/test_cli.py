@@ -28,9 +28,12 @@ def test_verify_passes_and_prints_the_table(capsys, tmp_path):
     rows = _rows(tmp_path / "v.json")
     assert [r["backend"] for r in rows] == verify.backends_here(verify.best_device())
     assert all(r["ok"] and r["gradcheck"] and r["parity"] and r["ran"] for r in rows), rows
-    lines = [" ".join(line.split()) for line in out.splitlines() if line.startswith("relu ")]
+    n = len(verify.backends_here(verify.best_device()))
+    lines = [" ".join(line.split()) for line in out.splitlines() if re.match(r"\[\d+/\d+\] +relu ", line)]
+    assert [line.split()[0] for line in lines] == [f"[{i}/{n}]" for i in range(1, n + 1)], out  # streamed, counted
     for backend in verify.backends_here(verify.best_device()):
         assert any(f" {backend} pass pass pass " in line for line in lines), out
+    assert "1 case," in out and "1 cases" not in out
 
 
 def test_verify_fails_when_a_backward_is_broken(monkeypatch, capsys, tmp_path):
