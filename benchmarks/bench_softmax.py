@@ -2,9 +2,10 @@
 torch.compile, as a percentage of the copy roof measured in the same run.
 
 Forward moves 2·M·N elements (read x, write y), backward 3·M·N (read y and dy, write dx): the bytes a
-perfect kernel must move. Rows up to 4096 columns take the single-block kernels (one pass); longer rows
-take the looped online kernels, which read the row twice (the second read mostly from L2 while rows are
-short enough to stay there).
+perfect kernel must move. Rows up to 32768 columns (fp32 and 16-bit) take the single-block kernels, which
+read each operand once (softmax's backward above 16384 columns reads dY twice); longer rows take the looped
+online kernels, which read the row twice (the second read mostly from L2 while rows are short enough to
+stay there).
     python -m benchmarks.bench_softmax [--quick]
 """
 

@@ -23,13 +23,9 @@ import warnings
 import torch
 
 from scratchops._backend import backend_op, choose_backend
-from scratchops._common import compute_dtype
+from scratchops._common import compute_dtype, type_name
 
 KERNELS = "softmax"
-# torch's names for the dtypes its softmax kernels reject, as its error messages spell them.
-_TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
-                     torch.int32: "Int", torch.int64: "Long", torch.complex64: "ComplexFloat",
-                     torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf"}
 
 
 # ----------------------------------------------------------------- reference math
@@ -87,36 +83,31 @@ log_softmax_bwd_op = backend_op("log_softmax_bwd", log_softmax_bwd, KERNELS)
 
 
 # ----------------------------------------------------------------- autograd
-class Softmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, backend):
-        y = softmax_fwd_op(backend, x, dim)
-        ctx.backend, ctx.dim = backend, dim
-        ctx.save_for_backward(y)
-        return y
+def _softmax_function(name: str, fwd_op, bwd_op, formula: str):
+    """The autograd.Function of softmax or log-softmax: y = fwd(x, dim) saved, dx = bwd(y, dy, dim)."""
 
-    @staticmethod
+    def forward(x, dim, backend):
+        return fwd_op(backend, x, dim)
+
+    def setup_context(ctx, inputs, output):
+        _, ctx.dim, ctx.backend = inputs
+        ctx.save_for_backward(output)
+
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        # dX = Y ⊙ (dY - Σ dY⊙Y)
-        dx = softmax_bwd_op(ctx.backend, y, dy, ctx.dim) if ctx.needs_input_grad[0] else None
+        dx = bwd_op(ctx.backend, y, dy, ctx.dim) if ctx.needs_input_grad[0] else None
         return dx, None, None  # x, dim, backend
 
+    backward.__doc__ = formula
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{fwd_op.__name__[:-len('_fwd_op')]}(x, dim, backend); backward {formula}",
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
 
-class LogSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, backend):
-        y = log_softmax_fwd_op(backend, x, dim)
-        ctx.backend, ctx.dim = backend, dim
-        ctx.save_for_backward(y)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        # dX = dY - e^Y · Σ dY
-        dx = log_softmax_bwd_op(ctx.backend, y, dy, ctx.dim) if ctx.needs_input_grad[0] else None
-        return dx, None, None  # x, dim, backend
+SoftmaxFunction = _softmax_function("SoftmaxFunction", softmax_fwd_op, softmax_bwd_op, "dX = Y ⊙ (dY - Σ dY⊙Y)")
+LogSoftmaxFunction = _softmax_function("LogSoftmaxFunction", log_softmax_fwd_op, log_softmax_bwd_op,
+                                       "dX = dY - e^Y · Σ dY")
 
 
 # ----------------------------------------------------------------- functional
@@ -142,8 +133,7 @@ def _prepare(name: str, input, dim, dtype):
     x = input if dtype is None else input.to(dtype)
     if not x.is_floating_point() and x.numel():
         kernel = "lastdim_kernel_impl" if dim == x.dim() - 1 or x.dim() == 0 else "kernel_impl"
-        type_name = _TORCH_TYPE_NAMES.get(x.dtype, str(x.dtype))
-        raise NotImplementedError(f'"{name}_{kernel}" not implemented for \'{type_name}\'')
+        raise NotImplementedError(f'"{name}_{kernel}" not implemented for \'{type_name(x.dtype)}\'')
     return x, dim
 
 
@@ -153,7 +143,7 @@ def softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> 
     x, dim = _prepare("softmax", input, dim, dtype)
     if not x.is_floating_point():  # empty integer input: torch returns it unchanged (as a new tensor)
         return x.clone(memory_format=torch.contiguous_format)
-    return Softmax.apply(x, dim, choose_backend(x))
+    return SoftmaxFunction.apply(x, dim, choose_backend(x))
 
 
 def log_softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
@@ -162,4 +152,4 @@ def log_softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None)
     x, dim = _prepare("log_softmax", input, dim, dtype)
     if not x.is_floating_point():  # empty integer input: torch returns it unchanged (as a new tensor)
         return x.clone(memory_format=torch.contiguous_format)
-    return LogSoftmax.apply(x, dim, choose_backend(x))
+    return LogSoftmaxFunction.apply(x, dim, choose_backend(x))

@@ -1,4 +1,5 @@
 """softmax, log_softmax: every test tier of DESIGN.md, on both backends."""
+import os
 import warnings
 
 import pytest
@@ -16,11 +17,13 @@ from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, ch
 OPS = {"softmax": (SF.softmax, TF.softmax), "log_softmax": (SF.log_softmax, TF.log_softmax)}
 NAMES = sorted(OPS)
 INF, NAN = float("inf"), float("nan")
-# Single-block BLOCK_N ladder is 64, 256, 1024, 4096, 8192 (K.MAX_BLOCK_N); longer rows take the looped kernels.
+# Single-block BLOCK_N ladder is 64, 256, 1024, 4096, 16384, then the cap (32768; fp64 8192); longer rows take
+# the looped kernels, and so does the backward of a ragged row above half the cap.
 AWKWARD = [((), 0), ((0,), 0), ((3, 0), 1), ((0, 3), 1), ((0, 3), 0), ((1,), 0), ((4, 1), 1), ((1, 5), 0),
            ((3, 63), 1), ((3, 65), -1), ((3, 255), 1), ((2, 1025), 1), ((2, 4095), 1), ((2, 4097), 1), ((2, 8193), 1),
+           ((2, 16385), 1), ((1, 32768), 1), ((1, 32769), 1),
            ((7, 13), 0), ((3, 5, 7), 1), ((2, 3, 5, 7), 2), ((2, 3, 5, 7), -3)]
-SMALL_CAP = 64  # forces rows longer than 64 onto the looped kernels, BLOCK_N = 64 per step
+SMALL_CAP = 64  # a cap (K.MAX_BLOCK_N) that forces short rows onto the re-read and looped kernels
 
 
 def _ops(name):
@@ -29,12 +32,6 @@ def _ops(name):
 
 def _partial(fn, dim, **kwargs):
     return lambda x: fn(x, dim, **kwargs)
-
-
-@pytest.fixture
-def small_cap(monkeypatch):
-    """Lower the single-block cap so that short rows take the looped (online) kernels."""
-    monkeypatch.setattr(K, "MAX_BLOCK_N", SMALL_CAP)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,15 +77,26 @@ def test_long_row_looped(backend, name):
         assert (K.BRANCHES["fwd_looped"], K.BRANCHES["bwd_looped"]) == (before[0] + 1, before[1] + 1)
 
 
-def test_every_kernel_branch(backend, small_cap):
+# (cap, N) -> the kernel each direction runs: single block (rows of N ≤ cap / 2 hold every operand); a row of
+# exactly N = cap columns (softmax's backward holds Y and reads dY twice); a ragged row above cap / 2 (backward
+# loops); a row longer than the cap (both loop).
+BRANCH_CASES = [(None, 50, "fwd", "bwd", "bwd"), (SMALL_CAP, 64, "fwd", "bwd_reread", "bwd"),
+                (SMALL_CAP, 50, "fwd", "bwd_looped", "bwd_looped"), (SMALL_CAP, 150, "fwd_looped", "bwd_looped",
+                                                                      "bwd_looped")]
+
+
+@pytest.mark.parametrize("cap,n,fwd,softmax_bwd,log_softmax_bwd", BRANCH_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_kernel_branch(backend, monkeypatch, cap, n, fwd, softmax_bwd, log_softmax_bwd, dtype):
     if backend != "triton":
         pytest.skip("kernel branches exist on the triton backend only")
-    for name in NAMES:
-        for n, kernels in ((50, ("fwd", "bwd")), (150, ("fwd_looped", "bwd_looped"))):
-            before = dict(K.BRANCHES)
-            check_parity(*OPS[name], make((3, n)), reduction_size=n, dim=1)
-            ran = [k for k in kernels if K.BRANCHES[k] > before.get(k, 0)]
-            assert ran == list(kernels), f"{name} N={n}: only {ran} of {kernels} ran"
+    if cap is not None:
+        monkeypatch.setattr(K, "MAX_BLOCK_N", cap)
+    for name, bwd in (("softmax", softmax_bwd), ("log_softmax", log_softmax_bwd)):
+        before = dict(K.BRANCHES)
+        check_parity(*OPS[name], make((3, n), dtype), reduction_size=n, dim=1)
+        ran = sorted(k for k in K.BRANCHES if K.BRANCHES[k] > before.get(k, 0))
+        assert ran == sorted({fwd, bwd}), f"{name} N={n} cap={cap}: {ran} ran, expected {fwd}, {bwd}"
     # The launchers' own cap argument does the same without the module setting.
     x, dy = make((2, 100)), make((2, 100), seed=1)
     before = K.BRANCHES["fwd_looped"], K.BRANCHES["bwd_looped"]
@@ -255,8 +263,8 @@ def test_torch_compile_fullgraph(backend):
 def test_opcheck(backend, name):
     x = make((5, 6, 3))
     y = getattr(S, f"{name}_fwd")(x, 1)
-    torch.library.opcheck(getattr(S, f"{name}_fwd_op"), (backend, x, 1))
-    torch.library.opcheck(getattr(S, f"{name}_bwd_op"), (backend, y, make((5, 6, 3)), 1))
+    torch.library.opcheck(getattr(S, f"{name}_fwd_op").custom, (backend, x, 1))
+    torch.library.opcheck(getattr(S, f"{name}_bwd_op").custom, (backend, y, make((5, 6, 3)), 1))
 
 
 def test_aot_compile_sm90():
@@ -264,3 +272,27 @@ def test_aot_compile_sm90():
     kernels = {"_softmax_fwd_kernel", "_softmax_bwd_kernel", "_softmax_fwd_looped_kernel", "_softmax_bwd_looped_kernel"}
     assert {r["kernel"] for r in rows} == kernels
     assert {d for r in rows for d in r["dtypes"]} == {"*fp16", "*bf16", "*fp32", "*fp64"}
+
+
+# fwd+bwd bytes / compulsory (read x, write y, read y, read dY, write dX), fp32, through scratchops.traffic (the
+# interpreter's loads and stores, glue kernels). Each operand is read once up to 32768 columns, except softmax's
+# backward on rows above 16384 columns: it needs Y and dY whole after its sum, and two 128 KiB operands do not fit
+# in an sm_90 register file (256 KiB) beside the kernel's own registers, so it holds Y and reads dY twice (6 / 5).
+TRAFFIC_BOUNDS = {("softmax", 4096): 1.0, ("log_softmax", 4096): 1.0, ("softmax", 16384): 1.0,
+                  ("log_softmax", 16384): 1.0, ("softmax", 32768): 1.2, ("log_softmax", 32768): 1.0}
+
+
+@pytest.mark.parametrize("name,n", sorted(TRAFFIC_BOUNDS))
+def test_traffic_one_read(name, n):
+    from scratchops import traffic
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the traffic audit counts loads and stores in Triton's interpreter")
+    size = 8 * n * 4
+    case = traffic.Case(lambda: ([make((8, n), requires_grad=True)], lambda x: OPS[name][0](x, 1)),
+                        {"fwd": 2 * size, "fwd+bwd": 5 * size})
+    with scratchops.use_backend("triton"):
+        rows = {r["pass"]: r for r in traffic.measure(f"{name}_8x{n}", case)}
+    assert rows["fwd"]["ratio"] == 1.0, rows["fwd"]
+    assert rows["fwd+bwd"]["ratio"] <= TRAFFIC_BOUNDS[name, n], rows["fwd+bwd"]
+    assert rows["fwd+bwd"]["launches"] == 2 and rows["fwd+bwd"]["glue_kernels"] == 0, rows["fwd+bwd"]

@@ -1,35 +1,45 @@
 """Triton kernels for softmax and log-softmax along one dim of a strided tensor.
 
-The launchers see the tensor as a (rows, N) matrix with N the size of ``dim``.
-A row r splits into (outer, inner) = (r // n_inner, r % n_inner), where "outer"
-collapses the dims before ``dim`` and "inner" the dims after it, and an element
-sits at ``outer * s_outer + inner * s_inner + col * s_col``. Each operand has its
-own three strides, so a transposed, sliced or expanded (zero-stride) tensor needs
-no copy as long as the dims before ``dim`` form one arithmetic progression and so
-do the dims after it; when they do not, the launcher copies that operand to a
-contiguous tensor explicitly (``_as_rows``). Outputs are contiguous, as torch's.
+The launchers see the tensor as a (rows, N) matrix with N the size of ``dim``. A row r splits into
+(outer, inner) = (r // n_inner, r % n_inner), "outer" collapsing the dims before ``dim`` and "inner"
+the dims after it; an element sits at ``outer * stride_<t>o + inner * stride_<t>i + col * stride_<t>n``.
+Each operand has its own three strides, so a transposed, sliced or expanded (zero-stride) tensor
+needs no copy as long as the dims before ``dim`` form one arithmetic progression and so do the dims
+after it; otherwise the launcher copies that operand contiguous explicitly (``_as_rows``). Outputs
+are contiguous, as torch's. ``IS_LOG`` picks log-softmax.
 
-Two kernels per direction, each doing softmax or log-softmax by its ``is_log`` argument:
+Kernels, chosen by the host (:func:`_plan`) from the row length and the dtype:
 
-* ``_softmax_fwd_kernel`` / ``_softmax_bwd_kernel``: the row fits one block
-  (BLOCK_N = the first of 64, 256, 1024, 4096, 8192 that holds N; 8192 = ``MAX_BLOCK_N``);
-  BLOCK_M rows per program; one read and one write per element.
-* ``_softmax_fwd_looped_kernel`` / ``_softmax_bwd_looped_kernel``: one row per
-  program, BLOCK_N columns at a time, for rows longer than ``MAX_BLOCK_N``. The
-  forward keeps a running max m and a running sum s = Σ e^{x - m}, rescaled by
-  e^{m_old - m_new} whenever the max grows (online softmax), then writes the row
-  in a second sweep; the backward sums Σ dY⊙Y (or Σ dY) in a first sweep.
+* single block (``_softmax_fwd_kernel`` / ``_softmax_bwd_kernel``): a program holds BLOCK_M whole rows
+  in registers, BLOCK_N = the first of 64, 256, 1024, 4096, 16384 that holds N, or the cap: 32768
+  columns (fp32, 16-bit: 32 values a thread at 32 warps), 8192 (fp64). Each operand is read once:
 
-Costs: the single-block kernels move the minimum (forward: read x, write y;
-backward: read y and dy, write dx). The looped kernels read their inputs twice,
-so they can reach about 2/3 (forward) or 3/5 (backward) of the copy roof unless
-the second read hits L2. The cap (8192 columns, 16 warps) compiles for sm_90
-without spills for every dtype; the AOT list checks that.
+  - forward: x held, m = max, s = Σ e^{x-m}, then y written;
+  - log-softmax backward: dY held, Σ dY taken, then Y streamed in, one half-row at a time:
+    dX = dY - e^Y Σ dY;
+  - softmax backward: dX = Y ⊙ (dY - Σ dY⊙Y) needs both operands after the sum: both held up to
+    cap / 2 columns; above that (``REREAD_DY``) Y is held and dY read twice (for the sum, then for
+    dX): two 128 KiB fp32 operands do not fit in an SM's 256 KiB register file beside the kernel's
+    own registers, and Triton has no explicit shared memory.
 
-Stability: e^{x - m} with m the row max. While the running max is still -inf
-the shift is 0, so -inf entries add 0 instead of NaN; a row that is -inf
-everywhere ends with m = -inf and gives NaN (x - m = NaN), as torch does. NaN
-and +inf in a row make the row NaN through the sum, as in torch.
+  Above cap / 2 the backward holds so much that per-element column masks make it spill, so it runs
+  a single block only for rows of exactly BLOCK_N columns (``EVEN_N``: no column mask); ragged rows
+  there take the looped kernel. 65536 columns cannot be held: a 65536-column fp32 row is the whole
+  register file, and 16-bit rows are widened to fp32 in registers (both spill on sm_90).
+
+* looped (``_softmax_fwd_looped_kernel`` / ``_softmax_bwd_looped_kernel``): one row per program,
+  LOOP_BLOCK_N columns a step, for longer rows. The forward keeps a running max m (from -inf) and a
+  running sum s = Σ e^{x - m} (from 0), rescaled by e^{m_old - m_new} when the max grows (online
+  softmax), then writes the row in a second sweep; the backward sums in a first sweep. They read
+  their inputs twice.
+
+Launch shapes come from one place, :func:`launch_config` (a ``triton.Config`` per BLOCK_N), wrapped
+in one :class:`Kernel` per (kernel, BLOCK_N): the host picks the shape; the interpreter and a GPU run
+the same one. ``aot_configs()`` lists exactly the shapes the default plan launches.
+
+Special values, as torch: while the running max is -inf the shift is 0, so -inf entries add 0 (no
+-inf - (-inf)); a row that is -inf everywhere ends with m = -inf and gives NaN (x - m = NaN), as
+torch does; a NaN or +inf in a row makes the row NaN through the sum (inf - inf), as in torch.
 """
 from __future__ import annotations
 
@@ -39,88 +49,130 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPE_NAMES, acc_type
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config
 
-# Row lengths: the single-block kernels take BLOCK_N in MIN_BLOCK_N · 4^k (a coarse ladder keeps the number of
-# compiled variants small; masked lanes cost no memory traffic), or MAX_BLOCK_N itself when the ladder's next
-# step overshoots it; longer rows go to the looped kernels, LOOP_BLOCK_N columns per step.
-MAX_BLOCK_N = 8192
+# The widest row a single-block program holds (see the module docstring).
+ROW_ELEMENTS, ROW_ELEMENTS_FP64 = 32768, 8192
+MAX_BLOCK_N = ROW_ELEMENTS  # tests lower it to force the other kernels on short rows
+MIN_BLOCK_N, BLOCK_N_STEP = 64, 4
+TILE = 2048  # elements per program on short rows: BLOCK_M = TILE // BLOCK_N rows
 LOOP_BLOCK_N = 4096
-MIN_BLOCK_N = 64
-BLOCK_N_STEP = 4
-TILE = 2048  # elements per program in the single-block kernels: BLOCK_M = TILE // BLOCK_N rows
-ELEMENTS_PER_WARP = 256  # num_warps = tile / ELEMENTS_PER_WARP, within [MIN_WARPS, MAX_WARPS]
-MIN_WARPS, MAX_WARPS = 4, 16
+ELEMENTS_PER_WARP = 256
+MIN_WARPS, MAX_WARPS = 4, 32
 
-# How many times each kernel was launched: tests read it to prove every branch ran.
+# How many times each kernel variant was launched: tests read it to prove every branch ran.
 BRANCHES: collections.Counter = collections.Counter()
 
 
-def _num_warps(tile: int) -> int:
-    return max(MIN_WARPS, min(MAX_WARPS, tile // ELEMENTS_PER_WARP))
-
-
+# ----------------------------------------------------------------- kernels
 @triton.jit
-def _row_start(rows, n_inner, s_outer, s_inner):
+def _row_start(rows, n_inner, stride_o, stride_i):
     """Offset of each row's first element: rows split into (outer, inner) indices."""
-    return (rows // n_inner) * s_outer + (rows % n_inner) * s_inner
+    return (rows // n_inner) * stride_o + (rows % n_inner) * stride_i
 
 
 @triton.jit
-def _softmax_fwd_kernel(x_ptr, y_ptr, n_rows, n_cols, n_inner, sx_outer, sx_inner, sx_col, sy_outer, sy_inner,
-                        sy_col, is_log, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _softmax_fwd_kernel(
+        x_ptr, y_ptr,  # pointers
+        n_rows, n_cols, n_inner,  # sizes
+        stride_xo, stride_xi, stride_xn, stride_yo, stride_yi, stride_yn,  # strides
+        IS_LOG: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols < n_cols)[None, :]
-    x_offs = _row_start(rows, n_inner, sx_outer, sx_inner)[:, None] + cols[None, :] * sx_col
-    x = acc_type(tl.load(x_ptr + x_offs, mask=mask, other=-float("inf")))
-    # z = x - max(x); s = Σ e^z; softmax y = e^z / s, log-softmax y = z - log s
-    # (rows past the end get m = 0 and s = 1: nothing is stored for them, and no 0/0 or log 0 is computed)
-    z = x - tl.where(row_mask, tl.max(x, axis=1), 0.0)[:, None]
-    e = tl.where(mask, tl.exp(z), 0.0)
-    s = tl.where(row_mask, tl.sum(e, axis=1), 1.0)
-    if is_log:
+    if EVEN_N:  # n_cols == BLOCK_N
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + _row_start(rows, n_inner, stride_xo, stride_xi)[:, None] + cols[None, :] * stride_xn,
+                mask=mask, other=-float("inf"))
+    # m = max x (exact in any dtype); z = x - m; s = Σ e^z; softmax y = e^z / s, log-softmax y = z - log s.
+    # Rows past the end get m = 0 and s = 1: nothing is stored for them, no 0/0 or log 0 is computed.
+    m = tl.where(row_mask, tl.max(x, axis=1).to(ACC), 0.0)
+    s = tl.where(row_mask, tl.sum(tl.exp(x.to(ACC) - m[:, None]), axis=1), 1.0)
+    z = x.to(ACC) - m[:, None]
+    if IS_LOG:
         y = z - tl.log(s)[:, None]
     else:
-        y = e * (1.0 / s)[:, None]
-    y_offs = _row_start(rows, n_inner, sy_outer, sy_inner)[:, None] + cols[None, :] * sy_col
+        y = tl.exp(z) * (1.0 / s)[:, None]
+    y_offs = _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols[None, :] * stride_yn
     tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n_rows, n_cols, n_inner, sy_outer, sy_inner, sy_col, sdy_outer,
-                        sdy_inner, sdy_col, sdx_outer, sdx_inner, sdx_col,
-                        is_log, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _softmax_bwd_kernel(
+        y_ptr, dy_ptr, dx_ptr,  # pointers
+        n_rows, n_cols, n_inner,  # sizes
+        stride_yo, stride_yi, stride_yn, stride_dyo, stride_dyi, stride_dyn, stride_dxo, stride_dxi,
+        stride_dxn,  # strides
+        IS_LOG: tl.constexpr, REREAD_DY: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The row is handled as two halves (a, b) of BLOCK_N // 2 columns, so that what is streamed in after
+    # the sum (Y for log-softmax, dY again for softmax with REREAD_DY) is live one half at a time.
+    HALF: tl.constexpr = BLOCK_N // 2
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    y_offs = _row_start(rows, n_inner, sy_outer, sy_inner)[:, None] + cols[None, :] * sy_col
-    dy_offs = _row_start(rows, n_inner, sdy_outer, sdy_inner)[:, None] + cols[None, :] * sdy_col
-    y = acc_type(tl.load(y_ptr + y_offs, mask=mask, other=0.0))
-    dy = acc_type(tl.load(dy_ptr + dy_offs, mask=mask, other=0.0))
-    if is_log:
-        # dX = dY - e^Y · Σ dY
-        dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
+    cols_a = tl.arange(0, HALF)
+    cols_b = HALF + tl.arange(0, HALF)
+    row_mask = (rows < n_rows)[:, None]
+    if EVEN_N:  # n_cols == BLOCK_N: no column mask (per-element predicates would cost a 32K row its registers)
+        mask_a = row_mask
+        mask_b = row_mask
+    else:
+        mask_a = row_mask & (cols_a < n_cols)[None, :]
+        mask_b = row_mask & (cols_b < n_cols)[None, :]
+    y_a = y_ptr + _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols_a[None, :] * stride_yn
+    y_b = y_ptr + _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols_b[None, :] * stride_yn
+    dy_a = dy_ptr + _row_start(rows, n_inner, stride_dyo, stride_dyi)[:, None] + cols_a[None, :] * stride_dyn
+    dy_b = dy_ptr + _row_start(rows, n_inner, stride_dyo, stride_dyi)[:, None] + cols_b[None, :] * stride_dyn
+    dx_a = dx_ptr + _row_start(rows, n_inner, stride_dxo, stride_dxi)[:, None] + cols_a[None, :] * stride_dxn
+    dx_b = dx_ptr + _row_start(rows, n_inner, stride_dxo, stride_dxi)[:, None] + cols_b[None, :] * stride_dxn
+    if IS_LOG:
+        # dX = dY - e^Y · Σ dY: dY held, Y read after the sum, one half at a time
+        g_a = tl.load(dy_a, mask=mask_a, other=0.0)
+        g_b = tl.load(dy_b, mask=mask_b, other=0.0)
+        total = (tl.sum(g_a.to(ACC), axis=1) + tl.sum(g_b.to(ACC), axis=1))[:, None]
+        p_a = tl.exp(tl.load(y_a, mask=mask_a, other=0.0).to(ACC))
+        tl.store(dx_a, (g_a.to(ACC) - p_a * total).to(dx_ptr.dtype.element_ty), mask=mask_a)
+        p_b = tl.exp(tl.load(y_b, mask=mask_b, other=0.0).to(ACC))
+        tl.store(dx_b, (g_b.to(ACC) - p_b * total).to(dx_ptr.dtype.element_ty), mask=mask_b)
     else:
         # dX = Y ⊙ (dY - Σ dY⊙Y)
-        dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
-    dx_offs = _row_start(rows, n_inner, sdx_outer, sdx_inner)[:, None] + cols[None, :] * sdx_col
-    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        p_a = tl.load(y_a, mask=mask_a, other=0.0)
+        p_b = tl.load(y_b, mask=mask_b, other=0.0)
+        if REREAD_DY:  # Y held; dY read for the sum, then again for dX, one half at a time
+            total = tl.sum(tl.load(dy_a, mask=mask_a, other=0.0, eviction_policy="evict_last").to(ACC)
+                           * p_a.to(ACC), axis=1)
+            total += tl.sum(tl.load(dy_b, mask=mask_b, other=0.0, eviction_policy="evict_last").to(ACC)
+                            * p_b.to(ACC), axis=1)
+            g_a = tl.load(dy_a, mask=mask_a, other=0.0, eviction_policy="evict_first")
+            tl.store(dx_a, (p_a.to(ACC) * (g_a.to(ACC) - total[:, None])).to(dx_ptr.dtype.element_ty), mask=mask_a)
+            g_b = tl.load(dy_b, mask=mask_b, other=0.0, eviction_policy="evict_first")
+            tl.store(dx_b, (p_b.to(ACC) * (g_b.to(ACC) - total[:, None])).to(dx_ptr.dtype.element_ty), mask=mask_b)
+        else:
+            g_a = tl.load(dy_a, mask=mask_a, other=0.0)
+            g_b = tl.load(dy_b, mask=mask_b, other=0.0)
+            total = (tl.sum(g_a.to(ACC) * p_a.to(ACC), axis=1) + tl.sum(g_b.to(ACC) * p_b.to(ACC), axis=1))[:, None]
+            tl.store(dx_a, (p_a.to(ACC) * (g_a.to(ACC) - total)).to(dx_ptr.dtype.element_ty), mask=mask_a)
+            tl.store(dx_b, (p_b.to(ACC) * (g_b.to(ACC) - total)).to(dx_ptr.dtype.element_ty), mask=mask_b)
 
 
 @triton.jit
-def _softmax_fwd_looped_kernel(x_ptr, y_ptr, n_cols, n_inner, sx_outer, sx_inner, sx_col, sy_outer, sy_inner,
-                               sy_col, is_log, BLOCK_N: tl.constexpr):
+def _softmax_fwd_looped_kernel(
+        x_ptr, y_ptr,  # pointers
+        n_rows, n_cols, n_inner,  # sizes
+        stride_xo, stride_xi, stride_xn, stride_yo, stride_yi, stride_yn,  # strides
+        IS_LOG: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + _row_start(row, n_inner, sx_outer, sx_inner)
-    y_row = y_ptr + _row_start(row, n_inner, sy_outer, sy_inner)
-    # Running max m and running sum s = Σ e^{x - m}, in the compute type of x.
-    s = tl.sum(acc_type(tl.zeros([BLOCK_N], dtype=x_ptr.dtype.element_ty)), axis=0)
-    m = s - float("inf")
+    x_row = x_ptr + _row_start(row, n_inner, stride_xo, stride_xi)
+    y_row = y_ptr + _row_start(row, n_inner, stride_yo, stride_yi)
+    # Running max m (from -inf) and running sum s = Σ e^{x - m} (from 0), in ACC.
+    m = tl.full((), -float("inf"), ACC)
+    s = tl.full((), 0.0, ACC)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        x = acc_type(tl.load(x_row + cols * sx_col, mask=cols < n_cols, other=-float("inf")))
+        x = tl.load(x_row + cols * stride_xn, mask=cols < n_cols, other=-float("inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - (-inf) while the row is all -inf so far
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
@@ -130,48 +182,94 @@ def _softmax_fwd_looped_kernel(x_ptr, y_ptr, n_cols, n_inner, sx_outer, sx_inner
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = cols < n_cols
-        z = acc_type(tl.load(x_row + cols * sx_col, mask=mask, other=0.0)) - m
-        if is_log:
+        z = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(ACC) - m
+        if IS_LOG:
             y = z - log_s
         else:
             y = tl.exp(z) * inv_s
-        tl.store(y_row + cols * sy_col, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + cols * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _softmax_bwd_looped_kernel(y_ptr, dy_ptr, dx_ptr, n_cols, n_inner, sy_outer, sy_inner, sy_col, sdy_outer,
-                               sdy_inner, sdy_col, sdx_outer, sdx_inner, sdx_col,
-                               is_log, BLOCK_N: tl.constexpr):
+def _softmax_bwd_looped_kernel(
+        y_ptr, dy_ptr, dx_ptr,  # pointers
+        n_rows, n_cols, n_inner,  # sizes
+        stride_yo, stride_yi, stride_yn, stride_dyo, stride_dyi, stride_dyn, stride_dxo, stride_dxi,
+        stride_dxn,  # strides
+        IS_LOG: tl.constexpr, REREAD_DY: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    y_row = y_ptr + _row_start(row, n_inner, sy_outer, sy_inner)
-    dy_row = dy_ptr + _row_start(row, n_inner, sdy_outer, sdy_inner)
-    dx_row = dx_ptr + _row_start(row, n_inner, sdx_outer, sdx_inner)
-    # First sweep: per-lane partial sums of Σ dY⊙Y (softmax) or Σ dY (log-softmax).
-    acc = acc_type(tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty))
+    y_row = y_ptr + _row_start(row, n_inner, stride_yo, stride_yi)
+    dy_row = dy_ptr + _row_start(row, n_inner, stride_dyo, stride_dyi)
+    dx_row = dx_ptr + _row_start(row, n_inner, stride_dxo, stride_dxi)
+    # First sweep: per-lane partial sums of Σ dY⊙Y (softmax) or Σ dY (log-softmax), from 0 (masked lanes add 0).
+    acc = tl.zeros([BLOCK_N], ACC)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = cols < n_cols
-        dy = acc_type(tl.load(dy_row + cols * sdy_col, mask=mask, other=0.0))
-        if is_log:
+        dy = tl.load(dy_row + cols * stride_dyn, mask=mask, other=0.0).to(ACC)
+        if IS_LOG:
             acc += dy
         else:
-            acc += dy * acc_type(tl.load(y_row + cols * sy_col, mask=mask, other=0.0))
+            acc += dy * tl.load(y_row + cols * stride_yn, mask=mask, other=0.0).to(ACC)
     total = tl.sum(acc, axis=0)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = cols < n_cols
-        y = acc_type(tl.load(y_row + cols * sy_col, mask=mask, other=0.0))
-        dy = acc_type(tl.load(dy_row + cols * sdy_col, mask=mask, other=0.0))
-        if is_log:
-            # dX = dY - e^Y · Σ dY
-            dx = dy - tl.exp(y) * total
+        y = tl.load(y_row + cols * stride_yn, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_row + cols * stride_dyn, mask=mask, other=0.0).to(ACC)
+        if IS_LOG:
+            dx = dy - tl.exp(y) * total  # dX = dY - e^Y · Σ dY
         else:
-            # dX = Y ⊙ (dY - Σ dY⊙Y)
-            dx = y * (dy - total)
-        tl.store(dx_row + cols * sdx_col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx = y * (dy - total)  # dX = Y ⊙ (dY - Σ dY⊙Y)
+        tl.store(dx_row + cols * stride_dxn, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------- launchers
+# ----------------------------------------------------------------- launch policy (one place)
+def launch_config(block_n: int, looped: bool) -> triton.Config:
+    """The launch shape of a BLOCK_N: rows per program (TILE elements a program on short rows, one row
+    from 4096 columns on and in the looped kernels) and warps (one per 256 elements, 4 to 32)."""
+    block_m = 1 if looped else max(1, TILE // block_n)
+    warps = max(MIN_WARPS, min(MAX_WARPS, block_m * block_n // ELEMENTS_PER_WARP))
+    return config(warps, 1, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(fn, block_n: int) -> Kernel:
+    """The Kernel of ``fn`` at this BLOCK_N (one config: the host has chosen the shape)."""
+    key = fn, block_n
+    if key not in _KERNELS:
+        looped = fn in (_softmax_fwd_looped_kernel, _softmax_bwd_looped_kernel)
+        _KERNELS[key] = Kernel(fn, [launch_config(block_n, looped)])
+    return _KERNELS[key]
+
+
+def row_cap(dtype: torch.dtype, max_block_n: int | None = None) -> int:
+    """The widest row the single-block kernels take for ``dtype`` (at most MAX_BLOCK_N, or ``max_block_n``)."""
+    cap = min(MAX_BLOCK_N, ROW_ELEMENTS_FP64 if dtype == torch.float64 else ROW_ELEMENTS)
+    return cap if max_block_n is None else min(cap, max_block_n)
+
+
+def _plan(n_cols: int, cap: int, backward: bool):
+    """(looped, BLOCK_N, EVEN_N) for rows of ``n_cols`` under the single-block cap ``cap``.
+
+    BLOCK_N is the first of 64, 256, 1024, ... that holds the row, or ``cap`` itself. The backward holds
+    more (two operands, or one and a stream): above cap / 2 it takes a single block only for rows of
+    exactly BLOCK_N columns (no per-element masks, which would make it spill); other rows loop."""
+    block_n = MIN_BLOCK_N
+    while block_n < n_cols:
+        block_n *= BLOCK_N_STEP
+    if block_n > cap and triton.next_power_of_2(n_cols) <= cap:
+        block_n = cap
+    even = n_cols == block_n
+    if block_n > cap or (backward and 2 * block_n > cap and not even):
+        return True, min(cap, LOOP_BLOCK_N), False
+    return False, block_n, even
+
+
+# ----------------------------------------------------------------- row geometry
 def _collapse(sizes, strides):
     """(size, stride) of a group of dims walked as one, or None when they are not one arithmetic progression."""
     pairs = [(n, s) for n, s in zip(sizes, strides) if n != 1]
@@ -186,7 +284,7 @@ def _collapse(sizes, strides):
 
 
 def _rows_layout(t: torch.Tensor, dim: int):
-    """(n_inner, s_outer, s_inner, s_col) of ``t`` seen as rows along ``dim``, or None."""
+    """(n_inner, stride_o, stride_i, stride_n) of ``t`` seen as rows along ``dim``, or None."""
     outer = _collapse(t.shape[:dim], t.stride()[:dim])
     inner = _collapse(t.shape[dim + 1:], t.stride()[dim + 1:])
     if outer is None or inner is None:
@@ -203,82 +301,59 @@ def _as_rows(t: torch.Tensor, dim: int):
     return t, layout[1:]
 
 
-def _numel(sizes) -> int:
-    n = 1
-    for size in sizes:
-        n *= size
-    return n
-
-
-def _plan(n_cols: int, cap: int):
-    """(looped, BLOCK_M, BLOCK_N, num_warps) for rows of ``n_cols`` under the single-block cap ``cap``."""
-    block_n = MIN_BLOCK_N
-    while block_n < n_cols:
-        block_n *= BLOCK_N_STEP
-    if block_n > cap and triton.next_power_of_2(n_cols) <= cap:
-        block_n = cap
-    if block_n > cap:
-        block_n = min(cap, LOOP_BLOCK_N)
-        return True, 1, block_n, _num_warps(block_n)
-    block_m = max(1, TILE // block_n)
-    return False, block_m, block_n, _num_warps(block_m * block_n)
-
-
-def _rows(t: torch.Tensor, dim: int):
+def _geometry(t: torch.Tensor, dim: int):
     """(n_rows, n_cols, n_inner) of ``t`` seen as rows along ``dim``."""
-    n_cols, n_inner = t.shape[dim], _numel(t.shape[dim + 1:])
-    return _numel(t.shape) // n_cols, n_cols, n_inner
+    n_cols = t.shape[dim]
+    n_inner = 1
+    for size in t.shape[dim + 1:]:
+        n_inner *= size
+    return t.numel() // n_cols, n_cols, n_inner
+
+
+# ----------------------------------------------------------------- launchers
+def _launch(tensors, outputs, dim: int, is_log: bool, max_block_n: int | None, backward: bool):
+    """Run the kernel the plan picks over ``tensors`` (inputs then outputs, all of one shape)."""
+    out = outputs[0]
+    n_rows, n_cols, n_inner = _geometry(out, dim)
+    rows, strides = [], []
+    for t in tensors + outputs:
+        t, st = _as_rows(t, dim)
+        rows.append(t)
+        strides += st
+    cap = row_cap(out.dtype, max_block_n)
+    looped, block_n, even = _plan(n_cols, cap, backward)
+    consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(out.dtype)}
+    if backward:
+        consts["REREAD_DY"] = not (is_log or looped or 2 * block_n <= cap)
+        fn = _softmax_bwd_looped_kernel if looped else _softmax_bwd_kernel
+    else:
+        fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
+    BRANCHES[("bwd" if backward else "fwd") + ("_looped" if looped else "_reread" if consts.get("REREAD_DY")
+                                                else "")] += 1
+    grid = (n_rows,) if looped else (lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),))
+    _kernel(fn, block_n)(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
 
 def _forward(x: torch.Tensor, dim: int, is_log: bool, max_block_n: int | None) -> torch.Tensor:
     if x.dim() == 0:
         return _forward(x.reshape(1), 0, is_log, max_block_n).reshape(())
-    dim = dim % x.dim()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if not y.numel():
-        return y
-    n_rows, n_cols, n_inner = _rows(y, dim)
-    x, x_strides = _as_rows(x, dim)
-    _, y_strides = _as_rows(y, dim)
-    looped, block_m, block_n, warps = _plan(n_cols, MAX_BLOCK_N if max_block_n is None else max_block_n)
-    if looped:
-        BRANCHES["fwd_looped"] += 1
-        _softmax_fwd_looped_kernel[(n_rows,)](x, y, n_cols, n_inner, *x_strides, *y_strides, int(is_log),
-                                             BLOCK_N=block_n, num_warps=warps)
-    else:
-        BRANCHES["fwd"] += 1
-        _softmax_fwd_kernel[(triton.cdiv(n_rows, block_m),)](x, y, n_rows, n_cols, n_inner, *x_strides, *y_strides,
-                                                             int(is_log), BLOCK_M=block_m, BLOCK_N=block_n,
-                                                             num_warps=warps)
+    if y.numel():
+        _launch([x], [y], dim % x.dim(), is_log, max_block_n, backward=False)
     return y
 
 
 def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, is_log: bool, max_block_n: int | None) -> torch.Tensor:
     if y.dim() == 0:
         return _backward(y.reshape(1), dy.reshape(1), 0, is_log, max_block_n).reshape(())
-    dim = dim % y.dim()
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    if not dx.numel():
-        return dx
-    n_rows, n_cols, n_inner = _rows(dx, dim)
-    y, y_strides = _as_rows(y, dim)
-    dy, dy_strides = _as_rows(dy, dim)
-    _, dx_strides = _as_rows(dx, dim)
-    looped, block_m, block_n, warps = _plan(n_cols, MAX_BLOCK_N if max_block_n is None else max_block_n)
-    if looped:
-        BRANCHES["bwd_looped"] += 1
-        _softmax_bwd_looped_kernel[(n_rows,)](y, dy, dx, n_cols, n_inner, *y_strides, *dy_strides, *dx_strides,
-                                             int(is_log), BLOCK_N=block_n, num_warps=warps)
-    else:
-        BRANCHES["bwd"] += 1
-        _softmax_bwd_kernel[(triton.cdiv(n_rows, block_m),)](y, dy, dx, n_rows, n_cols, n_inner, *y_strides,
-                                                             *dy_strides, *dx_strides, int(is_log), BLOCK_M=block_m,
-                                                             BLOCK_N=block_n, num_warps=warps)
+    if dx.numel():
+        _launch([y, dy], [dx], dim % y.dim(), is_log, max_block_n, backward=True)
     return dx
 
 
-# The launchers take the reference's arguments; ``max_block_n`` (default MAX_BLOCK_N) is for tests and
-# benchmarks that want to force the looped kernels on short rows.
+# The launchers take the reference's arguments; ``max_block_n`` (default: the dtype's cap) is for tests and
+# benchmarks that want to force the looped kernels, or the softmax backward's dY re-read, on short rows.
 def softmax_fwd(x: torch.Tensor, dim: int, max_block_n: int | None = None) -> torch.Tensor:
     return _forward(x, dim, False, max_block_n)
 
@@ -295,38 +370,30 @@ def log_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, max_block_n: in
     return _backward(y, dy, dim, True, max_block_n)
 
 
-# ----------------------------------------------------------------- ahead-of-time configs
-FWD_ARGS = ("x_ptr", "y_ptr", "n_rows", "n_cols", "n_inner", "sx_outer", "sx_inner", "sx_col", "sy_outer",
-            "sy_inner", "sy_col", "is_log")
-BWD_ARGS = ("y_ptr", "dy_ptr", "dx_ptr", "n_rows", "n_cols", "n_inner", "sy_outer", "sy_inner", "sy_col",
-            "sdy_outer", "sdy_inner", "sdy_col", "sdx_outer", "sdx_inner", "sdx_col", "is_log")
+# ----------------------------------------------------------------- ahead-of-time compiles
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-def _signature(args, dtype, constexprs):
-    """Pointers in ``dtype``, sizes and strides as i64, ``is_log`` as i32, then the constexprs."""
-    sig = {a: f"*{dtype}" if a.endswith("_ptr") else "i32" if a == "is_log" else "i64" for a in args}
-    return {**sig, **{c: "constexpr" for c in constexprs}}
-
-
-def _aot_configs():
-    """Every (kernel, signature, constexprs, num_warps) the launchers launch with by default."""
-    plans, n_cols = [], 1
-    while True:
-        plans.append(_plan(n_cols, MAX_BLOCK_N))
-        if plans[-1][0]:
-            break
-        n_cols = plans[-1][2] + 1
-    for dt in FLOAT_DTYPE_NAMES:
-        for looped, block_m, block_n, warps in plans:
-            if looped:
-                consts = {"BLOCK_N": block_n}
-                no_rows = [a for a in FWD_ARGS if a != "n_rows"], [a for a in BWD_ARGS if a != "n_rows"]
-                yield _softmax_fwd_looped_kernel, _signature(no_rows[0], dt, consts), consts, warps
-                yield _softmax_bwd_looped_kernel, _signature(no_rows[1], dt, consts), consts, warps
-            else:
-                consts = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-                yield _softmax_fwd_kernel, _signature(FWD_ARGS, dt, consts), consts, warps
-                yield _softmax_bwd_kernel, _signature(BWD_ARGS, dt, consts), consts, warps
-
-
-AOT_CONFIGS = list(_aot_configs())
+def aot_configs():
+    """Every (kernel, BLOCK_N, IS_LOG, EVEN_N, REREAD_DY) the default plan launches, per dtype, as a contiguous
+    last-dim launch gets it (unit column strides specialised)."""
+    for t in FLOAT_TYPES:
+        dtype = _TORCH_DTYPES[t]
+        cap = row_cap(dtype)
+        rungs, r = [cap], MIN_BLOCK_N
+        while r < cap:
+            rungs.append(r)
+            r *= BLOCK_N_STEP
+        cols = {c for r in rungs for c in (r - 1, r)} | {cap + 1}  # each rung ragged and exact; a looped row
+        plans = {(backward, *_plan(n, cap, backward)) for backward in (False, True) for n in cols}
+        for backward, looped, block_n, even in sorted(plans):
+            for is_log in (False, True):
+                consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(dtype)}
+                if backward:
+                    consts["REREAD_DY"] = not (is_log or looped or 2 * block_n <= cap)
+                    fn = _softmax_bwd_looped_kernel if looped else _softmax_bwd_kernel
+                    units = ("stride_yn", "stride_dyn", "stride_dxn")
+                else:
+                    fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
+                    units = ("stride_xn", "stride_yn")
+                yield from _kernel(fn, block_n).aot(t, {**consts, **{u: 1 for u in units}})
