@@ -121,6 +121,54 @@ def test_special_values(backend, name, dtype, looped, monkeypatch):
     check_parity(*OPS[name], x.t(), equal_nan=True, reduction_size=40, dim=0)
 
 
+def _special_rows(dtype, n):
+    """Issue 17's rows of ``n`` columns: shifted far up and down, fully masked (-inf everywhere) among normal
+    rows, and -inf / +inf / NaN at the row's max and elsewhere."""
+    huge = 1e30 if dtype == torch.float32 else 1e300
+    base = make((n,), torch.float64, seed=3)
+    top, other = int(base.argmax()), int(base.argmin())
+
+    def put(value, at):
+        row = base.clone()
+        row[at] = value
+        return row
+
+    rows = [base + 1e4, base - 1e4, torch.full_like(base, -INF), base, base + huge, base - huge, base * huge,
+            torch.full_like(base, -INF), put(-INF, top), put(-INF, other), put(INF, top), put(INF, other),
+            put(NAN, top), put(NAN, other), base * 1e4, torch.full_like(base, huge)]
+    return torch.stack(rows).to(device=DEVICE, dtype=dtype)
+
+
+# branch -> (cap, N): the single-block kernels on a ragged row and on a row of exactly BLOCK_N columns (softmax's
+# backward re-reads dY), the backward's looped kernel under a single-block forward, and both looped (3 steps of 16).
+SPECIAL_BRANCHES = {"single": (None, 40), "even": (SMALL_CAP, SMALL_CAP), "ragged": (SMALL_CAP, 40),
+                    "looped": (16, 40)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("branch", sorted(SPECIAL_BRANCHES))
+def test_special_value_rows(backend, name, dtype, branch, monkeypatch):
+    cap, n = SPECIAL_BRANCHES[branch]
+    if backend != "triton" and branch != "single":
+        pytest.skip("kernel branches exist on the triton backend only")
+    if cap is not None:
+        monkeypatch.setattr(K, "MAX_BLOCK_N", cap)
+    x = _special_rows(dtype, n)
+    before = dict(K.BRANCHES)
+    check_parity(*OPS[name], x, equal_nan=True, reduction_size=n, dim=1)
+    if backend == "triton":
+        ran = sorted(k for k in K.BRANCHES if K.BRANCHES[k] > before.get(k, 0))
+        fwd, bwd = {"single": ("fwd", "bwd"), "even": ("fwd", "bwd_reread" if name == "softmax" else "bwd"),
+                    "ragged": ("fwd", "bwd_looped"), "looped": ("fwd_looped", "bwd_looped")}[branch]
+        assert ran == sorted([fwd, bwd]), ran
+    check_parity(*OPS[name], x.t(), equal_nan=True, reduction_size=n, dim=0)  # strided rows
+    # rows of a single column: 1 (softmax) or 0 (log_softmax), NaN where the entry is -inf, +inf or NaN
+    column = x[:, :1]
+    check_parity(*OPS[name], column, equal_nan=True, dim=1)
+    check_parity(*OPS[name], column.t(), equal_nan=True, dim=0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("in_dtype,dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
                                              (torch.float64, torch.float16), (torch.int64, torch.float32)])
