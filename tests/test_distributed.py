@@ -1,10 +1,16 @@
-"""DistributedDataParallel: 2 processes on gloo (CPU) train a scratchops model with the gradients of one process.
+"""DDP and FSDP2: 2 processes on gloo (CPU) train a scratchops model with the gradients of one process.
 
 Each rank gets half of the batch; DDP averages the gradients, and with a mean loss
 over equal halves the average is the full batch's gradient. Rank 0 records the
 gradients and parameters of a few SGD steps (scratchops.optim.SGD); the parent
 runs the same steps in one process on the full batch and compares. The workers
 are spawned (torch.multiprocessing) and talk over 127.0.0.1 only.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard`` on every Linear/Conv2d and on the
+root) shards the parameters as DTensors; a converted module's forward sees the
+unsharded parameters that FSDP2 gathers, and its gradients are reduce-scattered
+(averaged) back. Its optimizer is ``torch.optim.SGD``: ``scratchops.optim.SGD``'s
+custom op has no DTensor sharding rule, so it cannot step sharded parameters.
 
 The workers run the reference backend: what DDP adds (gradient hooks, bucketing,
 all-reduce) does not depend on the backend, which the op tests check on their
@@ -22,6 +28,7 @@ import torch.multiprocessing as mp
 
 import scratchops
 import scratchops.functional as SF
+from scratchops._backend import LAUNCHES
 from tests.helpers import tolerances
 
 WORLD = 2
@@ -50,21 +57,42 @@ def data(name: str):
     return x, torch.randn(BATCH, 3, generator=g)
 
 
-def train(model, forward, x, y):
-    """STEPS SGD steps on (x, y); the gradients after each backward and the final parameters."""
-    optimizer = scratchops.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    grads = []
+def _full(t):
+    """A DTensor (FSDP2's sharded parameter or gradient) gathered to the whole tensor; a tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train(model, forward, x, y, optimizer_class=None):
+    """STEPS SGD steps on (x, y); the losses, the gradients after each backward and the final parameters."""
+    optimizer = (optimizer_class or scratchops.optim.SGD)(model.parameters(), lr=0.1, momentum=0.9)
+    grads, losses = [], []
     for _ in range(STEPS):
         optimizer.zero_grad()
-        SF.mse_loss(forward(x), y).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        loss = SF.mse_loss(forward(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([_full(p.grad).clone() for p in model.parameters()])
         optimizer.step()
-    return {"grads": grads, "params": [p.detach().clone() for p in model.parameters()]}
+    return {"losses": losses, "grads": grads, "params": [_full(p.detach()).clone() for p in model.parameters()]}
 
 
-def _worker(rank, port, backends, models, path):
+def wrap(model, parallel: str):
+    """(module to call, optimizer class): DDP around the model, or FSDP2 applied to it in place."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model), None
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(module)
+    fully_shard(model)
+    return model, torch.optim.SGD
+
+
+def _worker(rank, port, backends, models, path, parallel="ddp"):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -73,12 +101,19 @@ def _worker(rank, port, backends, models, path):
         for backend in backends:
             for name in models:
                 model = build(name)
-                ddp = DistributedDataParallel(model)
+                forward, optimizer_class = wrap(model, parallel)
                 x, y = data(name)
                 half = BATCH // WORLD
+                before = sum(n for (_, b), n in LAUNCHES.items() if b == backend)
                 with scratchops.use_backend(backend):
-                    results[backend, name] = train(model, ddp, x[rank * half:(rank + 1) * half],
-                                                   y[rank * half:(rank + 1) * half])
+                    result = train(model, forward, x[rank * half:(rank + 1) * half],
+                                   y[rank * half:(rank + 1) * half], optimizer_class)
+                result["ran"] = sum(n for (_, b), n in LAUNCHES.items() if b == backend) - before
+                result["sharded"] = all(hasattr(p, "full_tensor") for p in model.parameters())
+                for loss in result["losses"]:  # the full batch's mean loss: the mean of the equal halves' losses
+                    dist.all_reduce(loss)
+                    loss /= WORLD
+                results[backend, name] = result
         if rank == 0:
             torch.save(results, path)
     finally:
@@ -91,31 +126,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+def _spawn_and_compare(tmp_path, parallel, backends, models):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    backends = ["reference"]  # see the module docstring
-    models = ["mlp", "cnn"]
     path = str(tmp_path / "rank0.pt")
-    context = mp.start_processes(_worker, args=(_free_port(), backends, models, path), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_worker, args=(_free_port(), backends, models, path, parallel), nprocs=WORLD,
+                                 join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_SECONDS
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for p in context.processes:
                 p.kill()
-            pytest.fail(f"DDP workers did not finish within {JOIN_SECONDS} s")
+            pytest.fail(f"{parallel} workers did not finish within {JOIN_SECONDS} s")
     distributed = torch.load(path)
     assert set(distributed) == {(b, m) for b in backends for m in models}
     for backend in backends:
         for name in models:
             model = build(name)
             with scratchops.use_backend(backend):
-                single = train(model, model, *data(name))
+                single = train(model, model, *data(name), None if parallel == "ddp" else torch.optim.SGD)
             got = distributed[backend, name]
+            assert got["ran"] > 0, "no scratchops backend op ran in the workers"
+            assert got["sharded"] == (parallel == "fsdp2")
             tol = tolerances(torch.float32, reduction_size=BATCH)
+            torch.testing.assert_close(torch.stack(got["losses"]), torch.stack(single["losses"]), **tol)
             for step, (a, b) in enumerate(zip(got["grads"], single["grads"])):
                 for i, (ga, gb) in enumerate(zip(a, b)):
                     torch.testing.assert_close(ga, gb, **tol, msg=lambda m: f"{backend} {name} step {step} p{i}: {m}")
             for pa, pb in zip(got["params"], single["params"]):
                 torch.testing.assert_close(pa, pb, **tol)
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    _spawn_and_compare(tmp_path, "ddp", ["reference"], ["mlp", "cnn"])  # reference only: see the module docstring
+
+
+def test_fsdp2_losses_and_gradients_equal_single_process(tmp_path):
+    """A converted model sharded by FSDP2 (fully_shard) trains with one process's losses, gradients, parameters."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp")
+    if not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    _spawn_and_compare(tmp_path, "fsdp2", ["reference"], ["mlp", "cnn"])
