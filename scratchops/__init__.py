@@ -12,11 +12,15 @@ import sys as _sys
 
 
 def _kernels_from_checkout() -> None:
-    """Installed, the kernels are the package ``scratchops._kernels``. In a plain checkout on
-    PYTHONPATH they sit in the repository's ``triton_kernels/``: load that folder under the same name."""
-    if "scratchops._kernels" in _sys.modules or _importlib_util.find_spec("scratchops._kernels") is not None:
+    """Installed, the kernels are the package ``scratchops._kernels``. In a checkout (this package beside
+    ``pyproject.toml`` and ``triton_kernels/``, run from PYTHONPATH or an editable install) they are that
+    folder, loaded under the same name: the checkout's own kernels, whatever else is installed."""
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    folder = _os.path.join(root, "triton_kernels")
+    checkout = _os.path.exists(_os.path.join(root, "pyproject.toml")) and \
+        _os.path.exists(_os.path.join(folder, "_launch.py"))
+    if "scratchops._kernels" in _sys.modules or not checkout:
         return
-    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "triton_kernels")
     spec = _importlib_util.spec_from_file_location("scratchops._kernels", _os.path.join(folder, "__init__.py"),
                                                    submodule_search_locations=[folder])
     module = _importlib_util.module_from_spec(spec)

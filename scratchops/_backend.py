@@ -35,6 +35,7 @@ import os
 import threading
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from scratchops._common import FLOAT_DTYPES
 
@@ -43,6 +44,26 @@ ENV_VAR = "SCRATCHOPS_BACKEND"
 
 # How many times each (op, backend) ran: tests read it to prove a kernel ran.
 LAUNCHES: collections.Counter = collections.Counter()
+
+# Every backend op, by name (the contract tests walk it).
+REGISTRY: dict = {}
+
+
+class _Recording(threading.local):
+    calls: list | None = None
+
+
+_recording = _Recording()
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Collect ``(name, backend, args)`` of every backend op called in this thread (for the contract tests)."""
+    previous, _recording.calls = _recording.calls, []
+    try:
+        yield _recording.calls
+    finally:
+        _recording.calls = previous
 
 
 class _Requests(threading.local):
@@ -147,6 +168,18 @@ def eager_plain(args) -> bool:
     return True
 
 
+def forward_mode() -> bool:
+    """True where an autograd.Function's ``jvp`` may be needed: under a torch.func transform or inside a
+    forward-AD dual level. Dynamo cannot trace Functions that define ``jvp``, so ops apply their
+    jvp-carrying Function only then (see :func:`with_jvp`)."""
+    return not _is_compiling() and (_functorch_active() or forward_ad._current_level >= 0)
+
+
+def with_jvp(function, jvp):
+    """``function`` subclassed with ``jvp`` added: apply it where :func:`forward_mode` holds."""
+    return type(f"{function.__name__}WithJvp", (function,), {"jvp": staticmethod(jvp), "__doc__": function.__doc__})
+
+
 def backend_op(name: str, reference, family: str, *, mutates_args=(), fake=None):
     """``scratchops::<name>``: the reference formula or the Triton launcher ``<family>.<name>``.
 
@@ -176,6 +209,8 @@ def backend_op(name: str, reference, family: str, *, mutates_args=(), fake=None)
     overload = getattr(torch.ops.scratchops, name).default
 
     def op(backend: str, *args):
+        if _recording.calls is not None:
+            _recording.calls.append((name, backend, args))
         if not eager_plain(args):
             return overload(backend, *args)
         out = run(backend, *args)
@@ -184,5 +219,6 @@ def backend_op(name: str, reference, family: str, *, mutates_args=(), fake=None)
         return out
 
     op.__name__ = op.__qualname__ = f"{name}_op"
-    op.custom, op.impl, op.reference = custom, impl, reference
+    op.custom, op.impl, op.reference, op.family = custom, impl, reference, family
+    REGISTRY[name] = op
     return op

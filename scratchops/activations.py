@@ -13,10 +13,24 @@ Backward, written with the saved output y only (the input is never kept):
     tanh      dx = dy · (1 - y²)           since tanh' = 1 - tanh²
 
 For complex inputs (reference backend only) autograd wants dx = dy · conj(f'(x)).
+
+Second derivatives. The backward dx = dy · s(y) is itself an op (ActivationGradFunction) with a
+hand-derived backward, so gradients of gradients run the same kernels. With s(y) = act'(z) written
+in the output and s'(y) its derivative in y:
+
+    sigmoid   s(y) = y (1 - y)     s'(y) = 1 - 2y
+    relu      s(y) = [y > 0]       s'(y) = 0
+    tanh      s(y) = 1 - y²        s'(y) = -2y
+
+    for an incoming g (the gradient of dx):   d(dy) = g · s(y)        (the first backward's kernel)
+                                              d(y)  = g · dy · s'(y)  (activation_grad_y)
+
+and autograd chains d(y) through y = act(x). Forward mode (jvp) uses the same two kernels:
+y_t = x_t · s(y) and dx_t = dy_t · s(y) + y_t · dy · s'(y). Third derivatives raise.
 """
 import torch
 
-from scratchops._backend import backend_op, choose_backend
+from scratchops._backend import backend_op, choose_backend, forward_mode, with_jvp
 from scratchops._common import FLOAT_DTYPES, INT_DTYPES, check_inplace, check_tensor, compute_dtype
 
 KERNELS = "activations"
@@ -48,6 +62,15 @@ def activation_grad(dy: torch.Tensor, y: torch.Tensor, activation: str) -> torch
     if activation == "tanh":
         return dy * (1 - y * y).conj()
     return dy
+
+
+def activation_grad_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor, activation: str) -> torch.Tensor:
+    """d(dx)/dy applied to g: g · dy · s'(y), the second-derivative term (see the module docstring)."""
+    if activation == "sigmoid":
+        return g * dy * (1 - 2 * y)
+    if activation == "tanh":
+        return g * dy * (-2 * y)
+    return torch.zeros_like(g)  # relu, and the identity
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:
@@ -85,55 +108,148 @@ def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return activation_grad(dy, _compute(y), "tanh").to(dy.dtype)
 
 
+def sigmoid_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return activation_grad_y(_compute(y), _compute(dy), _compute(g), "sigmoid").to(g.dtype)
+
+
+def relu_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return activation_grad_y(y, dy, g, "relu")
+
+
+def tanh_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return activation_grad_y(_compute(y), _compute(dy), _compute(g), "tanh").to(g.dtype)
+
+
 # ----------------------------------------------------------------- backend ops
-sigmoid_fwd_op = backend_op("sigmoid_fwd", sigmoid_fwd, KERNELS)
-sigmoid_bwd_op = backend_op("sigmoid_bwd", sigmoid_bwd, KERNELS)
-relu_fwd_op = backend_op("relu_fwd", relu_fwd, KERNELS)
+OPS = {  # activation -> (forward, backward, second-derivative) backend ops
+    act: tuple(backend_op(f"{act}_{part}", globals()[f"{act}_{part}"], KERNELS) for part in ("fwd", "bwd", "bwd_y"))
+    for act in ("sigmoid", "relu", "tanh")}
 relu_fwd__op = backend_op("relu_fwd_", relu_fwd_, KERNELS, mutates_args=("x",))
-relu_bwd_op = backend_op("relu_bwd", relu_bwd, KERNELS)
-tanh_fwd_op = backend_op("tanh_fwd", tanh_fwd, KERNELS)
-tanh_bwd_op = backend_op("tanh_bwd", tanh_bwd, KERNELS)
 
 
 # ----------------------------------------------------------------- autograd
-def _activation_function(name: str, fwd_op, bwd_op, formula: str):
-    """The autograd.Function of an activation: y = fwd(x) saved, dx = bwd(y, dy) (``formula``)."""
-
-    def forward(x, backend):
-        return fwd_op(backend, x)
-
-    def setup_context(ctx, inputs, output):
-        ctx.backend = inputs[1]
-        ctx.save_for_backward(output)
-
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        dx = bwd_op(ctx.backend, y, dy) if ctx.needs_input_grad[0] else None
-        return dx, None  # x, backend
-
-    backward.__doc__ = formula
-    return type(name, (torch.autograd.Function,), {
-        "__doc__": f"{name[:-len('Function')].lower()}(x, backend); backward {formula}",
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward)})
+def _batched_first(info, in_dims, *tensors):
+    """vmap: the batch dim of every tensor moved to the front (unbatched ones expanded to it)."""
+    return [t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+            for t, d in zip(tensors, in_dims)]
 
 
-SigmoidFunction = _activation_function("SigmoidFunction", sigmoid_fwd_op, sigmoid_bwd_op, "dx = dy · y (1 - y)")
-ReluFunction = _activation_function("ReluFunction", relu_fwd_op, relu_bwd_op, "dx = dy · [y > 0]")
-TanhFunction = _activation_function("TanhFunction", tanh_fwd_op, tanh_bwd_op, "dx = dy · (1 - y²)")
-
-
-class ReluInplaceFunction(ReluFunction):
-    """relu_(x): x is overwritten by y, marked dirty, and y (that is, x) is saved; ReluFunction's backward."""
+class ActivationFunction(torch.autograd.Function):
+    """y = act(x) for act in sigmoid, relu, tanh; backward dx = dy · s(y) (ActivationGradFunction)."""
 
     @staticmethod
-    def forward(x, backend):
+    def forward(x, activation, backend):
+        return OPS[activation][0](backend, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.activation, ctx.backend = inputs
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        dx = _activation_grad(y, dy, ctx.activation, ctx.backend) if ctx.needs_input_grad[0] else None
+        return dx, None, None  # x, activation, backend
+
+    @staticmethod
+    def vmap(info, in_dims, x, activation, backend):
+        (x,) = _batched_first(info, in_dims[:1], x)
+        return _activation(x, activation, backend), 0
+
+
+class ActivationGradFunction(torch.autograd.Function):
+    """dx = dy · s(y) (the first backward); its backward: d(dy) = g · s(y), d(y) = g · dy · s'(y)."""
+
+    @staticmethod
+    def forward(y, dy, activation, backend):
+        return OPS[activation][1](backend, y, dy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, dy, ctx.activation, ctx.backend = inputs
+        ctx.save_for_backward(y, dy)
+        ctx.save_for_forward(y, dy)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, dy = ctx.saved_tensors
+        if y.is_complex() or dy.is_complex():
+            raise RuntimeError("scratchops: second derivatives of complex activations are not implemented")
+        need_y, need_dy = ctx.needs_input_grad[:2]
+        grad_dy = _activation_grad(y, g, ctx.activation, ctx.backend) if need_dy else None
+        grad_y = ActivationGradYFunction.apply(y, dy, g, ctx.activation, ctx.backend) if need_y else None
+        return grad_y, grad_dy, None, None  # y, dy, activation, backend
+
+    @staticmethod
+    def vmap(info, in_dims, y, dy, activation, backend):
+        y, dy = _batched_first(info, in_dims[:2], y, dy)
+        return _activation_grad(y, dy, activation, backend), 0
+
+
+class ActivationGradYFunction(torch.autograd.Function):
+    """g · dy · s'(y), the second-derivative term; differentiating it again (a third derivative) raises."""
+
+    @staticmethod
+    def forward(y, dy, g, activation, backend):
+        return OPS[activation][2](backend, y, dy, g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.activation = inputs[3]
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(f"scratchops: third derivatives of {ctx.activation} are not implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, y, dy, g, activation, backend):
+        y, dy, g = _batched_first(info, in_dims[:3], y, dy, g)
+        return ActivationGradYFunction.apply(y, dy, g, activation, backend), 0
+
+
+def _activation_jvp(ctx, x_t, _activation, _backend):
+    # y_t = x_t · s(y)
+    (y,) = ctx.saved_tensors
+    return OPS[ctx.activation][1](ctx.backend, y, x_t)
+
+
+def _activation_grad_jvp(ctx, y_t, dy_t, _activation, _backend):
+    # dx_t = dy_t · s(y) + y_t · dy · s'(y)
+    y, dy = ctx.saved_tensors
+    _, bwd, bwd_y = OPS[ctx.activation]
+    out = bwd(ctx.backend, y, dy_t) if dy_t is not None else None
+    if y_t is not None:
+        term = bwd_y(ctx.backend, y, dy, y_t)
+        out = term if out is None else out + term
+    return out
+
+
+# Forward mode (torch.func.jvp / jacfwd / hessian, forward-AD dual tensors); dynamo cannot trace a Function with jvp.
+ActivationJvpFunction = with_jvp(ActivationFunction, _activation_jvp)
+ActivationGradJvpFunction = with_jvp(ActivationGradFunction, _activation_grad_jvp)
+
+
+def _activation(x, activation, backend):
+    return (ActivationJvpFunction if forward_mode() else ActivationFunction).apply(x, activation, backend)
+
+
+def _activation_grad(y, dy, activation, backend):
+    return (ActivationGradJvpFunction if forward_mode() else ActivationGradFunction).apply(y, dy, activation, backend)
+
+
+class ReluInplaceFunction(ActivationFunction):
+    """relu_(x): x is overwritten by y, marked dirty, and y (that is, x) is saved; ActivationFunction's backward."""
+
+    @staticmethod
+    def forward(x, activation, backend):
         relu_fwd__op(backend, x)
         return x
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, ctx.backend = inputs
+        x, ctx.activation, ctx.backend = inputs
         ctx.mark_dirty(x)
         ctx.save_for_backward(output)
 
@@ -149,13 +265,13 @@ def _as_floating(x: torch.Tensor) -> torch.Tensor:
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     check_tensor("sigmoid", input)
     x = _as_floating(input)
-    return SigmoidFunction.apply(x, choose_backend(x))
+    return _activation(x, "sigmoid", choose_backend(x))
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     check_tensor("tanh", input)
     x = _as_floating(input)
-    return TanhFunction.apply(x, choose_backend(x))
+    return _activation(x, "tanh", choose_backend(x))
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -173,9 +289,9 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
                                "single memory location. Please clone() the tensor before performing the operation.")
         if torch.compiler.is_compiling():
             # Dynamo cannot trace ctx.mark_dirty: the out-of-place op written back traces to the same result.
-            return input.copy_(ReluFunction.apply(input, backend))
-        return ReluInplaceFunction.apply(input, backend)
-    return ReluFunction.apply(input, backend)
+            return input.copy_(_activation(input, "relu", backend))
+        return ReluInplaceFunction.apply(input, "relu", backend)
+    return _activation(input, "relu", backend)
 
 
 def relu_(input: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch.nn.functional as TF
 import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
-from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error, make)
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
+                           expect_ops, make)
 
 BLOCK = 1024  # triton_kernels.activations.BLOCK: sizes around it exercise the masks
 OPS = {"sigmoid": (SF.sigmoid, torch.sigmoid), "relu": (SF.relu, TF.relu), "tanh": (SF.tanh, torch.tanh)}
@@ -204,16 +205,64 @@ def test_opcheck(backend, name):
 
     x = make((5, 6))
     y = getattr(A, f"{name}_fwd")(x)
-    torch.library.opcheck(getattr(A, f"{name}_fwd_op").custom, (backend, x))
-    torch.library.opcheck(getattr(A, f"{name}_bwd_op").custom, (backend, y, make((5, 6))))
+    fwd, bwd, bwd_y = A.OPS[name]
+    torch.library.opcheck(fwd.custom, (backend, x))
+    torch.library.opcheck(bwd.custom, (backend, y, make((5, 6))))
+    torch.library.opcheck(bwd_y.custom, (backend, y, make((5, 6), seed=1), make((5, 6), seed=2)))
     if name == "relu":
         torch.library.opcheck(A.relu_fwd__op.custom, (backend, make((5, 6))))
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(7, 13), ()])
+def test_gradgradcheck(backend, name, shape):
+    x = make(shape, torch.float64, requires_grad=True)
+    with expect_ops([f"{name}_bwd_y"] if name != "relu" or shape else []):
+        assert torch.autograd.gradgradcheck(OPS[name][0], (x,))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_create_graph_matches_torch(backend, name):
+    """A gradient penalty through the activation: the weight of the second-order term is torch's."""
+    ours, theirs = OPS[name]
+    x1, x2 = make((4, 5), torch.float64, requires_grad=True), make((4, 5), torch.float64, requires_grad=True)
+    for fn, x in ((ours, x1), (theirs, x2)):
+        (g,) = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+        assert g.requires_grad
+        (g.pow(2).sum() + fn(x).sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_third_derivative_raises(backend):
+    x = make((3,), torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(SF.tanh(x).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives of tanh"):
+        torch.autograd.grad(gg.sum(), x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev", "jacfwd", "hessian", "jvp"])
+def test_torch_func(backend, name, transform):
+    from torch import func
+
+    x = make((3, 4), torch.float64)
+    apply = {"vmap": lambda f: func.vmap(f)(x),
+             "grad": lambda f: func.grad(lambda u: f(u).sum())(x),
+             "jacrev": lambda f: func.jacrev(f)(x[0]),
+             "jacfwd": lambda f: func.jacfwd(f)(x[0]),
+             "hessian": lambda f: func.hessian(lambda u: f(u).sum())(x[0]),
+             "jvp": lambda f: func.jvp(f, (x,), (make((3, 4), torch.float64, seed=3),))[1]}[transform]
+    with expect_ops([f"{name}_fwd"]):
+        ours = apply(OPS[name][0])
+    torch.testing.assert_close(ours, apply(OPS[name][1]))
+
+
 def test_aot_compile_sm90():
     rows = check_aot("scratchops._kernels.activations")
-    assert {r["kernel"] for r in rows} == {"_activation_fwd_kernel", "_activation_bwd_kernel"}
-    assert len(rows) == 3 * 2 * 4 + 5  # sigmoid, relu, tanh x fwd, bwd x 4 float types, + relu fwd on 5 int types
+    assert {r["kernel"] for r in rows} == {"_activation_fwd_kernel", "_activation_bwd_kernel",
+                                           "_activation_bwd_y_kernel"}
+    assert len(rows) == 3 * 3 * 4 + 5  # sigmoid, relu, tanh x fwd, bwd, bwd_y x 4 float types, + relu fwd on ints
 
 
 @pytest.mark.gpu

@@ -37,12 +37,12 @@ def test_verify_passes_and_prints_the_table(capsys, tmp_path):
 
 
 def test_verify_fails_when_a_backward_is_broken(monkeypatch, capsys, tmp_path):
-    fn = scratchops.activations.ReluFunction
+    fn = scratchops.activations.ActivationFunction
     real = fn.backward
 
     def doubled(ctx, dy):
-        dx, none = real(ctx, dy)
-        return 2 * dx, none
+        dx, *nones = real(ctx, dy)
+        return (2 * dx if ctx.activation == "relu" else dx), *nones
 
     monkeypatch.setattr(fn, "backward", staticmethod(doubled))
     assert verify.main(["--ops", "relu", "tanh", "--backend", "reference", "--json", str(tmp_path / "v.json")]) == 1

@@ -6,7 +6,7 @@ an activation uses (these kernels, and linear's epilogue and backward):
 * :func:`activate`: y = act(z);
 * :func:`activation_grad`: dz = dy · act'(z), written with the output y.
 
-One forward kernel and one backward kernel serve the three ops, the op chosen by the ACTIVATION
+One forward, one backward and one second-derivative kernel serve the three ops, the op chosen by the ACTIVATION
 constexpr (``scratchops._common.Activation``). Offsets are int64; math runs in the ACC dtype
 (fp64 for fp64 tensors, fp32 otherwise); loads and stores use the tensor's dtype.
 """
@@ -70,6 +70,21 @@ def activation_grad(dy, y, ACTIVATION: tl.constexpr):
     return dy
 
 
+@triton.jit
+def activation_grad_y(y, dy, g, ACTIVATION: tl.constexpr):
+    """g · dy · s'(y): the derivative of dz = dy · s(y) with respect to y, applied to g.
+
+    sigmoid  s'(y) = 1 - 2y;  tanh  s'(y) = -2y;  relu  s'(y) = 0
+    """
+    if ACTIVATION == SIGMOID:
+        out = g * dy * (1.0 - 2.0 * y)
+    elif ACTIVATION == TANH:
+        out = g * dy * (-2.0 * y)
+    else:
+        out = tl.zeros_like(g)
+    return out
+
+
 # ----------------------------------------------------------------- kernels
 @triton.jit
 def _activation_fwd_kernel(x_ptr, y_ptr, n,
@@ -90,9 +105,20 @@ def _activation_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n,
     tl.store(dx_ptr + offs, activation_grad(dy, y, ACTIVATION).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _activation_bwd_y_kernel(y_ptr, dy_ptr, g_ptr, out_ptr, n,
+                             ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = flat_offsets(n, BLOCK)
+    y = tl.load(y_ptr + offs, mask=mask).to(ACC)
+    dy = tl.load(dy_ptr + offs, mask=mask).to(ACC)
+    g = tl.load(g_ptr + offs, mask=mask).to(ACC)
+    tl.store(out_ptr + offs, activation_grad_y(y, dy, g, ACTIVATION).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 ELEMENTWISE = [config(BLOCK=1024, num_warps=4)]
 _fwd = Kernel(_activation_fwd_kernel, ELEMENTWISE)
 _bwd = Kernel(_activation_bwd_kernel, ELEMENTWISE)
+_bwd_y = Kernel(_activation_bwd_y_kernel, ELEMENTWISE)
 
 
 # ----------------------------------------------------------------- launchers
@@ -122,12 +148,25 @@ def _backward(activation: Activation, y: torch.Tensor, dy: torch.Tensor) -> torc
     return dx
 
 
+def _second(activation: Activation, y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    out = elementwise_out(y, dtype=g.dtype)
+    n = out.numel()
+    if n:
+        _bwd_y(_grid(n), same_layout(y, out), same_layout(dy, out), same_layout(g, out), out, n,
+               ACTIVATION=activation.value, ACC=acc_dtype(g.dtype))
+    return out
+
+
 def sigmoid_fwd(x: torch.Tensor) -> torch.Tensor:
     return _unary(Activation.SIGMOID, x)
 
 
 def sigmoid_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return _backward(Activation.SIGMOID, y, dy)
+
+
+def sigmoid_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _second(Activation.SIGMOID, y, dy, g)
 
 
 def relu_fwd(x: torch.Tensor) -> torch.Tensor:
@@ -146,12 +185,20 @@ def relu_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return _backward(Activation.RELU, y, dy)
 
 
+def relu_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _second(Activation.RELU, y, dy, g)
+
+
 def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
     return _unary(Activation.TANH, x)
 
 
 def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return _backward(Activation.TANH, y, dy)
+
+
+def tanh_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return _second(Activation.TANH, y, dy, g)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
@@ -164,4 +211,5 @@ def aot_configs():
             yield from _fwd.aot(t, consts, ints={"n": "i64"})
             if t in FLOAT_TYPES:
                 yield from _bwd.aot(t, consts, ints={"n": "i64"})
+                yield from _bwd_y.aot(t, consts, ints={"n": "i64"})
 
