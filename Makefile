@@ -1,8 +1,13 @@
 # Both targets do all set-up themselves on a fresh machine: a venv in .venv, then the install.
-# TORCH picks the torch build: the default is the CPU wheel this project's machines carry;
-# on a GPU machine use e.g. `make test TORCH=torch` for a CUDA build.
+# TORCH is the torch requirement installed first, TORCH_INDEX the package index it comes from:
+#   make test                                                      torch==2.13.0 from PyPI (on Linux x86_64 PyPI's
+#                                                                  wheel is the CUDA build, several GB, with its triton)
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu      the CPU build (no GPU needed; triton from PyPI)
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cuXYZ    one CUDA build (the indexes pytorch.org lists)
+# (This project's machines carry the CPU wheel of torch 2.13.0 locally, which pip takes for the default.)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 # Without a CUDA device the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py decides).
@@ -13,7 +18,7 @@ PYTEST_ARGS ?= -n 2
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev,demo]"
 	touch $@
 
