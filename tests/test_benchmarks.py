@@ -4,6 +4,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,12 @@ def test_a_script_runs_as_a_module_from_the_repository_root():
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "no CUDA GPU found; timings need one" in run.stdout
+
+
+def test_gpu_recipe_parses_and_names_existing_files():
+    script = os.path.join(REPO, "benchmarks", "run_gpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    run = subprocess.run(["bash", script, "--bogus"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and "usage" in run.stderr
+    for path in re.findall(r"tests/test_\w+\.py", open(script).read()):
+        assert os.path.exists(os.path.join(REPO, path)), f"run_gpu.sh runs {path}, which does not exist"
