@@ -84,7 +84,8 @@ def _check_name(name: str) -> str:
 
 def env_backend() -> str:
     """``$SCRATCHOPS_BACKEND`` (default ``auto``), checked."""
-    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+    value = os.environ.get(ENV_VAR)
+    return "auto" if value is None else _check_name(value.strip().lower() or "auto")
 
 
 def current_backend() -> str:
@@ -118,6 +119,8 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, dtypes=FLOAT_DTYPES) -> str | None:
     """Why the Triton kernels cannot run on this device and dtype, or None if they can."""
+    if device.type == "cuda" and TRITON_INSTALLED and dtype in dtypes:  # the GPU's common case, first
+        return None
     if not TRITON_INSTALLED:
         return "triton is not installed"
     if device.type == "cpu" and not interpreter_mode():
@@ -166,6 +169,26 @@ def eager_plain(args) -> bool:
                                                 for t in a):
             return False
     return True
+
+
+class Function(torch.autograd.Function):
+    """Base of every scratchops autograd.Function: ``apply`` without torch's Python toll in plain eager mode.
+
+    torch's ``Function.apply`` binds default arguments through ``inspect.signature`` on every call (about half
+    the host time of a small op) before autograd's C++ apply; scratchops' forwards take no defaults, so in
+    eager mode with no torch.func transform the C++ apply is called directly. Under dynamo and functorch
+    transforms ``apply`` is torch's own.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        if _is_compiling() or _functorch_active():
+            return super().apply(*args)
+        return _c_apply(cls, *args)
+
+
+def _c_apply(cls, *args):
+    return super(torch.autograd.Function, cls).apply(*args)
 
 
 def forward_mode() -> bool:

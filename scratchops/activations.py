@@ -30,7 +30,7 @@ y_t = x_t · s(y) and dx_t = dy_t · s(y) + y_t · dy · s'(y). Third derivative
 """
 import torch
 
-from scratchops._backend import backend_op, choose_backend, forward_mode, with_jvp
+from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
 from scratchops._common import FLOAT_DTYPES, INT_DTYPES, check_inplace, check_tensor, compute_dtype
 
 KERNELS = "activations"
@@ -134,7 +134,7 @@ def _batched_first(info, in_dims, *tensors):
             for t, d in zip(tensors, in_dims)]
 
 
-class ActivationFunction(torch.autograd.Function):
+class ActivationFunction(Function):
     """y = act(x) for act in sigmoid, relu, tanh; backward dx = dy · s(y) (ActivationGradFunction)."""
 
     @staticmethod
@@ -159,7 +159,7 @@ class ActivationFunction(torch.autograd.Function):
         return _activation(x, activation, backend), 0
 
 
-class ActivationGradFunction(torch.autograd.Function):
+class ActivationGradFunction(Function):
     """dx = dy · s(y) (the first backward); its backward: d(dy) = g · s(y), d(y) = g · dy · s'(y)."""
 
     @staticmethod
@@ -188,7 +188,7 @@ class ActivationGradFunction(torch.autograd.Function):
         return _activation_grad(y, dy, activation, backend), 0
 
 
-class ActivationGradYFunction(torch.autograd.Function):
+class ActivationGradYFunction(Function):
     """g · dy · s'(y), the second-derivative term; differentiating it again (a third derivative) raises."""
 
     @staticmethod
