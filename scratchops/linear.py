@@ -31,12 +31,12 @@ import contextlib
 import torch
 
 from scratchops._backend import backend_op, choose_backend
-from scratchops._common import check_tensor, compute_dtype
+from scratchops._common import check_same_device, check_tensor, compute_dtype, type_name
+from scratchops.activations import activate, activation_grad
 
 KERNELS = "linear"
 KERNELS_BWD = "linear_bwd"
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
-_DTYPE_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double"}
 
 
 # ----------------------------------------------------------------- reference math
@@ -47,28 +47,10 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return torch.where(z < 0, torch.zeros_like(z), z)
-    if activation == "sigmoid":
-        return 1 / (1 + torch.exp(-z))
-    if activation == "tanh":
-        m = torch.expm1(-2 * z.abs())  # tanh(|z|) = -m / (2 + m), exact near 0
-        return torch.where(z < 0, m / (2 + m), -m / (2 + m))
-    return z
-
-
 def _grad_z(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
     """dZ = dY ⊙ act'(z) from the output y, in the compute dtype."""
     dz = dy.to(compute_dtype(dy.dtype))
-    if activation == "none":
-        return dz
-    yc = y.to(dz.dtype)
-    if activation == "relu":
-        return torch.where(yc <= 0, torch.zeros_like(dz), dz)  # only y <= 0 blocks (NaN passes), as torch
-    if activation == "sigmoid":
-        return dz * yc * (1 - yc)
-    return dz * (1 - yc * yc)
+    return dz if activation == "none" else activation_grad(dz, y.to(dz.dtype), activation)
 
 
 def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -78,7 +60,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
         if b is not None:
             z = z + b.to(cd)
         # z is rounded to the output dtype before the activation, as torch's linear output is.
-        return _act(z.to(x.dtype).to(cd), activation).to(x.dtype)
+        return activate(z.to(x.dtype).to(cd), activation).to(x.dtype)
 
 
 def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -112,19 +94,21 @@ linear_bwd_bias_op = backend_op("linear_bwd_bias", linear_bwd_bias, KERNELS_BWD)
 
 
 # ----------------------------------------------------------------- autograd
-class Linear(torch.autograd.Function):
+class LinearFunction(torch.autograd.Function):
     """x (M, K), W (N, K), b (N,) or None -> y = act(x Wᵀ + b) (M, N)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, activation, backend):
-        y = linear_fwd_op(backend, x, w, b, activation)
-        ctx.backend, ctx.activation = backend, activation
+    def forward(x, w, b, activation, backend):
+        return linear_fwd_op(backend, x, w, b, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, ctx.activation, ctx.backend = inputs
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        keep_y = activation != "none" and (need_x or need_w or need_b)
+        keep_y = ctx.activation != "none" and (need_x or need_w or need_b)
         # Only what the backward reads: x for dW, W for dX, y for act'(z).
-        ctx.save_for_backward(x if need_w else None, w if need_x else None, y if keep_y else None)
+        ctx.save_for_backward(x if need_w else None, w if need_x else None, output if keep_y else None)
         ctx.has_bias = b is not None
-        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -147,10 +131,6 @@ class Linear(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------- functional
-def _dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
 def _autocast(input, weight, bias):
     """As torch's autocast: where it is on for the input's device, floating operands other than float64
     (autocast leaves those alone) go to its dtype."""
@@ -175,16 +155,13 @@ def _check(input, weight, bias) -> None:
     if weight.dim() == 1 and bias is not None and (input.dim() == 2 or bias.dim() != 0):
         # torch adds a 0-d bias to the product with a 1-D weight, except for a 2-D input (its addmm path)
         raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
-    devices = {t.device for t in (input, weight, bias) if t is not None}
-    if len(devices) > 1:
-        names = ", ".join(sorted(str(d) for d in devices))
-        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {names}!")
+    check_same_device(input, weight, bias)
     if input.dtype != weight.dtype:
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(input.dtype)} and "
-                           f"{_dtype_name(weight.dtype)}")
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {type_name(input.dtype)} and "
+                           f"{type_name(weight.dtype)}")
     if bias is not None and bias.dtype != input.dtype:
-        raise RuntimeError(f"self and mat2 must have the same dtype, but got {_dtype_name(bias.dtype)} and "
-                           f"{_dtype_name(input.dtype)}")
+        raise RuntimeError(f"self and mat2 must have the same dtype, but got {type_name(bias.dtype)} and "
+                           f"{type_name(input.dtype)}")
     if not input.is_floating_point():  # NotImplementedError, as torch's matmul for a dtype it lacks (bool)
         raise NotImplementedError(f"scratchops linear supports floating dtypes only, got {input.dtype}")
     k_in, k_w = input.shape[-1], weight.shape[-1]
@@ -212,6 +189,6 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     n, k = w2.shape
     b1 = None if bias is None else bias.reshape(-1).expand(n)
     x2 = input.reshape(input.shape[:-1].numel(), k)  # explicit sizes: K = 0 works too
-    y = Linear.apply(x2, w2, b1, activation or "none", choose_backend(x2))
+    y = LinearFunction.apply(x2, w2, b1, activation or "none", choose_backend(x2))
     lead = input.shape[:-1]
     return y.reshape(*lead, n) if weight.dim() == 2 else y.reshape(lead)

@@ -377,12 +377,12 @@ def test_opcheck(backend):
 
     x, w, b, dy = make((5, 6)), make((4, 6)), make((4,)), make((5, 4))
     y = L.linear_fwd(x, w, b, "sigmoid")
-    torch.library.opcheck(L.linear_fwd_op, (backend, x, w, b, "sigmoid"))
-    torch.library.opcheck(L.linear_fwd_op, (backend, x, w, None, "none"))
-    torch.library.opcheck(L.linear_bwd_input_op, (backend, dy, w, y, "sigmoid"))
-    torch.library.opcheck(L.linear_bwd_weight_op, (backend, dy, x, y, "sigmoid", True))
-    torch.library.opcheck(L.linear_bwd_weight_op, (backend, dy, x, None, "none", False))
-    torch.library.opcheck(L.linear_bwd_bias_op, (backend, dy, y, "tanh"))
+    torch.library.opcheck(L.linear_fwd_op.custom, (backend, x, w, b, "sigmoid"))
+    torch.library.opcheck(L.linear_fwd_op.custom, (backend, x, w, None, "none"))
+    torch.library.opcheck(L.linear_bwd_input_op.custom, (backend, dy, w, y, "sigmoid"))
+    torch.library.opcheck(L.linear_bwd_weight_op.custom, (backend, dy, x, y, "sigmoid", True))
+    torch.library.opcheck(L.linear_bwd_weight_op.custom, (backend, dy, x, None, "none", False))
+    torch.library.opcheck(L.linear_bwd_bias_op.custom, (backend, dy, y, "tanh"))
 
 
 def test_torch_compile_fullgraph(backend):
@@ -396,26 +396,43 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-@pytest.mark.parametrize("module,kinds", [("linear", ["fwd"]), ("linear_bwd", ["input", "weight"])])
-def test_aot_compile_sm90(module, kinds):
-    from scratchops._kernels import linear as K
-    from scratchops._kernels import linear_bwd  # noqa: F401  (adds the backward kernels to K.KERNEL_ARGS)
+def _aot_rows_cover(rows, kernel, configs, constexprs):
+    """Every config of every dtype class (and each element type of the class) is compiled with ``constexprs``."""
+    from scratchops._kernels._gemm import CLASS_TYPES, input_precision
 
-    rows = check_aot(f"scratchops._kernels.{module}")
-    expected = {K.KERNEL_ARGS[kind][0].__name__ for kind in kinds}
-    assert {r["kernel"] for r in rows} == expected | ({"_linear_bwd_bias_kernel"} if module == "linear_bwd" else set())
-    # Every autotune config of every kernel and dtype class, and the fp64 path, is in the list.
-    for kind in kinds:
-        kernel = K.KERNEL_ARGS[kind][0]
-        for dtype_class, configs in K.CONFIGS[kind].items():
-            dtypes = ["*fp16", "*bf16"] if dtype_class == "half" else ["*fp32"]
-            for dt in dtypes:
-                for c in configs:
-                    blocks = {f: str(v) for f, v in zip(K._FIELDS[:4], c)}
-                    assert any(r["kernel"] == kernel.__name__ and r["dtypes"] == [dt] and
-                               r["constexprs"]["PRECISION"] == K._precision(dtype_class) and
-                               all(r["constexprs"][f] == v for f, v in blocks.items()) for r in rows), (kind, dt, c)
-        assert any(r["kernel"] == kernel.__name__ and r["dtypes"] == ["*fp64"] for r in rows)
-    if module == "linear_bwd":
-        assert {tuple(r["dtypes"]) for r in rows if r["kernel"] == "_linear_bwd_bias_kernel"} == {
-            ("*fp16",), ("*bf16",), ("*fp32",), ("*fp64",)}
+    for cls, cfgs in configs.items():
+        for dt in CLASS_TYPES[cls]:
+            for c in cfgs:
+                want = {**{k: str(v) for k, v in c.kwargs.items()}, **{k: str(v) for k, v in constexprs.items()}}
+                assert any(r["kernel"] == kernel.__name__ and r["dtypes"] == [f"*{dt}"] and
+                           r["num_warps"] == c.num_warps and
+                           r["constexprs"]["INPUT_PRECISION"] == input_precision(cls) and
+                           all(r["constexprs"][f] == v for f, v in want.items()) for r in rows), (cls, dt, c)
+
+
+def test_aot_compile_sm90_fwd():
+    from scratchops._common import Activation
+    from scratchops._kernels import linear as K
+
+    rows = check_aot("scratchops._kernels.linear")
+    assert {r["kernel"] for r in rows} == {"_linear_fwd_kernel"}
+    for mode in K.Bias:
+        for act in Activation:
+            _aot_rows_cover(rows, K._linear_fwd_kernel, K.FWD_CONFIGS, {"BIAS": mode.value, "ACTIVATION": act.value})
+    assert any(r["dtypes"] == ["*fp64"] for r in rows)
+
+
+def test_aot_compile_sm90_bwd():
+    from scratchops._common import Activation
+    from scratchops._kernels import linear_bwd as K
+
+    rows = check_aot("scratchops._kernels.linear_bwd")
+    assert {r["kernel"] for r in rows} == {"_linear_bwd_input_kernel", "_linear_bwd_weight_kernel",
+                                           "_linear_bwd_bias_kernel"}
+    for act in Activation:
+        _aot_rows_cover(rows, K._linear_bwd_input_kernel, K.INPUT_CONFIGS, {"ACTIVATION": act.value})
+        for with_bias in (False, True):
+            _aot_rows_cover(rows, K._linear_bwd_weight_kernel, K.WEIGHT_CONFIGS,
+                            {"ACTIVATION": act.value, "WITH_BIAS": with_bias})
+        assert {tuple(r["dtypes"]) for r in rows if r["kernel"] == "_linear_bwd_bias_kernel" and
+                r["constexprs"]["ACTIVATION"] == str(act.value)} == {("*fp16",), ("*bf16",), ("*fp32",), ("*fp64",)}

@@ -1,54 +1,69 @@
 """Triton kernels for the backward of linear: dX = dZ·W, dW = dZᵀ·X, db = Σ_rows dZ.
 
-dZ = dY ⊙ act'(Z) is never materialized: each kernel forms its tiles of dZ from dY
-and the saved output Y as they are loaded (relu [y > 0], sigmoid y(1 - y), tanh 1 - y²).
+dZ = dY ⊙ act'(Z) is never materialized: each kernel forms its tiles of dZ from dY and the
+saved output Y as they are loaded (``activations.activation_grad``: relu [y > 0], sigmoid
+y(1 - y), tanh 1 - y²).
 
 * ``_linear_bwd_input_kernel``: dX (M, K), output tiles BLOCK_M x BLOCK_K, reducing over N.
 * ``_linear_bwd_weight_kernel``: dW (N, K), output tiles BLOCK_N x BLOCK_K, reducing over M;
   db = Σ_rows dZ is summed alongside by the programs of the first K tile.
 * ``_linear_bwd_bias_kernel``: db alone (when W needs no gradient, or K = 0).
 
-Helpers, configs, autotuning and the int32/int64 offset scheme are shared with the
-forward in ``triton_kernels.linear``.
+The GEMM core (tile order, mma, offsets, precision) is ``_gemm``'s; the configs and their dtype
+classes are ``linear``'s (this module imports them; nothing imports this module but its launchers' users).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import TRITON_DTYPE_NAMES
-from .linear import (_NONE, _RELU, _SIGMOID, _TANH, ACTIVATIONS, BIAS_CONFIG, BIAS_NUM_WARPS,
-                                   INTERPRETER_BIAS_CONFIG, KERNEL_ARGS, _launch, _mma, _tile_ids, _tile_safe,
-                                   aot_entries, interpreting, signature)
+from .._common import ACTIVATIONS, Activation
+from ._gemm import mma, tile_ids, tile_safe
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, tiles
+from .activations import NONE, activation_grad
+from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class
+
+# dX: output tile BLOCK_M x BLOCK_K, reduction over N in BLOCK_N steps.
+INPUT_CONFIGS = {
+    "half": tiles(GEMM_FIELDS, (128, 32, 128, 8, 8, 3)),
+    "tf32": tiles(GEMM_FIELDS, (128, 32, 128, 8, 8, 3)),
+    "ieee": tiles(GEMM_FIELDS, (64, 32, 64, 8, 4, 2)),
+    "fp64": FP64,
+}
+# dW: output tile BLOCK_N x BLOCK_K, reduction over M in BLOCK_M steps. fp64: the forward's tile with the
+# reduction in steps of 8 (FP64's BLOCK_M = 32 here makes sigmoid + db spill 16 bytes on sm_90).
+WEIGHT_CONFIGS = {
+    "half": tiles(GEMM_FIELDS, (32, 128, 128, 8, 8, 3), (32, 64, 128, 8, 4, 3)),
+    "tf32": tiles(GEMM_FIELDS, (32, 128, 64, 8, 8, 3)),
+    "ieee": tiles(GEMM_FIELDS, (32, 64, 64, 8, 4, 2)),
+    "fp64": tiles(GEMM_FIELDS, (8, 32, 32, 8, 4, 2)),
+}
+BIAS_CONFIGS = [config(4, 3, BLOCK_M=16, BLOCK_N=128)]
+BIAS_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32)
 
 
 @triton.jit
-def _load_grad_z(dy_ptrs, y_ptrs, mask, ACTIVATION: tl.constexpr):
-    """A tile of dZ = dY ⊙ act'(Z) in the compute dtype, act' written with the output Y:
-    relu [y > 0], sigmoid y(1 - y), tanh 1 - y². (Inline, no nested helpers: each costs the interpreter.)"""
-    dy = tl.load(dy_ptrs, mask=mask, other=0.0)
-    cdt = tl.float64 if dy.dtype == tl.float64 else tl.float32
-    dz = dy.to(cdt)
-    if ACTIVATION != _NONE:
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(cdt)
-        if ACTIVATION == _RELU:
-            dz = tl.where(y <= 0, 0.0, dz)  # as torch's threshold_backward: only y <= 0 blocks (NaN passes)
-        elif ACTIVATION == _SIGMOID:
-            dz = dz * y * (1.0 - y)
-        else:
-            dz = dz * (1.0 - y * y)
+def _grad_z(dy_ptrs, y_ptrs, mask, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    """A tile of dZ = dY ⊙ act'(Z) in the ACC dtype (Y is read only when there is an activation)."""
+    dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(ACC)
+    if ACTIVATION != NONE:
+        dz = activation_grad(dz, tl.load(y_ptrs, mask=mask, other=0.0).to(ACC), ACTIVATION)
     return dz
 
 
 # ----------------------------------------------------------------- kernels
 @triton.jit
-def _linear_bwd_input_kernel(dy_ptr, y_ptr, w_ptr, dx_ptr, M, N, K,
-                             stride_dym, stride_dyn, stride_ym, stride_yn, stride_wn, stride_wk,
-                             stride_dxm, stride_dxk,
-                             ACTIVATION: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
+def _linear_bwd_input_kernel(
+        # pointers
+        dy_ptr, y_ptr, w_ptr, dx_ptr,
+        # sizes
+        M, N, K,
+        # strides
+        stride_dym, stride_dyn, stride_ym, stride_yn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+        # constexprs
+        ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # dX = dZ·W with dZ = dY ⊙ act'(Y), formed tile by tile as dY (and Y) are loaded.
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     m0, k0 = pid_m * BLOCK_M, pid_k * BLOCK_K
     m0_64, k0_64 = m0.to(tl.int64), k0.to(tl.int64)
     ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
@@ -59,13 +74,12 @@ def _linear_bwd_input_kernel(dy_ptr, y_ptr, w_ptr, dx_ptr, M, N, K,
     w_ptrs = (w_ptr + k0_64 * stride_wk) + (ar_n[:, None] * stride_wn + lk[None, :] * stride_wk)
     block = tl.full((), BLOCK_N, tl.int64)
     dy_step, y_step, w_step = stride_dyn * block, stride_yn * block, stride_wn * block
-    acc_dtype = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_ok = ar_n < N - n * BLOCK_N
-        dz = _load_grad_z(dy_ptrs, y_ptrs, n_ok[None, :], ACTIVATION)
+        dz = _grad_z(dy_ptrs, y_ptrs, n_ok[None, :], ACTIVATION, ACC)
         w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-        acc = _mma(acc, dz.to(w.dtype), w, PRECISION)
+        acc = mma(acc, dz.to(w.dtype), w, INPUT_PRECISION)
         dy_ptrs += dy_step
         y_ptrs += y_step
         w_ptrs += w_step
@@ -76,14 +90,18 @@ def _linear_bwd_input_kernel(dy_ptr, y_ptr, w_ptr, dx_ptr, M, N, K,
 
 
 @triton.jit
-def _linear_bwd_weight_kernel(dy_ptr, y_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
-                              stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk,
-                              stride_dwn, stride_dwk,
-                              ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr):
-    # dW = dZᵀ·X and db = Σ_rows dZ (summed by the programs of the first K tile only); db is contiguous.
-    pid_n, pid_k = _tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP_M)
+def _linear_bwd_weight_kernel(
+        # pointers
+        dy_ptr, y_ptr, x_ptr, dw_ptr, db_ptr,
+        # sizes
+        M, N, K,
+        # strides (db is contiguous)
+        stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk, stride_dwn, stride_dwk,
+        # constexprs
+        ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # dW = dZᵀ·X and db = Σ_rows dZ (summed by the programs of the first K tile only).
+    pid_n, pid_k = tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     n0, k0 = pid_n * BLOCK_N, pid_k * BLOCK_K
     n0_64, k0_64 = n0.to(tl.int64), k0.to(tl.int64)
     ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
@@ -94,14 +112,13 @@ def _linear_bwd_weight_kernel(dy_ptr, y_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
     x_ptrs = (x_ptr + k0_64 * stride_xk) + (ar_m[:, None] * stride_xm + lk[None, :] * stride_xk)
     block = tl.full((), BLOCK_M, tl.int64)
     dy_step, y_step, x_step = stride_dym * block, stride_ym * block, stride_xm * block
-    acc_dtype = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=acc_dtype)
-    db = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    db = tl.zeros((BLOCK_N,), dtype=ACC)
     for m in range(0, tl.cdiv(M, BLOCK_M)):
         m_ok = ar_m < M - m * BLOCK_M
-        dzt = _load_grad_z(dyt_ptrs, yt_ptrs, m_ok[None, :], ACTIVATION)
+        dzt = _grad_z(dyt_ptrs, yt_ptrs, m_ok[None, :], ACTIVATION, ACC)
         x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-        acc = _mma(acc, dzt.to(x.dtype), x, PRECISION)
+        acc = mma(acc, dzt.to(x.dtype), x, INPUT_PRECISION)
         if WITH_BIAS:
             if pid_k == 0:
                 db += tl.sum(dzt, axis=1)
@@ -119,9 +136,16 @@ def _linear_bwd_weight_kernel(dy_ptr, y_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
 
 
 @triton.jit
-def _linear_bwd_bias_kernel(dy_ptr, y_ptr, db_ptr, M, N, stride_dym, stride_dyn, stride_ym, stride_yn,
-                            ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # db = Σ_rows dZ, dZ = dY ⊙ act'(Y); db is contiguous.
+def _linear_bwd_bias_kernel(
+        # pointers
+        dy_ptr, y_ptr, db_ptr,
+        # sizes
+        M, N,
+        # strides (db is contiguous)
+        stride_dym, stride_dyn, stride_ym, stride_yn,
+        # constexprs
+        ACTIVATION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # db = Σ_rows dZ, dZ = dY ⊙ act'(Y).
     n0 = tl.program_id(0) * BLOCK_N
     n0_64 = n0.to(tl.int64)
     ar_m, ar_n = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N)
@@ -132,21 +156,25 @@ def _linear_bwd_bias_kernel(dy_ptr, y_ptr, db_ptr, M, N, stride_dym, stride_dyn,
     y_tile = ar_m[:, None] * stride_ym + ar_n[None, :] * stride_yn
     block = tl.full((), BLOCK_M, tl.int64)
     dy_step, y_step = stride_dym * block, stride_ym * block
-    acc_dtype = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for m in range(0, tl.cdiv(M, BLOCK_M)):
         mask = (ar_m < M - m * BLOCK_M)[:, None] & n_ok[None, :]
-        acc += _load_grad_z(dy_row + dy_tile, y_row + y_tile, mask, ACTIVATION)
+        acc += _grad_z(dy_row + dy_tile, y_row + y_tile, mask, ACTIVATION, ACC)
         dy_row += dy_step
         y_row += y_step
     tl.store(db_ptr + n0_64 + ar_n, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
+_input = gemm_kernel(_linear_bwd_input_kernel, INPUT_CONFIGS)
+_weight = gemm_kernel(_linear_bwd_weight_kernel, WEIGHT_CONFIGS)
+_bias = Kernel(_linear_bwd_bias_kernel, BIAS_CONFIGS, interpreter=BIAS_INTERPRETER)
+
+
 # ----------------------------------------------------------------- launchers
 def _grad_z_args(dy, y, activation):
     """dY and Y (Y stands in for itself only with an activation; else dY is passed, unread)."""
-    dy = _tile_safe(dy)
-    y = _tile_safe(y) if activation != "none" else dy
+    dy = tile_safe(dy)
+    y = tile_safe(y) if activation != "none" else dy
     return (dy, y), (*dy.stride(), *y.stride())
 
 
@@ -156,13 +184,11 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
     if M == 0 or K == 0:
         return dx
     (dy, y), strides = _grad_z_args(dy, y, activation)
-    w = _tile_safe(w)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    _launch(_linear_bwd_input_kernel, "input", w.dtype, grid,
-            (dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride()), {"ACTIVATION": ACTIVATIONS[activation]})
+    w = tile_safe(w)
+    cls, consts = launch_class(w.dtype)
+    _input(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+           dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride(),
+           cls=cls, ACTIVATION=ACTIVATIONS[activation].value, **consts)
     return dx
 
 
@@ -172,9 +198,8 @@ def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -
     if N == 0:
         return db
     (dy, y), strides = _grad_z_args(dy, y, activation)
-    meta = INTERPRETER_BIAS_CONFIG if interpreting() else BIAS_CONFIG
-    _linear_bwd_bias_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
-        dy, y, db, M, N, *strides, ACTIVATION=ACTIVATIONS[activation], **meta, num_warps=BIAS_NUM_WARPS)
+    _bias(lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), dy, y, db, M, N, *strides,
+          ACTIVATION=ACTIVATIONS[activation].value, ACC=acc_dtype(dy.dtype))
     return db
 
 
@@ -189,36 +214,24 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     if M == 0 or K == 0:  # no products to take: dW is all zeros; db needs its own reduction
         return dw.zero_(), linear_bwd_bias(dy, y, activation) if with_bias else db
     (dy, y), strides = _grad_z_args(dy, y, activation)
-    x = _tile_safe(x)
-
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    _launch(_linear_bwd_weight_kernel, "weight", x.dtype, grid,
-            (dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride()),
-            {"ACTIVATION": ACTIVATIONS[activation], "WITH_BIAS": with_bias})
+    x = tile_safe(x)
+    cls, consts = launch_class(x.dtype)
+    _weight(lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+            dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride(),
+            cls=cls, ACTIVATION=ACTIVATIONS[activation].value, WITH_BIAS=with_bias, **consts)
     return dw, db
 
 
-# ----------------------------------------------------------------- ahead-of-time configs
-KERNEL_ARGS.update({
-    "input": (_linear_bwd_input_kernel, ("dy_ptr", "y_ptr", "w_ptr", "dx_ptr"), "MNK",
-              ("stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_wn", "stride_wk", "stride_dxm",
-               "stride_dxk"), ("stride_dyn", "stride_yn", "stride_wk", "stride_dxk"), {"ACTIVATION": _TANH.value}),
-    "weight": (_linear_bwd_weight_kernel, ("dy_ptr", "y_ptr", "x_ptr", "dw_ptr", "db_ptr"), "MNK",
-               ("stride_dym", "stride_dyn", "stride_ym", "stride_yn", "stride_xm", "stride_xk", "stride_dwn",
-                "stride_dwk"), ("stride_dyn", "stride_yn", "stride_xk", "stride_dwk"),
-               {"ACTIVATION": _TANH.value, "WITH_BIAS": True}),
-})
-
-
-def _bias_entries():
-    strides = ("stride_dym", "stride_dyn", "stride_ym", "stride_yn")
-    for dt in (TRITON_DTYPE_NAMES[d] for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
-        consts = {"ACTIVATION": _TANH.value, **BIAS_CONFIG, "stride_dyn": 1, "stride_yn": 1}
-        yield _linear_bwd_bias_kernel, signature(("dy_ptr", "y_ptr", "db_ptr"), dt, "MN", strides, consts), consts, \
-            BIAS_NUM_WARPS
-
-
-# Every (kernel, signature, constexprs, num_warps[, num_stages]) the backward launchers run with on a GPU.
-AOT_CONFIGS = [*aot_entries(["input", "weight"]), *_bias_entries()]
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """Every compile the launchers above get on a GPU for row-major operands (dY, Y, W, X and the gradients):
+    each config x element type x activation (x WITH_BIAS for dW) (read by tests/aot.py)."""
+    grad_z_units = ("stride_dyn", "stride_yn")
+    for act in Activation:
+        yield from gemm_aot(_input, {"ACTIVATION": act.value}, grad_z_units + ("stride_wk", "stride_dxk"))
+        for with_bias in (False, True):
+            yield from gemm_aot(_weight, {"ACTIVATION": act.value, "WITH_BIAS": with_bias},
+                                grad_z_units + ("stride_xk", "stride_dwk"))
+        for t in FLOAT_TYPES:
+            yield from _bias.aot(t, {"ACTIVATION": act.value, "ACC": tl.float64 if t == "fp64" else tl.float32,
+                                     **{s: 1 for s in grad_z_units}})
