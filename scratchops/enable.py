@@ -166,13 +166,19 @@ def routes() -> dict:
 ROUTES: dict = routes()
 
 
+def routable() -> bool:
+    """Eager calls are routed except during a backward pass (a hook's calls, double backward) and under a
+    torch.func transform (vmap, grad, jvp: torch's ops carry every rule those need)."""
+    return torch._C._current_autograd_node() is None and not torch._C._are_functorch_transforms_active()
+
+
 class ScratchopsMode(TorchFunctionMode):
     """The mode ``enable()`` pushes: routes the calls in :data:`ROUTES`, hands every other call to torch."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         adapter = ROUTES.get(func)
-        if adapter is not None and (torch.compiler.is_compiling() or torch._C._current_autograd_node() is None):
+        if adapter is not None and (torch.compiler.is_compiling() or routable()):
             out = adapter(*args, **kwargs)
             if out is not FALLBACK:
                 return out

@@ -318,6 +318,20 @@ def test_calls_during_backward_are_not_routed():
     torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
 
 
+def test_torch_func_transforms_run_torch():
+    """Under vmap/grad the calls are torch's (it carries every transform rule); results as without enable()."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    f = lambda t: F.linear(t, w).tanh().softmax(-1).sum()  # noqa: E731
+    expected = (torch.func.vmap(lambda t: F.linear(t, w).tanh())(x), torch.func.grad(f)(x[0]))
+    before = sum(LAUNCHES.values())
+    with scratchops.enable():
+        got = (torch.func.vmap(lambda t: F.linear(t, w).tanh())(x), torch.func.grad(f)(x[0]))
+        assert scratchops_nodes(graph_nodes(torch.tanh(x.requires_grad_())))  # routed again after the transforms
+    assert sum(LAUNCHES.values()) - before == 1  # only the last tanh
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_another_mode_above_blocks_disable():
     from torch.overrides import TorchFunctionMode
 
