@@ -242,6 +242,26 @@ def test_inplace_spellings_modify_the_input():
         assert sum(n for (op, b), n in LAUNCHES.items() if op.startswith("relu") and b == "reference") > before
 
 
+def test_linear_cross_entropy_is_routed():
+    import scratchops.functional as SF
+
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(SF, "linear_cross_entropy"):
+        pytest.skip("this torch or this scratchops has no linear_cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    w = torch.randn(5, 8, generator=g, requires_grad=True)
+    t = torch.tensor([0, 4, 2, 1, 3, 0])
+    expected = F.linear_cross_entropy(x, w, t, label_smoothing=0.1)
+    ex, ew = torch.autograd.grad(expected, (x, w))
+    with scratchops.use_backend("reference"), scratchops.enable():
+        loss = F.linear_cross_entropy(x, w, t, label_smoothing=0.1)
+    nodes = graph_nodes(loss)
+    assert scratchops_nodes(nodes) and not nodes & TORCH_NODES, nodes
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    for a, b in ((loss, expected), (gx, ex), (gw, ew)):
+        torch.testing.assert_close(a, b, **tolerances(torch.float32, reduction_size=8))
+
+
 def test_dropout_is_routed():
     x = torch.ones(64, 64, requires_grad=True)
     with scratchops.use_backend("reference"), scratchops.enable():
