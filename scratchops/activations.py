@@ -212,16 +212,15 @@ class ActivationGradYFunction(Function):
 def _activation_jvp(ctx, x_t, _activation, _backend):
     # y_t = x_t · s(y)
     (y,) = ctx.saved_tensors
-    return OPS[ctx.activation][1](ctx.backend, y, x_t)
+    return _activation_grad(y, x_t, ctx.activation, ctx.backend)  # a Function, so batched tangents keep its vmap rule
 
 
 def _activation_grad_jvp(ctx, y_t, dy_t, _activation, _backend):
     # dx_t = dy_t · s(y) + y_t · dy · s'(y)
     y, dy = ctx.saved_tensors
-    _, bwd, bwd_y = OPS[ctx.activation]
-    out = bwd(ctx.backend, y, dy_t) if dy_t is not None else None
+    out = _activation_grad(y, dy_t, ctx.activation, ctx.backend) if dy_t is not None else None
     if y_t is not None:
-        term = bwd_y(ctx.backend, y, dy, y_t)
+        term = ActivationGradYFunction.apply(y, dy, y_t, ctx.activation, ctx.backend)
         out = term if out is None else out + term
     return out
 
