@@ -8,9 +8,11 @@ this module is the public list.
 from scratchops.activations import relu, relu_, sigmoid, tanh
 from scratchops.conv2d import conv2d
 from scratchops.linear import linear
+from scratchops.linear_cross_entropy import linear_cross_entropy
 from scratchops.losses import cross_entropy, mse_loss
 from scratchops.regularization import dropout, l2_penalty
 from scratchops.softmax import log_softmax, softmax
 
-__all__ = ["conv2d", "cross_entropy", "dropout", "l2_penalty", "linear", "log_softmax", "mse_loss", "relu", "relu_",
+__all__ = ["conv2d", "cross_entropy", "dropout", "l2_penalty", "linear", "linear_cross_entropy",
+           "log_softmax", "mse_loss", "relu", "relu_",
            "sigmoid", "softmax", "tanh"]
