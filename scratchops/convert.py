@@ -2,7 +2,7 @@
 
 What is converted: modules whose type is EXACTLY one of ``torch.nn.Linear,
 Conv2d, ReLU, Sigmoid, Tanh, Softmax, LogSoftmax, Dropout, MSELoss,
-CrossEntropyLoss``, anywhere in the module tree (children of ``Sequential``,
+CrossEntropyLoss, LinearCrossEntropyLoss``, anywhere in the module tree (children of ``Sequential``,
 ``ModuleList``, ``ModuleDict`` and any other module), the root included: a bare
 ``torch.nn.Linear`` passed in comes back as a ``scratchops.nn.Linear``.
 
@@ -40,6 +40,7 @@ TWINS: dict[type, type] = {
     torch.nn.Linear: SN.Linear, torch.nn.Conv2d: SN.Conv2d, torch.nn.ReLU: SN.ReLU, torch.nn.Sigmoid: SN.Sigmoid,
     torch.nn.Tanh: SN.Tanh, torch.nn.Softmax: SN.Softmax, torch.nn.LogSoftmax: SN.LogSoftmax,
     torch.nn.Dropout: SN.Dropout, torch.nn.MSELoss: SN.MSELoss, torch.nn.CrossEntropyLoss: SN.CrossEntropyLoss,
+    torch.nn.LinearCrossEntropyLoss: SN.LinearCrossEntropyLoss,
 }
 # Activations a Linear can absorb, by the name its ``activation`` argument takes.
 FUSABLE = {torch.nn.ReLU: "relu", SN.ReLU: "relu", torch.nn.Sigmoid: "sigmoid", SN.Sigmoid: "sigmoid",

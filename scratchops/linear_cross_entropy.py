@@ -29,6 +29,7 @@ classes per chunk, torch.matmul as the GEMM), the Triton kernels over classes (s
 LinearCrossEntropyOptions) is accepted and ignored: both backends always run chunked.
 Double backward (``create_graph=True``) raises a RuntimeError.
 """
+import functools
 import math
 from typing import List, Optional
 
@@ -102,6 +103,18 @@ def reduce_rows(loss: torch.Tensor, denom: torch.Tensor, reduction: int) -> torc
                                                      else loss.sum())
 
 
+def _no_autocast(fn):
+    """The reference formulas run in the dtypes they name, even when called under autocast."""
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        if x.device.type not in ("cpu", "cuda"):
+            return fn(x, *args)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args)
+    return wrapper
+
+
+@_no_autocast
 def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
                              weight: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
                              reduction: int) -> List[torch.Tensor]:
@@ -145,6 +158,7 @@ def _fwd_fake(backend, x, w, b, target, weight, ignore_index, label_smoothing, r
     return [out, x.new_empty((), dtype=cd), x.new_empty((3, n, s), dtype=cd)]
 
 
+@_no_autocast
 def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
                              weight: Optional[torch.Tensor], stats: torch.Tensor, denom: torch.Tensor,
                              g: torch.Tensor, ignore_index: int, label_smoothing: float, need_x: bool, need_w: bool,
@@ -154,12 +168,11 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch
     cd = compute_dtype(x.dtype)
     eps = _eps(label_smoothing, c)
     prob = target.is_floating_point()
-    empty = x.new_empty((0,))
-    dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else empty
-    dw = torch.zeros(w.shape, dtype=cd, device=x.device) if need_w else empty
-    db = torch.zeros((c, s_len), dtype=cd, device=x.device) if need_b else empty
-    dcw = torch.zeros((c,), dtype=cd, device=x.device) if need_weight else empty
-    dq = torch.zeros(target.shape, dtype=cd, device=x.device) if need_target else empty
+    dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else x.new_empty((0,))
+    dw = torch.zeros(w.shape, dtype=cd, device=x.device) if need_w else x.new_empty((0,))
+    db = torch.zeros((c, s_len), dtype=cd, device=x.device) if need_b else x.new_empty((0,))
+    dcw = torch.zeros((c,), dtype=cd, device=x.device) if need_weight else x.new_empty((0,))
+    dq = torch.zeros(target.shape, dtype=cd, device=x.device) if need_target else x.new_empty((0,))
     scale = g.to(cd) / denom  # (N, S) for none, else 0-d
     for s in range(s_len):
         for rows in _chunks(n, c):
@@ -189,7 +202,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch
                     q = q * (1 - eps) + eps / c if eps else q
                     dcw += (-q * logp * r_scale).sum(dim=0)
     return [dx.to(x.dtype), dw.to(w.dtype), db.to(x.dtype), dcw.to(weight.dtype) if need_weight else dcw,
-            dq.to(target.dtype)]
+            dq.to(target.dtype) if need_target else dq]
 
 
 # ----------------------------------------------------------------- backend ops
@@ -263,8 +276,9 @@ def _check_linear(input, linear_weight, linear_bias) -> None:
                                   f"'{type_name(input.dtype)}'")
 
 
-def _check_index_target(logits_dim: int, batch: int, target, weight, dtype, classes: int) -> None:
-    """torch's nll_loss checks of a class-index target against logits of ``logits_dim`` dims."""
+def _check_index_target(logits_shape, batch: int, target, weight, dtype, classes: int) -> None:
+    """torch's nll_loss checks of a class-index target against logits of ``logits_shape``."""
+    logits_dim = len(logits_shape)
     if logits_dim == 1:
         if target.dim() == 1 and target.numel() != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
@@ -274,6 +288,9 @@ def _check_index_target(logits_dim: int, batch: int, target, weight, dtype, clas
             raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size ({tb}).")
         if logits_dim == 2 and target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        expected = [batch, *logits_shape[2:]]
+        if logits_dim > 2 and list(target.shape) != expected:
+            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
     if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
         raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but "
                            f"got weight tensor of shape: {list(weight.shape)}")
@@ -338,7 +355,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         dtype = dtype if weight is None else torch.promote_types(dtype, weight.dtype)
     else:
         ce_dtype = torch.float32 if autocast and dtype != torch.float64 else dtype  # autocast runs it in fp32
-        _check_index_target(len(logits_shape), batch[0] if batch else 1, target, weight, ce_dtype, classes)
+        _check_index_target(logits_shape, batch[0] if batch else 1, target, weight, ce_dtype, classes)
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument "
                                "'weight'. This input cannot have requires_grad True.")
@@ -350,8 +367,12 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         t = target.reshape(n, classes, s)
     else:
         t = target.reshape(n, s).long()
-    out = LinearCrossEntropyFunction.apply(x, w, b, t, weight, ignore_index, float(label_smoothing), int(enum),
-                                           choose_backend(x))[0]
+    args = (x, w, b, t, weight, ignore_index, float(label_smoothing), int(enum), choose_backend(x))
+    if autocast:  # the operands are cast already: the op itself runs in their dtypes
+        with torch.autocast(x.device.type, enabled=False):
+            out = LinearCrossEntropyFunction.apply(*args)[0]
+    else:
+        out = LinearCrossEntropyFunction.apply(*args)[0]
     if enum == Reduction.NONE:
         out = out.reshape((*batch, *out_features))
     return out.to(torch.float32 if autocast and dtype != torch.float64 else dtype)

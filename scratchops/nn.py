@@ -59,6 +59,18 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """torch's module (same constructor, ``self.linear`` and state_dict); the logits are never made."""
+
+    def forward(self, input, target):
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
+                       if self.linear.bias is not None else None)
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                      reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, options=self.options)
+
+
 class Conv2d(torch.nn.Conv2d):
     # torch's forward calls _conv_forward(input, weight, bias); subclasses call or override it (standardized
     # weights, for instance), so scratchops replaces it, not only forward.

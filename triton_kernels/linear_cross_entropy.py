@@ -10,8 +10,8 @@ torch's ``out_features``). Three kernels:
 * ``_lce_dlogits_kernel``: for one chunk of classes [v0, v0 + V_c), recomputes each logits tile
   from x, W and the stats and writes dZ = (p Σ_a - a) g_r / D for the chunk (and, for probability
   targets, d target and the class-weight gradient by atomic adds).
-* ``_lce_gemm_kernel``: C (+)= A·B with fp32 (fp64) accumulation, and the row sums of A on request:
-  dX += dZ W_chunk (into one accumulator), dW_chunk = dZᵀ X with db_chunk = Σ_n dZ fused in.
+* ``_lce_gemm_kernel``: C (+)= A·B with fp32 (fp64) accumulation, or the row sums of A:
+  dX += dZ W_chunk (into one accumulator), dW_chunk = dZᵀ X, db_chunk = Σ_n dZ.
 
 Peak memory. The forward allocates the row losses and the stats: 4·N·S·a bytes (a = 4, or 8 for
 fp64). The backward adds, at most at once,
@@ -35,8 +35,8 @@ from ._launch import Kernel, acc_dtype, config, tiles
 CHUNK_MIN = 512  # V_c >= this many classes (and >= H): dZ chunk about the size of x
 ROW_FIELDS = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "GROUP")
 GEMM_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP")
-ROW_CONFIGS = {"half": tiles(ROW_FIELDS, (128, 64, 64, 8, 8, 3)), "tf32": tiles(ROW_FIELDS, (128, 64, 32, 8, 8, 3)),
-               "ieee": tiles(ROW_FIELDS, (64, 64, 32, 8, 4, 2)), "fp64": tiles(ROW_FIELDS, (16, 16, 8, 8, 4, 2))}
+ROW_CONFIGS = {"half": tiles(ROW_FIELDS, (128, 64, 64, 8, 8, 3)), "tf32": tiles(ROW_FIELDS, (64, 64, 32, 8, 8, 3)),
+               "ieee": tiles(ROW_FIELDS, (32, 64, 32, 8, 4, 2)), "fp64": tiles(ROW_FIELDS, (16, 16, 8, 8, 4, 2))}
 GEMM_CONFIGS = {"half": tiles(GEMM_FIELDS, (128, 128, 64, 8, 8, 3)),
                 "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3)),
                 "ieee": tiles(GEMM_FIELDS, (64, 64, 32, 8, 4, 2)), "fp64": tiles(GEMM_FIELDS, (32, 32, 8, 8, 4, 2))}
@@ -133,9 +133,11 @@ def _lce_fwd_kernel(
         z = _logits_tile(x_rows, w_ptr, b_ptr, cols, H, stride_xk, stride_wv, stride_wk, stride_b,
                          HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(v_mask[None, :], z, float("-inf"))
+        m_old = m
         m = tl.maximum(m, tl.max(z, axis=1))
         new_shift = tl.where(m == float("-inf"), 0.0, m)
-        s = s * tl.exp(shift - new_shift) + tl.sum(tl.exp(z - new_shift[:, None]), axis=1)
+        # e^{m_old - shift}, not e^{shift_old - shift}: 0 (not 0·inf) while nothing finite was seen
+        s = s * tl.exp(m_old - new_shift) + tl.sum(tl.exp(z - new_shift[:, None]), axis=1)
         if PROB or SMOOTH:
             bc = _class_mass(t_ptr, cw_ptr, rows, cols, v_mask[None, :] & n_mask[:, None], active, C, stride_tn,
                              stride_tv, eps, PROB, HAS_WEIGHT, SMOOTH, ACC)
@@ -339,12 +341,11 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
     c, s_len = w.shape[0], w.shape[1]
     cd = stats.dtype
     eps, cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
-    empty = x.new_empty((0,))
     dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else empty  # the accumulator
-    dw = torch.empty(w.shape, dtype=w.dtype, device=x.device) if need_w else empty
-    db = torch.empty((c, s_len), dtype=x.dtype, device=x.device) if need_b else empty
-    dcw = torch.zeros((c,), dtype=cd, device=x.device) if need_weight else empty
-    dq = torch.empty(target.shape, dtype=target.dtype, device=x.device) if need_target else empty
+    dw = torch.empty(w.shape, dtype=w.dtype, device=x.device) if need_w else x.new_empty((0,))
+    db = torch.empty((c, s_len), dtype=x.dtype, device=x.device) if need_b else x.new_empty((0,))
+    dcw = torch.zeros((c,), dtype=cd, device=x.device) if need_weight else x.new_empty((0,))
+    dq = torch.empty(target.shape, dtype=target.dtype, device=x.device) if need_target else x.new_empty((0,))
     width = chunk_width(c, h)
     dz = torch.empty((n, width), dtype=x.dtype, device=x.device)
     g = g.to(cd)
@@ -370,9 +371,41 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
             if need_x:  # dX += dZ W_chunk
                 _gemm_launch(dzc, ws[v0:v0 + wd], dx, dx[0] if n else dx.view(-1), cls, product=True,
                              accumulate=True, row_sum=False, precision=precision)
-            if need_w or need_b:  # dW_chunk = dZᵀ X, db_chunk = Σ_n dZ
-                dws = dw[v0:v0 + wd, s, :] if need_w else dzc.t()
-                dbs = db[v0:v0 + wd, s] if need_b else dzc[0] if n else dz.view(-1)
-                _gemm_launch(dzc.t(), x, dws, dbs, cls, product=need_w and h > 0, accumulate=False,
-                             row_sum=need_b, precision=precision)
+            if need_w:  # dW_chunk = dZᵀ X
+                _gemm_launch(dzc.t(), x, dw[v0:v0 + wd, s, :], dz.view(-1), cls, product=h > 0, accumulate=False,
+                             row_sum=False, precision=precision)
+            if need_b:  # db_chunk = Σ_n dZ (its own launch: fused into the dW tiles it makes them spill)
+                _gemm_launch(dzc.t(), x, dzc.t(), db[v0:v0 + wd, s], cls, product=False, accumulate=False,
+                             row_sum=True, precision=precision)
     return [dx.to(x.dtype), dw, db, dcw.to(weight.dtype) if need_weight else dcw, dq]
+
+
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """The sm_90 compiles of the launches above, for S = 1 (unit strides as a launch specializes them), every dtype
+    class: the plainest and the fullest variant of each kernel (index targets; probability targets with all on)."""
+    row_variants = [  # (PROB, HAS_BIAS, HAS_WEIGHT, SMOOTH)
+        (False, False, False, False), (False, True, True, True), (True, True, True, True)]
+    for cls, types in CLASS_TYPES.items():
+        for t in types:
+            acc = "fp64" if t == "fp64" else "fp32"
+            consts = {"ACC": tl.float64 if t == "fp64" else tl.float32, "INPUT_PRECISION": input_precision(cls)}
+            for prob, has_bias, has_weight, smooth in row_variants:
+                flags = dict(PROB=prob, HAS_BIAS=has_bias, HAS_WEIGHT=has_weight, SMOOTH=smooth,
+                             stride_xk=1, stride_wk=1, stride_b=1, stride_sn=1, **consts)
+                flags.update(stride_tv=1) if prob else flags.update(stride_tn=1)
+                pointers = {"t_ptr": t if prob else "i64", "loss_ptr": acc, "stats_ptr": acc, "g_ptr": acc,
+                            "d_ptr": acc, "dcw_ptr": acc}
+                ints = {"ignore_index": "i64", "eps": "fp32"}
+                yield from _fwd.aot(t, {**flags, "stride_ln": 1}, cls=cls, ints=ints, pointers=pointers)
+                yield from _dlogits.aot(t, {**flags, "NEED_DQ": prob, "NEED_DCW": prob, "stride_dzv": 1,
+                                            "stride_dqv": 1}, cls=cls, ints=ints, pointers=pointers)
+            gemm = {"ACC": consts["ACC"], "INPUT_PRECISION": consts["INPUT_PRECISION"], "stride_bn": 1, "stride_cn": 1,
+                    "stride_rs": 1}
+            # dX += dZ W_chunk (fp32/fp64 accumulator); dW_chunk = dZᵀ X; db_chunk = Σ_n dZ
+            yield from _gemm.aot(t, {**gemm, "PRODUCT": True, "ACCUMULATE": True, "ROW_SUM": False, "stride_ak": 1},
+                                 cls=cls, pointers={"c_ptr": acc, "rs_ptr": acc})
+            yield from _gemm.aot(t, {**gemm, "PRODUCT": True, "ACCUMULATE": False, "ROW_SUM": False, "stride_am": 1},
+                                 cls=cls)
+            yield from _gemm.aot(t, {**gemm, "PRODUCT": False, "ACCUMULATE": False, "ROW_SUM": True, "stride_am": 1},
+                                 cls=cls)
