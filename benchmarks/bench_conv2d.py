@@ -4,9 +4,9 @@ Batch 32, bf16 channels_last and fp32 NCHW (both sides follow
 torch.backends.cudnn.allow_tf32, left at torch's default: tf32), cudnn.benchmark on. Three passes per layer, each timed alone:
 
 * forward:  scratchops.functional.conv2d vs torch.nn.functional.conv2d;
-* dgrad:    the Triton launcher triton_kernels.conv2d.conv2d_bwd_input vs
+* dgrad:    the Triton launcher scratchops._kernels.conv2d_bwd.conv2d_bwd_input vs
             torch.ops.aten.convolution_backward(output_mask=[True, False, False]);
-* wgrad:    triton_kernels.conv2d.conv2d_bwd_weight vs convolution_backward([False, True, False]).
+* wgrad:    scratchops._kernels.conv2d_bwd.conv2d_bwd_weight vs convolution_backward([False, True, False]).
 
 Each does 2·N·K·P·Q·C·R·S flops. Rows carry TFLOP/s and % of the bf16 cuBLAS roof
 (harness); the scratchops rows also get ``pct_cudnn`` (cuDNN time / ours), and a
@@ -50,7 +50,7 @@ def impls_for(pass_name, x, w, dy, stride, padding, channels_last):
     import torch.nn.functional as TF
 
     import scratchops.functional as SF
-    import scratchops._kernels.conv2d as K
+    import scratchops._kernels.conv2d_bwd as KB
 
     s, pads, d = [stride, stride], [padding] * 4, [1, 1]
     aten_args = (dy, x, w, None, s, [padding, padding], d, False, [0, 0], 1)
@@ -58,9 +58,9 @@ def impls_for(pass_name, x, w, dy, stride, padding, channels_last):
         return {"scratchops": lambda: SF.conv2d(x, w, None, stride, padding),
                 "torch": lambda: TF.conv2d(x, w, None, stride, padding)}
     if pass_name == "dgrad":
-        return {"scratchops": lambda: K.conv2d_bwd_input(dy, w, list(x.shape), s, pads, d, 1, channels_last),
+        return {"scratchops": lambda: KB.conv2d_bwd_input(dy, w, list(x.shape), s, pads, d, 1, channels_last),
                 "torch": lambda: torch.ops.aten.convolution_backward(*aten_args, [True, False, False])[0]}
-    return {"scratchops": lambda: K.conv2d_bwd_weight(dy, x, list(w.shape), s, pads, d, 1, channels_last),
+    return {"scratchops": lambda: KB.conv2d_bwd_weight(dy, x, list(w.shape), s, pads, d, 1, channels_last),
             "torch": lambda: torch.ops.aten.convolution_backward(*aten_args, [False, True, False])[1]}
 
 

@@ -17,36 +17,48 @@ Backward, with dy = ∂L/∂y:
     dw[k,c,r,s]            = Σ_{n,p,q} dy[n,k,p,q] · x[n, g·C/G + c, ih, iw]
     db[k]                  = Σ_{n,p,q} dy[n,k,p,q]
 
-padding='same' pads dil·(R−1) in total, the odd one extra at the bottom/right (as
-torch); 'valid' pads nothing. The output (and dx) is channels_last when torch would
-suggest channels_last for the input or the weight, read from the strides as torch's
-``suggest_memory_format`` does (size-1 and sliced dimensions included). The reference backend gathers patches from an explicitly
-padded copy with ``as_strided`` and contracts them with ``einsum``; dx accumulates
-the patch gradients tap by tap into a padded buffer.
+padding='same' pads dil·(R−1) in total, the odd one extra at the bottom/right (as torch); 'valid' pads
+nothing. The output (and dx) is channels_last when torch would suggest channels_last for the input or the
+weight, read from the strides as torch's ``suggest_memory_format`` does (size-1 and sliced dimensions
+included). The reference backend gathers patches from an explicitly padded copy with ``as_strided`` and
+contracts them with ``einsum``; dx accumulates the patch gradients tap by tap into a padded buffer. It also
+computes integer (in int64, wrapped to the storage type as torch's) and complex convolutions (CPU, as
+torch's); autocast casts the operands as torch's does (conv2d is a lower-precision op on CPU and CUDA).
+Every backward is built from differentiable Functions on the same kernels (see "autograd" below).
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Optional
 
 import torch
 
 from scratchops._backend import backend_op, choose_backend
-from scratchops._common import check_tensor, compute_dtype
+from scratchops._common import check_tensor, compute_dtype, conv_output_size, type_name
 
-KERNELS = "conv2d"
+KERNELS = "conv2d"  # the forward launcher's family; the gradients' is "conv2d_bwd"
 SPATIAL_DIMS = 2
 
 
 # ----------------------------------------------------------------- reference math
-def _out_size(x_hw, w_rs, stride, padding, dilation):
-    return [(x_hw[i] + padding[2 * i] + padding[2 * i + 1] - dilation[i] * (w_rs[i] - 1) - 1) // stride[i] + 1
-            for i in range(SPATIAL_DIMS)]
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference sums in: float64/float32 for floats, int64 for integers (wrapping to the
+    storage type at the end gives torch's result, modular sums being exact), complex as it is."""
+    if dtype.is_complex:
+        return dtype
+    return compute_dtype(dtype) if dtype.is_floating_point else torch.int64
+
+
+def _no_autocast(t: torch.Tensor):
+    """The reference formulas run in the dtypes they name, even when called under autocast."""
+    on = t.device.type in ("cpu", "cuda")
+    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def _new_4d(shape, like, dtype, channels_last: bool):
-    out = torch.zeros(shape, dtype=dtype, device=like.device)
-    return out.to(memory_format=torch.channels_last) if channels_last else out
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
 
 
 def _patches(x, r_s, stride, padding, dilation, out_hw):
@@ -63,15 +75,16 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], s
                padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
     N, C, H, W = x.shape
     K, C_G, R, S = w.shape
-    P, Q = _out_size((H, W), (R, S), stride, padding, dilation)
-    ct = compute_dtype(x.dtype)
-    patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
-    y = torch.einsum("ngcpqrs,gkcrs->ngkpq", patches, w.to(ct).reshape(groups, K // groups, C_G, R, S))
-    y = y.reshape(N, K, P, Q)
-    if bias is not None:
-        y = y + bias.to(ct)[None, :, None, None]
-    out = _new_4d((N, K, P, Q), x, x.dtype, channels_last)
-    return out.copy_(y)
+    P = conv_output_size(H, R, stride[0], padding[0], padding[1], dilation[0])
+    Q = conv_output_size(W, S, stride[1], padding[2], padding[3], dilation[1])
+    ct = _compute(x.dtype)
+    with _no_autocast(x):
+        patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
+        y = torch.einsum("ngcpqrs,gkcrs->ngkpq", patches, w.to(ct).reshape(groups, K // groups, C_G, R, S))
+        y = y.reshape(N, K, P, Q)
+        if bias is not None:
+            y = y + bias.to(ct)[None, :, None, None]
+        return _new_4d((N, K, P, Q), x, x.dtype, channels_last).copy_(y)
 
 
 def conv2d_bwd_input(dy: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
@@ -81,18 +94,19 @@ def conv2d_bwd_input(dy: torch.Tensor, w: torch.Tensor, input_size: list[int], s
     N, C, H, W = input_size
     K, C_G, R, S = w.shape
     P, Q = dy.shape[2], dy.shape[3]
-    ct = compute_dtype(dy.dtype)
-    dyg = dy.to(ct).reshape(N, groups, K // groups, P, Q)
-    wg = w.to(ct).reshape(groups, K // groups, C_G, R, S)
-    dxp = dy.new_zeros((N, groups, C_G, H + padding[0] + padding[1], W + padding[2] + padding[3]), dtype=ct)
-    for r in range(R):
-        for s in range(S):
-            h0, w0 = r * dilation[0], s * dilation[1]
-            rows = slice(h0, h0 + stride[0] * (P - 1) + 1, stride[0])
-            cols = slice(w0, w0 + stride[1] * (Q - 1) + 1, stride[1])
-            dxp[:, :, :, rows, cols] += torch.einsum("ngkpq,gkc->ngcpq", dyg, wg[:, :, :, r, s])
-    dx = dxp.reshape(N, C, dxp.shape[3], dxp.shape[4])[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W]
-    return _new_4d((N, C, H, W), dy, dy.dtype, channels_last).copy_(dx)
+    ct = _compute(dy.dtype)
+    with _no_autocast(dy):
+        dyg = dy.to(ct).reshape(N, groups, K // groups, P, Q)
+        wg = w.to(ct).conj().reshape(groups, K // groups, C_G, R, S)  # complex: dy · conj(w), as autograd wants
+        dxp = dy.new_zeros((N, groups, C_G, H + padding[0] + padding[1], W + padding[2] + padding[3]), dtype=ct)
+        for r in range(R):
+            for s in range(S):
+                h0, w0 = r * dilation[0], s * dilation[1]
+                rows = slice(h0, h0 + stride[0] * (P - 1) + 1, stride[0])
+                cols = slice(w0, w0 + stride[1] * (Q - 1) + 1, stride[1])
+                dxp[:, :, :, rows, cols] += torch.einsum("ngkpq,gkc->ngcpq", dyg, wg[:, :, :, r, s])
+        dx = dxp.reshape(N, C, dxp.shape[3], dxp.shape[4])[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W]
+        return _new_4d((N, C, H, W), dy, dy.dtype, channels_last).copy_(dx)
 
 
 def conv2d_bwd_weight(dy: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
@@ -101,50 +115,152 @@ def conv2d_bwd_weight(dy: torch.Tensor, x: torch.Tensor, weight_size: list[int],
     N, C, H, W = x.shape
     K, C_G, R, S = weight_size
     P, Q = dy.shape[2], dy.shape[3]
-    ct = compute_dtype(x.dtype)
-    patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
-    dw = torch.einsum("ngcpqrs,ngkpq->gkcrs", patches, dy.to(ct).reshape(N, groups, K // groups, P, Q))
-    return _new_4d((K, C_G, R, S), x, x.dtype, channels_last).copy_(dw.reshape(K, C_G, R, S))
+    ct = _compute(x.dtype)
+    with _no_autocast(x):
+        xc = x.to(ct).conj()  # complex: dy · conj(x), as autograd wants
+        patches = _patches(xc, (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
+        dw = torch.einsum("ngcpqrs,ngkpq->gkcrs", patches, dy.to(ct).reshape(N, groups, K // groups, P, Q))
+        return _new_4d((K, C_G, R, S), x, x.dtype, channels_last).copy_(dw.reshape(K, C_G, R, S))
 
 
 def conv2d_bwd_bias(dy: torch.Tensor) -> torch.Tensor:
     # db[k] = Σ_{n,p,q} dy[n,k,p,q]
-    return dy.to(compute_dtype(dy.dtype)).sum(dim=(0, 2, 3)).to(dy.dtype)
+    with _no_autocast(dy):
+        return dy.to(_compute(dy.dtype)).sum(dim=(0, 2, 3)).to(dy.dtype)
 
 
 # ----------------------------------------------------------------- backend ops
 conv2d_fwd_op = backend_op("conv2d_fwd", conv2d_fwd, KERNELS)
-conv2d_bwd_input_op = backend_op("conv2d_bwd_input", conv2d_bwd_input, KERNELS)
-conv2d_bwd_weight_op = backend_op("conv2d_bwd_weight", conv2d_bwd_weight, KERNELS)
-conv2d_bwd_bias_op = backend_op("conv2d_bwd_bias", conv2d_bwd_bias, KERNELS)
+conv2d_bwd_input_op = backend_op("conv2d_bwd_input", conv2d_bwd_input, "conv2d_bwd")
+conv2d_bwd_weight_op = backend_op("conv2d_bwd_weight", conv2d_bwd_weight, "conv2d_bwd")
+conv2d_bwd_bias_op = backend_op("conv2d_bwd_bias", conv2d_bwd_bias, "conv2d_bwd")
 
 
 # ----------------------------------------------------------------- autograd
-class Conv2d(torch.autograd.Function):
+# Every gradient is linear in each of its operands, so every backward is built from these same Functions
+# and differentiates again, to any order, on the same kernels. With spec = (stride, padding, dilation,
+# groups, channels_last, backend), conv(x, w) the forward without bias, dgrad(dy, w) = ∂L/∂x and
+# wgrad(dy, x) = ∂L/∂w of the forward, db(dy) = Σ_{n,p,q} dy, and gg· the gradient flowing into a gradient:
+#
+#   y  = conv(x, w) + b      dx = dgrad(dy, w)          dw = wgrad(dy, x)          db = Σ dy
+#   dx = dgrad(dy, w)        ∂/∂dy = conv(ggx, w)       ∂/∂w = wgrad(dy, ggx)
+#   dw = wgrad(dy, x)        ∂/∂dy = conv(x, ggw)       ∂/∂x = dgrad(dy, ggw)
+#   db = Σ_{n,p,q} dy        ∂/∂dy = ggb broadcast over (n, p, q)
+#   ggb broadcast            ∂/∂ggb = Σ_{n,p,q} of its gradient (db again)
+#
+# (dgrad is the adjoint of x ↦ conv(x, w), so its adjoint in dy is that map again; it is bilinear in
+# (dy, w) with the same contraction as wgrad, hence wgrad(dy, ggx); likewise for wgrad.) The first backward
+# saves what it always did: x for dw, w for dx; each gradient Function saves its own operands only when a
+# graph is being built (create_graph=True), and without one the backend ops run directly.
+def _conv(spec, x, w):
+    return Conv2dFunction.apply(x, w, None, *spec)
+
+
+def _grad(function, spec, *args):
+    """``function`` (differentiable) when a graph is being built, else its backend op directly."""
+    return function.apply(*args, *spec) if torch.is_grad_enabled() else function.op(spec[-1], *args, *spec[:-1])
+
+
+class Conv2dFunction(torch.autograd.Function):
+    """y = conv(x, w) + b; dx = dgrad(dy, w), dw = wgrad(dy, x), db = Σ_{n,p,q} dy."""
+
     @staticmethod
-    def forward(ctx, x, w, bias, stride, padding, dilation, groups, channels_last, backend):
-        y = conv2d_fwd_op(backend, x, w, bias, stride, padding, dilation, groups, channels_last)
-        ctx.backend, ctx.geometry, ctx.channels_last = backend, (stride, padding, dilation, groups), channels_last
-        ctx.input_size, ctx.weight_size = list(x.shape), list(w.shape)
+    def forward(x, w, bias, stride, padding, dilation, groups, channels_last, backend):
+        return conv2d_fwd_op(backend, x, w, bias, stride, padding, dilation, groups, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _, *spec = inputs
+        ctx.spec, ctx.input_size, ctx.weight_size = spec, list(x.shape), list(w.shape)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
-        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        geometry, cl = ctx.geometry, ctx.channels_last
-        # dx = transposed convolution of dy with w; dw = Σ dy · patches(x); db = Σ_{n,p,q} dy
-        dx = conv2d_bwd_input_op(ctx.backend, dy, w, ctx.input_size, *geometry, cl) if ctx.needs_input_grad[0] else None
-        dw = (conv2d_bwd_weight_op(ctx.backend, dy, x, ctx.weight_size, *geometry, cl)
-              if ctx.needs_input_grad[1] else None)
-        db = conv2d_bwd_bias_op(ctx.backend, dy) if ctx.needs_input_grad[2] else None
+        if torch.is_grad_enabled() and dy.is_complex():  # the gradient Functions' formulas are for real tensors
+            raise RuntimeError("scratchops conv2d: no double backward (create_graph=True) for complex tensors")
+        dx = _grad(Conv2dInputGradFunction, ctx.spec, dy, w, ctx.input_size) if ctx.needs_input_grad[0] else None
+        dw = _grad(Conv2dWeightGradFunction, ctx.spec, dy, x, ctx.weight_size) if ctx.needs_input_grad[1] else None
+        db = _grad(Conv2dBiasGradFunction, ctx.spec[-1:], dy) if ctx.needs_input_grad[2] else None
         return (dx, dw, db,
-                None,  # stride
-                None,  # padding
-                None,  # dilation
-                None,  # groups
-                None,  # channels_last
-                None)  # backend
+                None, None, None, None, None, None)  # stride, padding, dilation, groups, channels_last, backend
+
+
+class Conv2dInputGradFunction(torch.autograd.Function):
+    """dx = dgrad(dy, w); backward: ∂/∂dy = conv(ggx, w), ∂/∂w = wgrad(dy, ggx)."""
+    op = staticmethod(conv2d_bwd_input_op)  # the backend op, run directly when no graph is built
+
+    @staticmethod
+    def forward(dy, w, input_size, stride, padding, dilation, groups, channels_last, backend):
+        return conv2d_bwd_input_op(backend, dy, w, input_size, stride, padding, dilation, groups, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, w, _, *spec = inputs
+        ctx.spec, ctx.weight_size = spec, list(w.shape)
+        ctx.save_for_backward(dy if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+
+    @staticmethod
+    def backward(ctx, ggx):
+        dy, w = ctx.saved_tensors
+        g_dy = _conv(ctx.spec, ggx, w) if ctx.needs_input_grad[0] else None
+        g_w = _grad(Conv2dWeightGradFunction, ctx.spec, dy, ggx, ctx.weight_size) if ctx.needs_input_grad[1] else None
+        return g_dy, g_w, None, None, None, None, None, None, None  # input_size, stride, ..., backend
+
+
+class Conv2dWeightGradFunction(torch.autograd.Function):
+    """dw = wgrad(dy, x); backward: ∂/∂dy = conv(x, ggw), ∂/∂x = dgrad(dy, ggw)."""
+    op = staticmethod(conv2d_bwd_weight_op)  # the backend op, run directly when no graph is built
+
+    @staticmethod
+    def forward(dy, x, weight_size, stride, padding, dilation, groups, channels_last, backend):
+        return conv2d_bwd_weight_op(backend, dy, x, weight_size, stride, padding, dilation, groups, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, x, _, *spec = inputs
+        ctx.spec, ctx.input_size = spec, list(x.shape)
+        ctx.save_for_backward(dy if ctx.needs_input_grad[1] else None, x if ctx.needs_input_grad[0] else None)
+
+    @staticmethod
+    def backward(ctx, ggw):
+        dy, x = ctx.saved_tensors
+        g_dy = _conv(ctx.spec, x, ggw) if ctx.needs_input_grad[0] else None
+        g_x = _grad(Conv2dInputGradFunction, ctx.spec, dy, ggw, ctx.input_size) if ctx.needs_input_grad[1] else None
+        return g_dy, g_x, None, None, None, None, None, None, None  # weight_size, stride, ..., backend
+
+
+class Conv2dBiasGradFunction(torch.autograd.Function):
+    """db = Σ_{n,p,q} dy; backward: ∂/∂dy = ggb broadcast over (n, p, q)."""
+    op = staticmethod(conv2d_bwd_bias_op)  # the backend op, run directly when no graph is built
+
+    @staticmethod
+    def forward(dy, backend):
+        return conv2d_bwd_bias_op(backend, dy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape, ctx.backend = inputs[0].shape, inputs[1]
+
+    @staticmethod
+    def backward(ctx, ggb):
+        return Conv2dBiasBroadcastFunction.apply(ggb, ctx.shape, ctx.backend), None  # backend
+
+
+class Conv2dBiasBroadcastFunction(torch.autograd.Function):
+    """g[n,k,p,q] = ggb[k] (a zero-stride view); backward: Σ_{n,p,q} of its gradient, the bias gradient kernel."""
+
+    @staticmethod
+    def forward(ggb, shape, backend):
+        return ggb[None, :, None, None].expand(shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[2]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _grad(Conv2dBiasGradFunction, (ctx.backend,), g), None, None  # shape, backend
 
 
 # ----------------------------------------------------------------- functional
@@ -230,12 +346,32 @@ def _check(x, w, bias, stride, padding, dilation, groups):
     if x.numel() == 0 and x.shape[0] and x.shape[1]:
         raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
                            f"{list(x.shape)}")
-    if not x.is_floating_point():
-        raise RuntimeError(f"scratchops conv2d supports floating-point tensors only, got {x.dtype}")
+    if x.dtype == torch.bool:  # torch's kernels dispatch on the input's dtype first
+        raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for 'Bool'")
     if w.dtype != x.dtype:
         raise RuntimeError(f"Input type ({x.dtype}) and weight type ({w.dtype}) should be the same")
     if bias is not None and bias.dtype != x.dtype:
         raise RuntimeError(f"Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
+    if not (x.is_floating_point() or x.is_complex()) and x.device.type != "cpu":  # integers: torch's CPU op only
+        raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for '{type_name(x.dtype)}'")
+
+
+def _check_devices(x, w, bias) -> None:
+    """torch's RuntimeError for operands on different devices, before anything runs."""
+    for name, t in (("weight", w), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"Input type ({x.type()}) and {name} type ({t.type()}) should be the same")
+
+
+def _autocast(*tensors):
+    """As torch's autocast, which lists conv2d among its lower-precision ops on CPU and CUDA: where it is on
+    for the input's device, floating operands other than float64 go to its dtype (a differentiable cast)."""
+    device_type = tensors[0].device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
@@ -244,6 +380,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     check_tensor("conv2d", weight, "weight", 2)
     if bias is not None:
         check_tensor("conv2d", bias, "bias", 3)
+    _check_devices(input, weight, bias)
     if input.dim() not in (3, 4):
         raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
                            f"{list(input.shape)}")
@@ -251,9 +388,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if weight.dim() != 4:
         raise RuntimeError(f"weight of conv2d should be 4-D, but got weight of size {list(weight.shape)}")
     pads = _resolve_padding(padding, stride, dilation, weight)
+    input, weight, bias = _autocast(input, weight, bias)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     _check(x, weight, bias, stride, pads, dilation, groups)
     channels_last = _suggests_channels_last(x) or _suggests_channels_last(weight)
-    y = Conv2d.apply(x, weight, bias, stride, pads, dilation, groups, channels_last, choose_backend(x))
+    y = Conv2dFunction.apply(x, weight, bias, stride, pads, dilation, groups, channels_last, choose_backend(x))
     return y.squeeze(0) if unbatched else y

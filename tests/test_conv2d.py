@@ -14,7 +14,7 @@ import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
 from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
-                           expect_ops, make)
+                           expect_ops, make, tolerances)
 
 OPS = ["conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"]
 
@@ -351,10 +351,11 @@ def test_opcheck(backend):
     geometry = ([2, 1], [1, 0, 1, 1], [1, 2], 2, False)
     y = C.conv2d_fwd(x, w, b, *geometry)
     dy = make(tuple(y.shape))
-    torch.library.opcheck(C.conv2d_fwd_op, (backend, x, w, b, *geometry))
-    torch.library.opcheck(C.conv2d_bwd_input_op, (backend, dy, w, list(x.shape), *geometry))
-    torch.library.opcheck(C.conv2d_bwd_weight_op, (backend, dy, x, list(w.shape), *geometry))
-    torch.library.opcheck(C.conv2d_bwd_bias_op, (backend, dy))
+    torch.library.opcheck(C.conv2d_fwd_op.custom, (backend, x, w, b, *geometry))
+    torch.library.opcheck(C.conv2d_fwd_op.custom, (backend, x, w, None, *geometry))
+    torch.library.opcheck(C.conv2d_bwd_input_op.custom, (backend, dy, w, list(x.shape), *geometry))
+    torch.library.opcheck(C.conv2d_bwd_weight_op.custom, (backend, dy, x, list(w.shape), *geometry))
+    torch.library.opcheck(C.conv2d_bwd_bias_op.custom, (backend, dy))
 
 
 def test_split_k_and_batch_chunks(backend, monkeypatch):
@@ -374,12 +375,14 @@ def test_split_k_and_batch_chunks(backend, monkeypatch):
 
 def test_fp32_precision_follows_cudnn_tf32_flag():
     pytest.importorskip("triton")
-    from scratchops._kernels.conv2d import input_precision
+    from scratchops._kernels._gemm import input_precision
+    from scratchops._kernels.conv2d import precision_class
 
     for allowed, expected in ((True, "tf32"), (False, "ieee")):
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allowed):
-            assert input_precision(torch.float32) == expected
-            assert input_precision(torch.float16) == input_precision(torch.float64) == "ieee"
+            assert precision_class(torch.float32) == expected and input_precision(expected) == expected
+            assert precision_class(torch.float16) == "half" and precision_class(torch.float64) == "fp64"
+            assert input_precision(precision_class(torch.float64)) == "ieee"
 
 
 @pytest.mark.gpu
@@ -403,16 +406,227 @@ def test_resnet_layer_gpu(backend, dtype):
 
 
 def test_aot_compile_sm90():
-    """Forward: every tile × dtype (fp32 with tf32 and ieee; fp64 multiply-and-sum), no spills."""
+    """Forward: every tile × dtype (fp32 with tf32 and ieee; fp64 multiply-and-sum) × bias or not, no spills."""
     rows = check_aot("scratchops._kernels.conv2d")
     assert {r["kernel"] for r in rows} == {"_conv2d_fwd_kernel"}
     assert {r["dtypes"][0] for r in rows} == {"*fp16", "*bf16", "*fp32", "*fp64"}
     assert {r["constexprs"]["INPUT_PRECISION"] for r in rows if r["dtypes"] == ["*fp32"]} == {"tf32", "ieee"}
+    assert {r["constexprs"]["HAS_BIAS"] for r in rows} == {"True", "False"}
 
 
 def test_aot_compile_sm90_backward():
     rows = check_aot("scratchops._kernels.conv2d_bwd")
-    names = {"_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel", "_conv2d_bwd_bias_kernel"}
+    names = {"_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel", "_conv2d_sum_planes_kernel",
+             "_conv2d_bwd_bias_kernel"}
     assert {r["kernel"] for r in rows} == names
     for name in names:
         assert {r["dtypes"][0] for r in rows if r["kernel"] == name} == {"*fp16", "*bf16", "*fp32", "*fp64"}
+
+
+# ----------------------------------------------------------------- dtypes, devices and autocast as torch (issue 16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(backend, dtype):
+    """conv2d is on torch's lower-precision autocast list (CPU and CUDA): operands cast to the autocast dtype,
+    float64 left alone, gradients back in the operands' own dtype; values as torch's conv of the cast operands."""
+    if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 (the reference backend covers it)")
+    kwargs = {"padding": 1, "stride": (1, 2)}
+    outs = {}
+    for name, fn in (("ours", SF.conv2d), ("torch", TF.conv2d)):
+        x, w, b = make((2, 3, 6, 5), requires_grad=True), make((4, 3, 3, 3), requires_grad=True), make((4,))
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = fn(x, w, b, **kwargs)
+            y64 = fn(x.detach().double(), w.detach().double(), None, **kwargs)
+        y.backward(make(tuple(y.shape), dtype, seed=12))
+        outs[name] = (y, y64, x.grad, w.grad)
+    (y, y64, dx, dw), (ty, ty64, tdx, tdw) = outs["ours"], outs["torch"]
+    assert y.dtype == ty.dtype == dtype and y64.dtype == ty64.dtype == torch.float64
+    assert dx.dtype == tdx.dtype == torch.float32 and dw.dtype == tdw.dtype == torch.float32
+    torch.testing.assert_close(y64, ty64)
+    # values: torch's conv of the cast operands (in fp32, rounded once, on the CPU: _yardstick)
+    x, w, b = make((2, 3, 6, 5), requires_grad=True), make((4, 3, 3, 3), requires_grad=True), make((4,))
+    ref = _yardstick(kwargs, dtype)(x.to(dtype), w.to(dtype), b.to(dtype))
+    ref.backward(make(tuple(ref.shape), dtype, seed=12))
+    tol = tolerances(dtype, _reduction((2, 3, 6, 5), (4, 3, 3, 3)))
+    for ours, theirs in ((y, ref), (dx, x.grad), (dw, w.grad)):
+        torch.testing.assert_close(ours, theirs.to(ours.dtype), **tol)
+
+
+def test_bool_not_implemented(backend):
+    x, w = make((1, 2, 5, 5)) > 0, make((3, 2, 3, 3)) > 0
+    check_same_error(SF.conv2d, TF.conv2d, x, w, match="not implemented for 'Bool'")
+    check_same_error(SF.conv2d, TF.conv2d, x, w.float(), match="not implemented for 'Bool'")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.uint8, torch.complex64,
+                                   torch.complex128])
+def test_integer_and_complex(backend, dtype):
+    """torch's CPU conv2d computes integer (wrapping as the storage type does) and complex convolutions: so does
+    the reference backend; an explicit Triton request refuses them (its kernels take real floating types)."""
+    if DEVICE != "cpu" and not dtype.is_complex:
+        pytest.skip("torch's CUDA conv2d refuses integers: test_integer_cuda_refused")
+    kwargs = {"padding": 1, "stride": 2, "groups": 2}
+    scale = 1 if dtype.is_complex else 40  # integers: products that wrap int8/uint8
+    x = (make((2, 4, 5, 6), torch.float64) * scale).to(dtype)
+    w = (make((4, 2, 3, 3), torch.float64, seed=3) * scale).to(dtype)
+    b = (make((4,), torch.float64, seed=4) * scale).to(dtype)
+    if dtype.is_complex:
+        x, w, b = x + 1j * make(tuple(x.shape), dtype.to_real(), seed=5), w * (1 - 0.5j), b * 1j
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run"):
+            SF.conv2d(x, w, b, **kwargs)
+    with scratchops.use_backend("auto" if backend == "triton" else backend):
+        out = check_parity(_conv(kwargs), _torch_conv(kwargs), x, w, b, reduction_size=18)
+    assert out.dtype == dtype
+
+
+@pytest.mark.gpu
+def test_integer_cuda_refused(backend):
+    x, w = make((1, 2, 5, 5)).long(), make((3, 2, 3, 3)).long()
+    check_same_error(SF.conv2d, TF.conv2d, x, w)
+
+
+def test_operands_on_other_devices(backend):
+    """Operands on two devices: a RuntimeError before anything runs (CUDA + CPU as torch: test_devices_gpu)."""
+    from scratchops._backend import LAUNCHES
+
+    x, w, b = make((1, 2, 5, 5)), make((3, 2, 3, 3)), make((3,))
+    before = LAUNCHES.copy()
+    for args in ((x, w.to("meta"), b), (x, w, b.to("meta")), (x.to("meta"), w, None)):
+        with pytest.raises(RuntimeError, match="should be the same"):
+            SF.conv2d(*args)
+    assert LAUNCHES == before
+
+
+@pytest.mark.gpu
+def test_devices_gpu(backend):
+    x, w, b = make((1, 2, 5, 5)), make((3, 2, 3, 3)), make((3,))
+    check_same_error(SF.conv2d, TF.conv2d, x.cpu(), w, b)
+    check_same_error(SF.conv2d, TF.conv2d, x, w.cpu(), b)
+    check_same_error(SF.conv2d, TF.conv2d, x, w, b.cpu())
+
+
+# ----------------------------------------------------------------- outputs in their final layout (issue 12)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_in_final_layout(backend, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = make((2, 3, 6, 5)).to(memory_format=fmt).requires_grad_()
+    w = make((4, 3, 3, 3)).to(memory_format=fmt).requires_grad_()
+    b = make((4,), requires_grad=True)
+    y = SF.conv2d(x, w, b, padding=1)
+    assert y.is_contiguous(memory_format=fmt)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), make(tuple(y.shape)).to(memory_format=fmt))
+    assert dx.is_contiguous(memory_format=fmt) and dw.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("split", [1, 3])
+def test_launchers_run_no_torch_kernels(backend, channels_last, split, monkeypatch):
+    """Outside the Triton launches the launchers only allocate (each output once, directly in its final layout)
+    and take views: no torch kernel converts, copies, zero-fills or sums (wgrad's split reduction included)."""
+    if backend != "triton":
+        pytest.skip("launchers of the Triton backend")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import scratchops._kernels.conv2d as K
+    import scratchops._kernels.conv2d_bwd as KB
+    from scratchops._kernels._launch import Kernel
+
+    launching = []
+    launch = Kernel.__call__
+
+    def counted(self, *args, **kwargs):  # the interpreter's own host copies inside a launch are not glue
+        launching.append(self)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launching.pop()
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.launches = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not launching:
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(Kernel, "__call__", counted)
+    monkeypatch.setattr(KB, "_split_k", lambda tiles, npq, device: split)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, w, b = make((2, 3, 6, 5)).to(memory_format=fmt), make((4, 3, 3, 3)).to(memory_format=fmt), make((4,))
+    dy = make((2, 4, 6, 5)).to(memory_format=fmt)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1, channels_last)
+    with Ops() as mode:
+        outs = (K.conv2d_fwd(x, w, b, *geometry), KB.conv2d_bwd_input(dy, w, list(x.shape), *geometry),
+                KB.conv2d_bwd_weight(dy, x, list(w.shape), *geometry), KB.conv2d_bwd_bias(dy))
+    glue = [op for op in mode.ops if op not in ("aten.empty", "aten.slice", "aten.unsqueeze")]
+    assert not glue, f"torch kernels around the Triton launches: {glue}"
+    assert mode.ops.count("aten.empty") == 4 + (split > 1)  # y, dx, dw, db (+ wgrad's partial planes)
+    expected = (TF.conv2d(x, w, b, padding=1),
+                *torch.ops.aten.convolution_backward(dy, x, w, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, True, True]))
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref)
+    for out in outs[:3]:
+        assert out.is_contiguous(memory_format=fmt)
+
+
+# ----------------------------------------------------------------- double backward (issue 13)
+# (N, C, H, W), (K, C/groups, R, S), bias, options: tiny (gradgradcheck runs the backward once per input element)
+GRADGRAD = {
+    "s2 p1 d2 g2 bias": ((1, 2, 4, 4), (2, 1, 2, 2), True, {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}),
+    "1x1 no bias": ((2, 2, 2, 2), (3, 2, 1, 1), False, {}),
+    "same asymmetric": ((1, 1, 3, 3), (2, 1, 2, 2), True, {"padding": "same"}),
+    "s(2,1) p(1,0) d(1,2)": ((1, 2, 3, 4), (1, 2, 2, 2), True, {"stride": (2, 1), "padding": (1, 0),
+                                                                 "dilation": (1, 2)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADGRAD))
+def test_gradgradcheck(backend, case, one_thread):
+    """Second derivatives of x, w, b and of the incoming gradient, on the same kernels. Every element on the
+    reference backend; on Triton (about 0.1 s per interpreted launch) fast_mode, random projections: the
+    second-order formulas are the same Functions on both backends, and test_gradcheck_full checks every
+    element of each kernel's first derivatives."""
+    x_shape, w_shape, bias, kwargs = GRADGRAD[case]
+    inputs = _inputs(x_shape, w_shape, bias, requires_grad=True)
+    with expect_ops(OPS[:3] + (OPS[3:] if bias else [])):
+        assert torch.autograd.gradgradcheck(_conv(kwargs), inputs, fast_mode=backend == "triton")
+
+
+def test_third_derivative_matches_torch(backend):
+    """Every gradient is built from differentiable Functions: a third derivative matches torch's."""
+    kwargs = {"stride": 2, "padding": 1, "groups": 2}
+    results = []
+    for conv in (SF.conv2d, TF.conv2d):
+        x, w, b = _inputs((1, 2, 4, 4), (2, 1, 2, 2), True, requires_grad=True)
+        y = conv(x, w, b, **kwargs)
+        gx, gw, gb = torch.autograd.grad((y ** 2).sum(), (x, w, b), create_graph=True)
+        hx, hw = torch.autograd.grad((gx ** 2).sum() + (gw ** 3).sum() + gb.sum() * gw.sum(), (x, w),
+                                     create_graph=True)
+        results.append((gx, gw, gb, hx, hw, *torch.autograd.grad((hx * hw.sum()).sum(), (x, w, b))))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_double_backward_saves_nothing_more(backend):
+    """The first backward keeps what it always kept: x (for dw) and w (for dx), nothing else."""
+    x, w, b = _inputs((1, 2, 4, 4), (2, 2, 3, 3), True, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        SF.conv2d(x, w, b, padding=1)
+    assert sorted(t.data_ptr() for t in saved) == sorted([x.data_ptr(), w.data_ptr()])
+
+
+def test_create_graph_gradients_carry_a_graph(backend):
+    x, w, b = _inputs((1, 2, 4, 4), (2, 2, 3, 3), True, requires_grad=True)
+    grads = torch.autograd.grad((SF.conv2d(x, w, b, padding=1) ** 2).sum(), (x, w, b), create_graph=True)
+    assert all(g.requires_grad and g.grad_fn is not None for g in grads)
+    x = make((1, 2, 4, 4), torch.complex128, requires_grad=True)
+    w = make((2, 2, 3, 3), torch.complex128, requires_grad=True)
+    with scratchops.use_backend("auto" if backend == "triton" else backend):
+        y = SF.conv2d(x, w, padding=1)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(y.abs().sum(), (x, w), create_graph=True)

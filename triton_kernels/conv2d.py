@@ -1,4 +1,4 @@
-"""Triton kernels for conv2d: forward, input gradient (dgrad), weight gradient (wgrad), bias gradient.
+"""Triton kernels for conv2d: the forward here, the gradients in ``conv2d_bwd`` (which imports this module).
 
 All three convolution kernels are implicit GEMMs: no patch matrix is ever stored,
 each program gathers its operand tiles from the 4-D tensors on the fly, through
@@ -16,55 +16,48 @@ flat loop with scalar r and s: for a fixed tap the input coordinate of a row is 
 row vector, so every gathered tile is (row vector) + (channel vector) with a mask
 of the same form, and a channels_last tensor is read along contiguous channels.
 wgrad gives each program one tap. Coordinates come from one helper, ``_in_coord``
-(and its inverse ``_out_coord``, built on it). wgrad may split its N·P·Q
-reduction over programs (partial planes summed by the launcher) to fill the GPU.
+(and its inverse ``_out_coord``, built on it).
 
-Tensor cores (``tl.dot``) for fp16/bf16 with fp32 accumulation; fp32 uses tf32
-or ieee as ``torch.backends.cudnn.allow_tf32`` says; fp64 multiplies and sums in
-fp64 (``tl.dot`` on fp64 does not compile for sm_90).
+The convolution's own stride is called ``step_h`` / ``step_w`` in the kernels (``stride_<tensor><dim>``
+are memory strides). Products go through ``_gemm.mma``: tensor cores for fp16/bf16 with fp32
+accumulation; fp32 in tf32 or ieee as ``torch.backends.cudnn.allow_tf32`` says (as torch's
+convolutions); fp64 multiplies and sums in fp64. Every output is written once, in its final layout.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_type
+from .._common import conv_output_size
+from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma
+from ._launch import Kernel, acc_dtype, config, tiles
 
 
 # ----------------------------------------------------------------- index algebra (the one place)
 @triton.jit
-def _in_coord(out, tap, stride, pad, dil):
+def _in_coord(out, tap, step, pad, dil):
     """Input coordinate that output coordinate ``out`` reads through kernel tap ``tap``.
 
-    Output position ``out`` sees the window that starts at ``out·stride − pad`` (the
+    Output position ``out`` sees the window that starts at ``out·step − pad`` (the
     top/left padding shifts it back), and tap ``tap`` sits ``tap·dil`` into it:
 
-        in = out·stride − pad + tap·dil
+        in = out·step − pad + tap·dil
 
     ``in`` outside [0, size) is a padding position, read as zero.
     """
-    return out * stride - pad + tap * dil
+    return out * step - pad + tap * dil
 
 
 @triton.jit
-def _out_coord(inp, tap, stride, pad, dil, out_size):
+def _out_coord(inp, tap, step, pad, dil, out_size):
     """The inverse: the output coordinate whose tap ``tap`` reads input ``inp``, and whether one exists.
 
-    From inp = _in_coord(out, tap) = out·stride + _in_coord(0, tap):  out·stride = inp − _in_coord(0, tap),
-    which must be a non-negative multiple of the stride, with out < out_size.
+    From inp = _in_coord(out, tap) = out·step + _in_coord(0, tap):  out·step = inp − _in_coord(0, tap),
+    which must be a non-negative multiple of the step, with out < out_size.
     """
-    t = inp - _in_coord(0, tap, stride, pad, dil)
+    t = inp - _in_coord(0, tap, step, pad, dil)
     t_pos = tl.where(t >= 0, t, 0)  # integer division of negatives differs between backends: never divide one
-    out = t_pos // stride
-    return out, (t >= 0) & (t_pos - out * stride == 0) & (out < out_size)
-
-
-@triton.jit
-def _mma(acc, a, b, INPUT_PRECISION: tl.constexpr):
-    """acc += a @ b: tensor cores, or multiply-and-sum for fp64 (no fp64 ``tl.dot`` on sm_90)."""
-    if a.dtype == tl.float64:
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    else:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    out = t_pos // step
+    return out, (t >= 0) & (t_pos - out * step == 0) & (out < out_size)
 
 
 @triton.jit
@@ -85,12 +78,19 @@ def _tap_step(it, S, CHANNELS, BLOCK_K: tl.constexpr):
 
 # ----------------------------------------------------------------- forward
 @triton.jit
-def _conv2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
-                       N, C_G, H, W, K_G, P, Q, R, S,
-                       sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syk, syp, syq,
-                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr):
+def _conv2d_fwd_kernel(
+        # pointers
+        x_ptr, w_ptr, b_ptr, y_ptr,
+        # sizes
+        N, C_G, H, W, K_G, P, Q, R, S,
+        # strides
+        stride_xn, stride_xc, stride_xh, stride_xw, stride_wk, stride_wc, stride_wr, stride_ws, stride_b,
+        stride_yn, stride_yk, stride_yp, stride_yq,
+        # geometry
+        step_h, step_w, pad_h, pad_w, dil_h, dil_w,
+        # constexprs
+        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[n,k,p,q] = b[k] + Σ_{r,s,c} x[n,c,_in_coord(p,r),_in_coord(q,s)] · w[k,c,r,s]:
     # rows m = (n, p, q) output positions, columns = output channels of group g;
     # the reduction walks the taps (r, s) and, for each, blocks of the group's input channels.
@@ -100,79 +100,76 @@ def _conv2d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     n, p, q = _split3(offs_m, P, Q)
     m_ok = n < N
     n_ok = offs_n < K_G
-    x_rows = x_ptr + n.to(tl.int64) * sxn + (g * C_G).to(tl.int64) * sxc
+    x_rows = x_ptr + n.to(tl.int64) * stride_xn + (g * C_G).to(tl.int64) * stride_xc
     k_out = (g * K_G + offs_n).to(tl.int64)
-    w_cols = w_ptr + k_out * swk
-    acc = acc_type(tl.zeros((BLOCK_M, BLOCK_N), dtype=x_ptr.dtype.element_ty))
+    w_cols = w_ptr + k_out * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for it in range(0, R * S * tl.cdiv(C_G, BLOCK_K)):
         r, s, c = _tap_step(it, S, C_G, BLOCK_K)
-        ih = _in_coord(p, r, stride_h, pad_h, dil_h)
-        iw = _in_coord(q, s, stride_w, pad_w, dil_w)
+        ih = _in_coord(p, r, step_h, pad_h, dil_h)
+        iw = _in_coord(q, s, step_w, pad_w, dil_w)
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c_ok = c < C_G
-        a = tl.load((x_rows + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (c.to(tl.int64) * sxc)[None, :],
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load((w_cols + r * swr + s * sws)[None, :] + (c.to(tl.int64) * swc)[:, None],
+        a = tl.load((x_rows + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None]
+                    + (c.to(tl.int64) * stride_xc)[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load((w_cols + r * stride_wr + s * stride_ws)[None, :] + (c.to(tl.int64) * stride_wc)[:, None],
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(acc, a, b, INPUT_PRECISION)
-    bias = tl.load(b_ptr + k_out, mask=n_ok, other=0.0)
-    acc += acc_type(bias)[None, :]
-    y = y_ptr + (n.to(tl.int64) * syn + p.to(tl.int64) * syp + q.to(tl.int64) * syq)[:, None] + (k_out * syk)[None, :]
+        acc = mma(acc, a, b, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + k_out * stride_b, mask=n_ok, other=0.0).to(ACC)[None, :]
+    y = (y_ptr + (n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq)[:, None]
+         + (k_out * stride_yk)[None, :])
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------- launch configuration
-# One small config under the interpreter (it costs per program); autotuned tiles on a GPU,
-# except fp64 (multiply-and-sum: a BLOCK_M×BLOCK_K×BLOCK_N product lives in registers).
-# The interpreter's cost is per program and per loop step, not per element: tall tiles over the
-# positions (rows of forward/dgrad, reduction of wgrad), 16 (the tl.dot minimum) over channels.
-INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
-INTERPRETER_CONFIG_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}
-INTERPRETER_WARPS = 4
-FP64_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
-FP64_WARPS = 4
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by the autotuner on a GPU: the tiles that
-# compile for sm_90 without spilling (the gathers' address and mask tiles live in registers too;
-# 128×128 spills, and dgrad's divisibility tests need the smaller rows).
+TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+# The tiles the autotuner tries on a GPU, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): those that compile for
+# sm_90 without spilling (the gathers' address and mask tiles live in registers too; 128×128 spills, and
+# dgrad's divisibility tests need the smaller rows). fp64 (multiply-and-sum: a BLOCK_M×BLOCK_K×BLOCK_N
+# product lives in registers) runs one small tile.
 FWD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
 DGRAD_TILES = [(64, 128, 16, 8, 3), (64, 64, 32, 8, 3)]  # 64×128×32: fp32 ieee spills (dgrad masks its acc)
 WGRAD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
-GEMM_DTYPES = ("fp16", "bf16", "fp32")  # tl.dot; fp64 takes FP64_CONFIG
-PRECISIONS = {"fp16": ("ieee",), "bf16": ("ieee",), "fp32": ("tf32", "ieee"), "fp64": ("ieee",)}
-AUTOTUNE_KEY = ["N", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"]
+FP64_TILE = (16, 16, 16, 4, 3)
+# The interpreter's cost is per program and per loop step, not per element: tall tiles over the positions
+# (rows of forward/dgrad, reduction of wgrad), 16 (the tl.dot minimum) over channels.
+INTERPRETER = config(4, 3, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
+INTERPRETER_WGRAD = config(4, 3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)
+AUTOTUNE_KEY = ["N", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "step_h", "step_w", "dil_h", "dil_w"]
 
 
-def tuned(kernel, tiles, key=AUTOTUNE_KEY):
-    """``kernel`` autotuned over ``tiles`` (multi-config autotune needs a GPU: None under the interpreter)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-               for bm, bn, bk, nw, ns in tiles]
-    return triton.autotune(configs=configs, key=key)(kernel)
+def gemm_configs(rows) -> dict:
+    """The config lists of a conv GEMM kernel by dtype class (``_gemm.dtype_class``)."""
+    tuned = tiles(TILE_FIELDS, *rows)
+    return {"half": tuned, "tf32": tuned, "ieee": tuned, "fp64": tiles(TILE_FIELDS, FP64_TILE)}
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 convolutions follow torch.backends.cudnn.allow_tf32, as torch's do."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+def precision_class(dtype: torch.dtype) -> str:
+    """The dtype class of a convolution: fp32 follows torch.backends.cudnn.allow_tf32, as torch's do."""
+    return dtype_class(dtype, torch.backends.cudnn.allow_tf32)
 
 
-def launch(kernel, autotuned, rows: int, cols: int, planes: int, args, dtype: torch.dtype, device: torch.device,
-           interpreter_config=INTERPRETER_CONFIG):
-    """Launch a GEMM kernel over a (rows / BLOCK_M, cols / BLOCK_N, planes) grid with the right config."""
-    precision = input_precision(dtype)
-    if device.type == "cuda" and dtype != torch.float64 and autotuned is not None:
-        def grid(meta):
-            return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), planes)
-
-        autotuned[grid](*args, INPUT_PRECISION=precision)
-        return
-    config, warps = (interpreter_config, INTERPRETER_WARPS) if device.type == "cpu" else (FP64_CONFIG, FP64_WARPS)
-    grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(cols, config["BLOCK_N"]), planes)
-    kernel[grid](*args, **config, INPUT_PRECISION=precision, num_warps=warps)
+def class_constexprs(cls: str) -> dict:
+    """INPUT_PRECISION and ACC of a dtype class (the same for every launch of the class)."""
+    return {"INPUT_PRECISION": input_precision(cls), "ACC": tl.float64 if cls == "fp64" else tl.float32}
 
 
+def gemm_launch(kernel: Kernel, rows: int, cols: int, planes: int, dtype: torch.dtype, **args) -> None:
+    """Launch a conv GEMM kernel over a (rows / BLOCK_M, cols / BLOCK_N, planes) grid, configs by dtype class."""
+    cls = precision_class(dtype)
+    kernel(lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), planes),
+           cls=cls, INPUT_PRECISION=input_precision(cls), ACC=acc_dtype(dtype), **args)
+
+
+def gemm_aot(kernel: Kernel, constexprs: dict | None = None, pointers: dict | None = None, classes=CLASS_TYPES):
+    """The AOT compiles of a conv GEMM kernel: every dtype class x its element types x its tiles."""
+    for cls in classes:
+        yield from kernel.aot(CLASS_TYPES[cls], {**class_constexprs(cls), **(constexprs or {})}, cls=cls,
+                              pointers=pointers)
+
+
+# ----------------------------------------------------------------- host helpers (shared with conv2d_bwd)
 # Position indices (n, p, q) are decomposed in int32 (64-bit division is slow and costs registers);
 # memory offsets are int64. A launch therefore covers fewer than MAX_POSITIONS positions.
 MAX_POSITIONS = 2**31 - 2**20
@@ -184,26 +181,33 @@ def batch_chunks(n: int, positions_per_image: int):
     return [slice(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
-def output_hw(h, w, r, s, stride, padding, dilation):
-    """P, Q: the output size for padding (top, bottom, left, right)."""
-    p = (h + padding[0] + padding[1] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + padding[2] + padding[3] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return p, q
+def output_hw(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
+    """P, Q for padding (top, bottom, left, right)."""
+    return (conv_output_size(h, r, stride[0], padding[0], padding[1], dilation[0]),
+            conv_output_size(w, s, stride[1], padding[2], padding[3], dilation[1]))
 
 
 def new_4d(shape, like: torch.Tensor, channels_last: bool, dtype=None) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    return out.to(memory_format=torch.channels_last) if channels_last else out
+    """An uninitialised 4-D output allocated directly in its final layout."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
-def geometry(stride, padding, dilation):
-    """The scalar kernel arguments: stride_h, stride_w, pad_h, pad_w, dil_h, dil_w (top/left padding only)."""
-    return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+def strides(name: str, t: torch.Tensor, dims: str) -> dict:
+    """The ``stride_<name><dim>`` keyword arguments of ``t`` (one dim letter per dimension)."""
+    return {f"stride_{name}{d}": s for d, s in zip(dims, t.stride())}
 
 
-_fwd_tuned = tuned(_conv2d_fwd_kernel, FWD_TILES)
+def geometry(stride, padding, dilation) -> dict:
+    """The geometry keyword arguments (top/left padding only: the bottom/right one is implied by P, Q)."""
+    return {"step_h": stride[0], "step_w": stride[1], "pad_h": padding[0], "pad_w": padding[2],
+            "dil_h": dilation[0], "dil_w": dilation[1]}
 
 
+_fwd = Kernel(_conv2d_fwd_kernel, gemm_configs(FWD_TILES), interpreter=INTERPRETER, key=AUTOTUNE_KEY)
+
+
+# ----------------------------------------------------------------- launcher
 def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation, groups: int,
                channels_last: bool) -> torch.Tensor:
     N, C, H, W = x.shape
@@ -212,53 +216,19 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
     y = new_4d((N, K, P, Q), x, channels_last)
     if not y.numel():
         return y
-    # The kernel reads the bias as a contiguous vector: a strided or expanded one is copied (K elements).
-    b = bias.contiguous() if bias is not None else torch.zeros(K, dtype=x.dtype, device=x.device)
     for chunk in batch_chunks(N, P * Q):
         xs, ys = x[chunk], y[chunk]
-        args = (xs, w, b, ys, xs.shape[0], C_G, H, W, K // groups, P, Q, R, S, *xs.stride(), *w.stride(),
-                *ys.stride(), *geometry(stride, padding, dilation))
-        launch(_conv2d_fwd_kernel, _fwd_tuned, xs.shape[0] * P * Q, K // groups, groups, args, x.dtype, x.device)
+        gemm_launch(_fwd, xs.shape[0] * P * Q, K // groups, groups, x.dtype,
+                    x_ptr=xs, w_ptr=w, b_ptr=ys if bias is None else bias, y_ptr=ys,
+                    N=xs.shape[0], C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
+                    **strides("x", xs, "nchw"), **strides("w", w, "kcrs"),
+                    stride_b=0 if bias is None else bias.stride(0), **strides("y", ys, "nkpq"),
+                    **geometry(stride, padding, dilation), HAS_BIAS=bias is not None)
     return y
 
 
-# The backward launchers live in conv2d_bwd.py (imported on first use: it imports this module).
-def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last):
-    from . import conv2d_bwd
-
-    return conv2d_bwd.conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last)
-
-
-def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last):
-    from . import conv2d_bwd
-
-    return conv2d_bwd.conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last)
-
-
-def conv2d_bwd_bias(dy):
-    from . import conv2d_bwd
-
-    return conv2d_bwd.conv2d_bwd_bias(dy)
-
-
-# ----------------------------------------------------------------- AOT
-SIZE_ARGS = ["N", "C_G", "H", "W", "K_G", "P", "Q", "R", "S"]
-GEOMETRY_ARGS = ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
-CONSTEXPRS = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "INPUT_PRECISION"]
-
-
-def gemm_aot_configs(kernel, tiles, pointers, strides, sizes=SIZE_ARGS):
-    """(kernel, signature, constexprs, num_warps, num_stages) for every dtype × precision × tile it launches with."""
-    ints = list(sizes) + strides + GEOMETRY_ARGS
-    for dt in GEMM_DTYPES + ("fp64",):
-        sig = {**{p: f"*{dt}" for p in pointers}, **{a: "i32" for a in ints}, **{c: "constexpr" for c in CONSTEXPRS}}
-        if "dw_ptr" in pointers and dt != "fp64":  # split-K partials may go to an fp32 workspace
-            sig["dw_ptr"] = "*fp32"
-        for prec in PRECISIONS[dt]:
-            for bm, bn, bk, nw, ns in tiles if dt in GEMM_DTYPES else [(*FP64_CONFIG.values(), FP64_WARPS, None)]:
-                yield kernel, sig, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "INPUT_PRECISION": prec}, nw, ns
-
-
-AOT_CONFIGS = list(gemm_aot_configs(_conv2d_fwd_kernel, FWD_TILES, ["x_ptr", "w_ptr", "b_ptr", "y_ptr"],
-                                    ["sxn", "sxc", "sxh", "sxw", "swk", "swc", "swr", "sws",
-                                     "syn", "syk", "syp", "syq"]))
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """Every forward compile a GPU launch gets: dtype class x element type x tile x bias or not."""
+    for has_bias in (True, False):
+        yield from gemm_aot(_fwd, {"HAS_BIAS": has_bias})

@@ -1,19 +1,22 @@
 """Triton kernels for the conv2d backward: input gradient (dgrad), weight gradient (wgrad), bias gradient.
 
-The formulas and the index algebra are in triton_kernels/conv2d.py (its docstring,
-``_in_coord`` and ``_out_coord``); this file holds the backward kernels and launchers.
+The formulas and the index algebra are in ``conv2d`` (its docstring, ``_in_coord`` and
+``_out_coord``), which this module imports (never the other way round).
+
+wgrad may split its N·P·Q reduction over programs to fill the GPU (and the batch is split
+so that position indices stay int32): then each split writes a partial plane in the compute
+dtype and one more kernel sums the planes into dw, in dw's dtype and layout. Otherwise wgrad
+writes dw directly. No torch kernel runs between the launches.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import acc_type
-from .conv2d import (DGRAD_TILES, INTERPRETER_CONFIG_WGRAD, SIZE_ARGS, WGRAD_TILES, _in_coord, _mma,
-                                   _out_coord, _split3, _tap_step, batch_chunks, gemm_aot_configs, geometry, launch,
-                                   new_4d, tuned)
+from ._gemm import mma
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, flat_offsets
+from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, WGRAD_TILES, _in_coord, _out_coord,
+                     _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs, gemm_launch, geometry, new_4d, strides)
 
-BIAS_BLOCK = 1024
-BIAS_WARPS = 4
 # wgrad splits its N·P·Q reduction over programs when the output tiles alone cannot fill the GPU.
 TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100)
 MIN_SPLIT_CHUNK = 4096  # reduction positions per split at least
@@ -22,17 +25,24 @@ SPLIT_ALIGN = 64  # chunks are whole multiples of every BLOCK_K
 
 # ----------------------------------------------------------------- dgrad
 @triton.jit
-def _conv2d_bwd_input_kernel(dy_ptr, w_ptr, dx_ptr,
-                             N, C_G, H, W, K_G, P, Q, R, S,
-                             sdyn, sdyk, sdyp, sdyq, swk, swc, swr, sws, sdxn, sdxc, sdxh, sdxw,
-                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             INPUT_PRECISION: tl.constexpr):
+def _conv2d_bwd_input_kernel(
+        # pointers
+        dy_ptr, w_ptr, dx_ptr,
+        # sizes
+        N, C_G, H, W, K_G, P, Q, R, S,
+        # strides
+        stride_dyn, stride_dyk, stride_dyp, stride_dyq, stride_wk, stride_wc, stride_wr, stride_ws,
+        stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+        # geometry
+        step_h, step_w, pad_h, pad_w, dil_h, dil_w,
+        # constexprs
+        ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # dx[n,c,h,w] = Σ_{r,s,k} dy[n,k,p,q] · w[k,c,r,s] over the taps with h = _in_coord(p, r), w = _in_coord(q, s)
     # for an integer output position (p, q) = _out_coord(h, r), _out_coord(w, s) (the transposed convolution):
     # rows m = (n, h, w) input positions, columns = input channels of group g; the reduction walks the taps
     # (r, s) and blocks of the group's output channels. A row whose h + pad − r·dil is not a multiple of
-    # the stride (or lands outside the output) gets nothing from that tap: its dy row is masked out and its
+    # the step (or lands outside the output) gets nothing from that tap: its dy row is masked out and its
     # accumulator row kept as it was.
     g = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # < 2^31: the launcher splits the batch
@@ -41,38 +51,45 @@ def _conv2d_bwd_input_kernel(dy_ptr, w_ptr, dx_ptr,
     m_ok = n < N
     n_ok = offs_n < C_G
     c_in = (g * C_G + offs_n).to(tl.int64)
-    dy_rows = dy_ptr + n.to(tl.int64) * sdyn + (g * K_G).to(tl.int64) * sdyk
-    w_cols = w_ptr + (g * K_G).to(tl.int64) * swk + offs_n.to(tl.int64) * swc
-    acc = acc_type(tl.zeros((BLOCK_M, BLOCK_N), dtype=dy_ptr.dtype.element_ty))
+    dy_rows = dy_ptr + n.to(tl.int64) * stride_dyn + (g * K_G).to(tl.int64) * stride_dyk
+    w_cols = w_ptr + (g * K_G).to(tl.int64) * stride_wk + offs_n.to(tl.int64) * stride_wc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for it in range(0, R * S * tl.cdiv(K_G, BLOCK_K)):
         r, s, k = _tap_step(it, S, K_G, BLOCK_K)
-        p, p_ok = _out_coord(h, r, stride_h, pad_h, dil_h, P)
-        q, q_ok = _out_coord(w, s, stride_w, pad_w, dil_w, Q)
+        p, p_ok = _out_coord(h, r, step_h, pad_h, dil_h, P)
+        q, q_ok = _out_coord(w, s, step_w, pad_w, dil_w, Q)
         row_ok = m_ok & p_ok & q_ok
         k_ok = k < K_G
-        a = tl.load((dy_rows + p.to(tl.int64) * sdyp + q.to(tl.int64) * sdyq)[:, None]
-                    + (k.to(tl.int64) * sdyk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load((w_cols + r * swr + s * sws)[None, :] + (k.to(tl.int64) * swk)[:, None],
+        a = tl.load((dy_rows + p.to(tl.int64) * stride_dyp + q.to(tl.int64) * stride_dyq)[:, None]
+                    + (k.to(tl.int64) * stride_dyk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load((w_cols + r * stride_wr + s * stride_ws)[None, :] + (k.to(tl.int64) * stride_wk)[:, None],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         # A row this tap does not reach adds nothing, not 0·w (NaN for an infinite weight, unlike torch).
-        acc = tl.where(row_ok[:, None], _mma(acc, a, b, INPUT_PRECISION), acc)
-    dx = (dx_ptr + (n.to(tl.int64) * sdxn + h.to(tl.int64) * sdxh + w.to(tl.int64) * sdxw)[:, None]
-          + (c_in * sdxc)[None, :])
+        acc = tl.where(row_ok[:, None], mma(acc, a, b, INPUT_PRECISION), acc)
+    dx = (dx_ptr + (n.to(tl.int64) * stride_dxn + h.to(tl.int64) * stride_dxh + w.to(tl.int64) * stride_dxw)[:, None]
+          + (c_in * stride_dxc)[None, :])
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------- wgrad
 @triton.jit
-def _conv2d_bwd_weight_kernel(dy_ptr, x_ptr, dw_ptr,
-                              NPQ, C_G, H, W, K_G, P, Q, R, S, SPLIT, CHUNK,
-                              sdyn, sdyk, sdyp, sdyq, sxn, sxc, sxh, sxw, sdwz, sdwk, sdwc, sdwr, sdws,
-                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              INPUT_PRECISION: tl.constexpr):
+def _conv2d_bwd_weight_kernel(
+        # pointers
+        dy_ptr, x_ptr, dw_ptr,
+        # sizes
+        NPQ, C_G, H, W, K_G, P, Q, R, S, SPLIT, CHUNK, PLANE0,
+        # strides
+        stride_dyn, stride_dyk, stride_dyp, stride_dyq, stride_xn, stride_xc, stride_xh, stride_xw,
+        stride_dwz, stride_dwk, stride_dwc, stride_dwr, stride_dws,
+        # geometry
+        step_h, step_w, pad_h, pad_w, dil_h, dil_w,
+        # constexprs
+        ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # dw[k,c,r,s] = Σ_{n,p,q} dy[n,k,p,q] · x[n,c,_in_coord(p,r),_in_coord(q,s)]:
     # for one tap (r, s) per program, rows = output channels, columns = input channels of group g,
     # reduction j = (n, p, q). Program z = ((g·R + r)·S + s)·SPLIT + split sums the slice
-    # [split·CHUNK, (split+1)·CHUNK) of the reduction into plane `split` (the launcher sums the planes).
+    # [split·CHUNK, (split+1)·CHUNK) of the reduction into plane PLANE0 + split (dw itself when there is one).
     z = tl.program_id(2)
     split = z % SPLIT
     rs = (z // SPLIT) % (R * S)
@@ -85,50 +102,78 @@ def _conv2d_bwd_weight_kernel(dy_ptr, x_ptr, dw_ptr,
     n_ok = offs_n < C_G
     k_out = (g * K_G + offs_m).to(tl.int64)
     c_in = (g * C_G + offs_n).to(tl.int64)
-    dy_rows = dy_ptr + k_out * sdyk
-    x_cols = x_ptr + c_in * sxc
-    acc = acc_type(tl.zeros((BLOCK_M, BLOCK_N), dtype=x_ptr.dtype.element_ty))
+    dy_rows = dy_ptr + k_out * stride_dyk
+    x_cols = x_ptr + c_in * stride_xc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     start = split * CHUNK  # < 2^31: the launcher splits the batch
     end = tl.minimum(start + CHUNK, NPQ)
     for j0 in range(start, end, BLOCK_K):
         j = j0 + tl.arange(0, BLOCK_K)
         n, p, q = _split3(j, P, Q)
-        ih = _in_coord(p, r, stride_h, pad_h, dil_h)
-        iw = _in_coord(q, s, stride_w, pad_w, dil_w)
+        ih = _in_coord(p, r, step_h, pad_h, dil_h)
+        iw = _in_coord(q, s, step_w, pad_w, dil_w)
         j_ok = j < end
-        dy_cols = n.to(tl.int64) * sdyn + p.to(tl.int64) * sdyp + q.to(tl.int64) * sdyq
-        a = tl.load(dy_rows[:, None] + dy_cols[None, :],
-                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        dy_cols = n.to(tl.int64) * stride_dyn + p.to(tl.int64) * stride_dyp + q.to(tl.int64) * stride_dyq
+        a = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
         x_ok = j_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_rows = n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        b = tl.load(x_cols[None, :] + x_rows[:, None],
-                    mask=x_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(acc, a, b, INPUT_PRECISION)
-    dw = (dw_ptr + split.to(tl.int64) * sdwz + r * sdwr + s * sdws + (k_out * sdwk)[:, None]
-          + (offs_n.to(tl.int64) * sdwc)[None, :])
+        x_rows = n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        b = tl.load(x_cols[None, :] + x_rows[:, None], mask=x_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(acc, a, b, INPUT_PRECISION)
+    dw = (dw_ptr + (PLANE0 + split).to(tl.int64) * stride_dwz + r * stride_dwr + s * stride_dws
+          + (k_out * stride_dwk)[:, None] + (offs_n.to(tl.int64) * stride_dwc)[None, :])
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv2d_sum_planes_kernel(
+        # pointers
+        partial_ptr, dw_ptr,
+        # sizes
+        n, PLANES, C_G, R, S,
+        # strides (partial is contiguous: planes of n elements)
+        stride_dwk, stride_dwc, stride_dwr, stride_dws,
+        # constexprs
+        ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # dw[k,c,r,s] = Σ_z partial[z,k,c,r,s], element e = ((k·C_G + c)·R + r)·S + s of a plane.
+    offs, mask = flat_offsets(n, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=ACC)
+    for z in range(0, PLANES):
+        acc += tl.load(partial_ptr + z * n + offs, mask=mask, other=0.0).to(ACC)
+    kc, r, s = _split3(offs, R, S)
+    dw = dw_ptr + (kc // C_G) * stride_dwk + (kc % C_G) * stride_dwc + r * stride_dwr + s * stride_dws
+    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------- bias grad
 @triton.jit
-def _conv2d_bwd_bias_kernel(dy_ptr, db_ptr, NPQ, P, Q, sdyn, sdyk, sdyp, sdyq, BLOCK: tl.constexpr):
+def _conv2d_bwd_bias_kernel(
+        # pointers
+        dy_ptr, db_ptr,
+        # sizes
+        NPQ, P, Q,
+        # strides
+        stride_dyn, stride_dyk, stride_dyp, stride_dyq,
+        # constexprs
+        ACC: tl.constexpr, BLOCK: tl.constexpr):
     # db[k] = Σ_{n,p,q} dy[n,k,p,q]; program k walks the N·P·Q positions of its channel.
     k = tl.program_id(0).to(tl.int64)
-    acc = acc_type(tl.zeros((BLOCK,), dtype=dy_ptr.dtype.element_ty))
+    acc = tl.zeros((BLOCK,), dtype=ACC)
     for j0 in range(0, NPQ, BLOCK):
         j = (j0 + tl.arange(0, BLOCK)).to(tl.int64)
         n, p, q = _split3(j, P, Q)  # int64 here: one pass over dy, no register pressure
-        acc += acc_type(tl.load(dy_ptr + k * sdyk + n * sdyn + p * sdyp + q * sdyq, mask=j < NPQ, other=0.0))
+        acc += tl.load(dy_ptr + k * stride_dyk + n * stride_dyn + p * stride_dyp + q * stride_dyq,
+                       mask=j < NPQ, other=0.0).to(ACC)
     tl.store(db_ptr + k, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty))
 
 
+WGRAD_KEY = ["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT", "step_h", "step_w", "dil_h", "dil_w"]
+_dgrad = Kernel(_conv2d_bwd_input_kernel, gemm_configs(DGRAD_TILES), interpreter=INTERPRETER, key=AUTOTUNE_KEY)
+_wgrad = Kernel(_conv2d_bwd_weight_kernel, gemm_configs(WGRAD_TILES), interpreter=INTERPRETER_WGRAD, key=WGRAD_KEY)
+_sum_planes = Kernel(_conv2d_sum_planes_kernel, [config(4, 3, BLOCK=1024)])
+_bias = Kernel(_conv2d_bwd_bias_kernel, [config(4, 3, BLOCK=1024)])
 
-_input_tuned = tuned(_conv2d_bwd_input_kernel, DGRAD_TILES)
-_weight_tuned = tuned(_conv2d_bwd_weight_kernel, WGRAD_TILES,
-                      key=["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT", "stride_h", "stride_w", "dil_h",
-                           "dil_w"])
 
-
+# ----------------------------------------------------------------- launchers
 def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last):
     N, C, H, W = input_size
     K, C_G, R, S = w.shape
@@ -138,9 +183,10 @@ def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, chann
         return dx
     for chunk in batch_chunks(N, H * W):
         dys, dxs = dy[chunk], dx[chunk]
-        args = (dys, w, dxs, dxs.shape[0], C_G, H, W, K // groups, P, Q, R, S, *dys.stride(), *w.stride(),
-                *dxs.stride(), *geometry(stride, padding, dilation))
-        launch(_conv2d_bwd_input_kernel, _input_tuned, dxs.shape[0] * H * W, C_G, groups, args, dy.dtype, dy.device)
+        gemm_launch(_dgrad, dxs.shape[0] * H * W, C_G, groups, dy.dtype,
+                    dy_ptr=dys, w_ptr=w, dx_ptr=dxs, N=dxs.shape[0], C_G=C_G, H=H, W=W, K_G=K // groups,
+                    P=P, Q=Q, R=R, S=S, **strides("dy", dys, "nkpq"), **strides("w", w, "kcrs"),
+                    **strides("dx", dxs, "nchw"), **geometry(stride, padding, dilation))
     return dx
 
 
@@ -156,46 +202,52 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
     P, Q = dy.shape[2], dy.shape[3]
     K_G = K // groups
     dw = new_4d((K, C_G, R, S), x, channels_last)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    total = torch.zeros((K, C_G, R, S), dtype=acc_dtype, device=x.device)
     if not dw.numel():
         return dw
-    tiles = groups * R * S * triton.cdiv(K_G, WGRAD_TILES[0][0]) * triton.cdiv(C_G, WGRAD_TILES[0][1])
-    for batch in batch_chunks(N, P * Q):
+    if not N * P * Q:  # an empty reduction: zeros (one fill, no launch)
+        return dw.zero_()
+    tile_m, tile_n = WGRAD_TILES[0][0], WGRAD_TILES[0][1]
+    tiles = groups * R * S * triton.cdiv(K_G, tile_m) * triton.cdiv(C_G, tile_n)
+    batches = batch_chunks(N, P * Q)
+    splits = [_split_k(tiles, (b.stop - b.start) * P * Q, x.device) for b in batches]
+    planes = sum(splits)
+    # One plane: dw itself. Several: partial sums in the compute dtype, one plane per split, then summed.
+    out = dw[None] if planes == 1 else torch.empty((planes, K, C_G, R, S), dtype=dw.dtype if dw.dtype ==
+                                                   torch.float64 else torch.float32, device=x.device)
+    plane0 = 0
+    for batch, split in zip(batches, splits):
         dys, xs = dy[batch], x[batch]
         npq = xs.shape[0] * P * Q
-        split = _split_k(tiles, npq, x.device)
         chunk = triton.cdiv(triton.cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
-        # Partial sums, one plane per split of the N·P·Q reduction.
-        partial = torch.empty((split, K, C_G, R, S), dtype=acc_dtype, device=x.device)
-        args = (dys, xs, partial, npq, C_G, H, W, K_G, P, Q, R, S, split, chunk, *dys.stride(), *xs.stride(),
-                *partial.stride(), *geometry(stride, padding, dilation))
-        launch(_conv2d_bwd_weight_kernel, _weight_tuned, K_G, C_G, groups * R * S * split, args, x.dtype, x.device,
-               INTERPRETER_CONFIG_WGRAD)
-        total += partial[0] if split == 1 else partial.sum(0)
-    return dw.copy_(total)
+        gemm_launch(_wgrad, K_G, C_G, groups * R * S * split, x.dtype,
+                    dy_ptr=dys, x_ptr=xs, dw_ptr=out, NPQ=npq, C_G=C_G, H=H, W=W, K_G=K_G, P=P, Q=Q, R=R, S=S,
+                    SPLIT=split, CHUNK=chunk, PLANE0=plane0, **strides("dy", dys, "nkpq"),
+                    **strides("x", xs, "nchw"), **strides("dw", out, "zkcrs"), **geometry(stride, padding, dilation))
+        plane0 += split
+    if planes > 1:
+        n = dw.numel()
+        _sum_planes(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), out, dw, n, planes, C_G, R, S,
+                    *dw.stride(), ACC=acc_dtype(dw.dtype))
+    return dw
 
 
 def conv2d_bwd_bias(dy):
     N, K, P, Q = dy.shape
     db = torch.empty(K, dtype=dy.dtype, device=dy.device)
     if K:
-        _conv2d_bwd_bias_kernel[(K,)](dy, db, N * P * Q, P, Q, *dy.stride(), BLOCK=BIAS_BLOCK, num_warps=BIAS_WARPS)
+        _bias((K,), dy, db, N * P * Q, P, Q, *dy.stride(), ACC=acc_dtype(dy.dtype))
     return db
 
 
-def _bias_aot_configs():
-    for dt in ("fp16", "bf16", "fp32", "fp64"):
-        sig = {"dy_ptr": f"*{dt}", "db_ptr": f"*{dt}", **{a: "i32" for a in ["NPQ", "P", "Q", "sdyn", "sdyk", "sdyp",
-                                                                            "sdyq"]}, "BLOCK": "constexpr"}
-        yield _conv2d_bwd_bias_kernel, sig, {"BLOCK": BIAS_BLOCK}, BIAS_WARPS
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """Every backward compile a GPU launch gets (dtype class x element type x tile; wgrad into dw or into
+    compute-dtype partial planes; the plane sum; the bias sum)."""
+    yield from gemm_aot(_dgrad)
+    yield from gemm_aot(_wgrad)  # one plane: dw in the tensor's dtype
+    yield from gemm_aot(_wgrad, pointers={"dw_ptr": "fp32"}, classes=("half",))  # split: fp32 planes
+    for t in FLOAT_TYPES:
+        acc = {"ACC": tl.float64 if t == "fp64" else tl.float32}
+        yield from _sum_planes.aot(t, acc, pointers={"partial_ptr": "fp64" if t == "fp64" else "fp32"})
+        yield from _bias.aot(t, acc)
 
-
-AOT_CONFIGS = [
-    *gemm_aot_configs(_conv2d_bwd_input_kernel, DGRAD_TILES, ["dy_ptr", "w_ptr", "dx_ptr"],
-                      ["sdyn", "sdyk", "sdyp", "sdyq", "swk", "swc", "swr", "sws", "sdxn", "sdxc", "sdxh", "sdxw"]),
-    *gemm_aot_configs(_conv2d_bwd_weight_kernel, WGRAD_TILES, ["dy_ptr", "x_ptr", "dw_ptr"],
-                      ["sdyn", "sdyk", "sdyp", "sdyq", "sxn", "sxc", "sxh", "sxw", "sdwz", "sdwk", "sdwc", "sdwr",
-                       "sdws"], sizes=["NPQ", *SIZE_ARGS[1:], "SPLIT", "CHUNK"]),
-    *_bias_aot_configs(),
-]
