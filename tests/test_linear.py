@@ -55,6 +55,90 @@ def test_gradcheck_bias_without_weight_grad(backend, activation):
                     ops=["linear_fwd", "linear_bwd_input", "linear_bwd_bias"], fast_mode=True)
 
 
+# ----------------------------------------------------------------- double backward, torch.func
+SECOND_ORDER_OPS = ["linear_fwd", "linear_bwd_input", "linear_bwd_weight"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradgradcheck(backend, activation, bias):
+    # The backward is built from differentiable Functions running the same kernels (GEMMs reuse linear's).
+    x, w = make((4, 3), torch.float64, requires_grad=True), make((5, 3), torch.float64, requires_grad=True)
+    inputs = (x, w, make((5,), torch.float64, requires_grad=True)) if bias else (x, w)
+    with expect_ops(SECOND_ORDER_OPS):
+        assert torch.autograd.gradgradcheck(lambda *a: ours(*a, activation=activation), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("case", ["frozen_weight", "bias_only", "bias_matrix", "batched_3d"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", None])
+def test_gradgradcheck_variants(backend, case, activation):
+    x, w = make((4, 3), torch.float64, requires_grad=True), make((5, 3), torch.float64, requires_grad=True)
+    b = make((5,), torch.float64, requires_grad=True)
+    fn = {"frozen_weight": (lambda x, b: ours(x, w.detach(), b, activation=activation), (x, b)),
+          "bias_only": (lambda b: ours(x.detach(), w.detach(), b, activation=activation), (b,)),
+          "bias_matrix": (lambda x, w, b: ours(x, w, b, activation=activation),
+                          (x, w, make((4, 5), torch.float64, requires_grad=True))),
+          "batched_3d": (lambda x, w: ours(x, w, None, activation=activation),
+                         (make((2, 3, 3), torch.float64, requires_grad=True), w))}[case]
+    assert torch.autograd.gradgradcheck(*fn, fast_mode=True)
+
+
+def test_gradgradcheck_complex_reference():
+    x, w, b = (make(s, torch.float64).to(torch.complex128).requires_grad_() for s in ((3, 4), (2, 4), (2,)))
+    with scratchops.use_backend("auto"):
+        assert torch.autograd.gradgradcheck(ours, (x, w, b))
+
+
+def test_second_order_matches_torch(backend):
+    # A gradient penalty: loss + ‖∂loss/∂x‖², differentiated to the parameters, as torch's.
+    x, w, b = make((6, 4), torch.float64), make((3, 4), torch.float64), make((3,), torch.float64)
+    grads = []
+    for fn in (ours, torch_linear):
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        loss = fn(xx, ww, bb, activation="sigmoid").pow(2).sum()
+        (gx,) = torch.autograd.grad(loss, xx, create_graph=True)
+        assert gx.requires_grad, "the gradient came back without a graph"
+        (loss + gx.pow(2).sum()).backward()
+        grads.append((xx.grad, ww.grad, bb.grad))
+    for a, t in zip(*grads):
+        torch.testing.assert_close(a, t)
+
+
+def test_third_derivative(backend):
+    # Without an activation every piece is a linear op: any order works. Through a fused activation the
+    # third derivative is not implemented and says so (never a gradient without a graph).
+    x, w = make((3, 4), torch.float64), make((2, 4), torch.float64)
+    results = []
+    for fn in (ours, torch_linear):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(xx, ww).pow(3).sum(), xx, create_graph=True)
+        (h,) = torch.autograd.grad(g.pow(2).sum(), ww, create_graph=True)
+        results.append(torch.autograd.grad(h.sum(), xx)[0])
+    torch.testing.assert_close(*results)
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (g,) = torch.autograd.grad(ours(xx, ww, activation="tanh").pow(2).sum(), xx, create_graph=True)
+    (h,) = torch.autograd.grad(g.pow(2).sum(), ww, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative"):
+        torch.autograd.grad(h.sum(), xx)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", None])
+def test_torch_func(backend, activation):
+    from torch.func import grad, jacrev, vjp
+
+    w, b = make((3, 4), torch.float64), make((3,), torch.float64)
+    x = make((2, 4), torch.float64)
+    mine, theirs = (lambda fn: lambda v: fn(v, w, b, activation=activation))(ours), \
+        (lambda fn: lambda v: fn(v, w, b, activation=activation))(torch_linear)
+    g = make((2, 3), torch.float64, seed=5)
+    torch.testing.assert_close(vjp(mine, x)[1](g), vjp(theirs, x)[1](g))
+    torch.testing.assert_close(jacrev(mine)(x), jacrev(theirs)(x))
+    second = (lambda f: grad(lambda v: grad(lambda u: f(u).pow(2).sum())(v).pow(2).sum()))
+    torch.testing.assert_close(second(mine)(x), second(theirs)(x))
+    hess = (lambda f: jacrev(jacrev(lambda v: f(v.reshape(2, 4)).pow(2).sum())))
+    torch.testing.assert_close(hess(mine)(x.reshape(-1)), hess(theirs)(x.reshape(-1)))
+
+
 # ----------------------------------------------------------------- parity
 @pytest.mark.parametrize("dtype", PARITY_DTYPES)
 @pytest.mark.parametrize("mnk,activation", [((1, 1, 1), "relu"), ((17, 5, 129), "tanh"), ((3, 129, 17), "sigmoid"),
@@ -113,6 +197,18 @@ def _awkward(name):
         return make((4, 6)), make((5, 6)), None
     if name == "bias_broadcast":
         return make((4, 6)), make((5, 6)), make((1,))
+    if name == "bias_row_2d":  # (1, N): torch broadcasts it over the rows
+        return make((4, 6)), make((5, 6)), make((1, 5))
+    if name == "bias_matrix":  # (M, N): one bias per output element
+        return make((4, 6)), make((5, 6)), make((4, 5))
+    if name == "bias_column":  # (M, 1)
+        return make((4, 6)), make((5, 6)), make((4, 1))
+    if name == "bias_matrix_3d":  # (S, N) against a (B, S, K) input
+        return make((2, 3, 6)), make((5, 6)), make((3, 5))
+    if name == "bias_matrix_3d_strided":
+        return make((2, 3, 12))[..., ::2], make((5, 6)), make((2, 1, 5))
+    if name == "input_1d_bias_row":
+        return make((6,)), make((5, 6)), make((1, 5))
     if name == "empty_batch":
         return make((0, 6)), make((5, 6)), make((5,))
     if name == "empty_batch_3d":
@@ -124,8 +220,10 @@ def _awkward(name):
     raise KeyError(name)
 
 
-AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "weight_1d_bias_0d", "weight_1d_bias_0d_3d", "non_contiguous_input", "transposed_weight",
-           "sliced_weight_and_bias", "expanded_input_and_weight", "bias_none", "bias_broadcast", "empty_batch",
+AWKWARD = ["batched_3d", "rank_4", "input_1d", "weight_1d", "weight_1d_bias_0d", "weight_1d_bias_0d_3d",
+           "non_contiguous_input", "transposed_weight",
+           "sliced_weight_and_bias", "expanded_input_and_weight", "bias_none", "bias_broadcast", "bias_row_2d",
+           "bias_matrix", "bias_column", "bias_matrix_3d", "bias_matrix_3d_strided", "input_1d_bias_row", "empty_batch",
            "empty_batch_3d", "k_zero", "n_zero"]
 
 
@@ -235,6 +333,9 @@ BAD = {
     "input_dtype": lambda: (make((3, 4), torch.float64), make((5, 4)), make((5,))),
     "bias_dtype": lambda: (make((3, 4)), make((5, 4)), make((5,), torch.float64)),
     "bias_shape": lambda: (make((3, 4)), make((5, 4)), make((4,))),
+    "bias_rows": lambda: (make((3, 4)), make((5, 4)), make((2, 5))),
+    "bias_too_many_dims": lambda: (make((3, 4)), make((5, 4)), make((1, 1, 5))),
+    "bias_rows_1d_input": lambda: (make((4,)), make((5, 4)), make((2, 5))),
     "input_0d": lambda: (make(()), make((5, 4)), None),
     "weight_3d": lambda: (make((3, 4)), make((2, 5, 4)), None),
     "weight_1d_with_bias": lambda: (make((3, 4)), make((4,)), make(())),
@@ -248,6 +349,11 @@ BAD = {
 MATCH = {"k_mismatch": r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 3x5\)",
          "k_mismatch_3d": r"mat1 and mat2 shapes cannot be multiplied \(6x4 and 3x5\)",
          "k_mismatch_1d": r"mat1 and mat2 shapes cannot be multiplied \(1x4 and 3x5\)",
+         "bias_shape": r"The expanded size of the tensor \(5\) must match the existing size \(4\) at non-singleton "
+                       r"dimension 1.  Target sizes: \[3, 5\]",
+         "bias_rows": r"The expanded size of the tensor \(3\) must match the existing size \(2\) at non-singleton "
+                      r"dimension 0.  Target sizes: \[3, 5\]",
+         "bias_too_many_dims": "the number of sizes provided",
          "weight_dtype": "same dtype", "input_dtype": "same dtype", "bias_dtype": "same dtype",
          "input_not_tensor": "must be Tensor", "weight_not_tensor": "must be Tensor",
          "bias_not_tensor": "must be Tensor"}
@@ -256,6 +362,89 @@ MATCH = {"k_mismatch": r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 3x5
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_inputs(backend, name):
     check_same_error(ours, torch_linear, *BAD[name](), match=MATCH.get(name))
+
+
+def test_bad_bias_raises_before_any_kernel(backend):
+    from scratchops._backend import LAUNCHES
+
+    before = LAUNCHES.copy()
+    for name in ("bias_shape", "bias_rows", "bias_too_many_dims", "bias_other_device", "k_mismatch"):
+        with pytest.raises(RuntimeError):
+            ours(*BAD[name]())
+    assert LAUNCHES == before
+
+
+INTEGER_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES + [torch.complex64, torch.complex128])
+def test_integer_and_complex_as_torch_cpu(backend, dtype):
+    # torch's CPU linear computes integer (wrapping) and complex products: the reference backend does the same;
+    # the Triton kernels take real floating types only, so an explicit request refuses before any kernel runs.
+    from scratchops._backend import LAUNCHES
+
+    g = torch.Generator().manual_seed(0)
+
+    def mk(*shape, scale=1):
+        if dtype.is_complex:
+            return torch.randn(*shape, dtype=dtype, generator=g)
+        return (torch.randint(0 if dtype == torch.uint8 else -9, 10, shape, generator=g) * scale).to(dtype)
+
+    x, w, b = mk(4, 6, scale=7), mk(5, 6, scale=5), mk(5)  # int8/uint8 products overflow and wrap, as torch's
+    if backend == "triton":
+        before = LAUNCHES.copy()
+        with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run"):
+            SF.linear(x, w, b)
+        assert LAUNCHES == before
+    with scratchops.use_backend("auto"), expect_ops(["linear_fwd"], backend="reference"):
+        check_parity(ours, torch_linear, x, w, b)
+        check_parity(ours, torch_linear, x.unsqueeze(0), w, None)
+        for act in ("relu", "sigmoid", "tanh"):
+            if dtype.is_complex and act == "relu":
+                check_same_error(ours, torch_linear, x, w, b, activation=act)
+            else:
+                check_parity(ours, torch_linear, x, w, b, activation=act)
+
+
+def test_bool_raises_as_torch(backend):
+    x = make((3, 4)) > 0
+    check_same_error(ours, torch_linear, x, x[:2], None, match="not implemented for 'Bool'")
+
+
+# ----------------------------------------------------------------- export, dynamic shapes
+def _converted_mlp():
+    torch.manual_seed(0)
+    return scratchops.convert(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)))
+
+
+def test_export_dynamic_batch(backend):
+    model = _converted_mlp().to(DEVICE)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (make((4, 6)),), dynamic_shapes={"input": {0: batch}})
+    for n in (1, 3, 9):
+        x = make((n, 6), seed=n)
+        torch.testing.assert_close(program.module()(x), model(x))
+    program = torch.export.export(model, (make((2, 4, 6)),),
+                                  dynamic_shapes={"input": {0: batch, 1: torch.export.Dim("seq")}})
+    x = make((3, 5, 6), seed=1)
+    torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_compile_dynamic_no_recompile(backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _converted_mlp().to(DEVICE)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for n in (2, 3, 5, 8):
+        x1, x2 = make((n, 6), seed=n, requires_grad=True), make((n, 6), seed=n, requires_grad=True)
+        y1, y2 = compiled(x1), model(x2)
+        torch.testing.assert_close(y1, y2)
+        y1.sum().backward()
+        y2.sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for 4 batch sizes"
 
 
 def test_unknown_activation():
