@@ -93,11 +93,36 @@ def compile_config(entry, as_launched: bool = True):
             "local": local, "shared": shared, "as_launched": as_launched, **sass_summary(sass)}
 
 
-def main(module_name: str, as_launched: bool = True) -> None:
+def table(rows) -> str:
+    """Per kernel and dtype group: compiles, max registers, spilled compiles, and how many compiles make
+    128-bit global accesses / use HGMMA / cp.async (LDGSTS) / TMA (UTMALDG)."""
+    groups: dict = {}
+    for r in rows:
+        kind = "16-bit" if {"*fp16", "*bf16"} & set(r["dtypes"]) else ",".join(
+            d for d in r["dtypes"] if d in ("*fp32", "*fp64")) or ",".join(r["dtypes"])
+        groups.setdefault((r["kernel"], kind), []).append(r)
+    lines = ["| kernel | dtypes | compiles | max regs | spilled | 128-bit | HGMMA | LDGSTS | UTMALDG |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, kind), rs in sorted(groups.items()):
+        n = len(rs)
+        count = lambda f: sum(bool(f(r)) for r in rs)  # noqa: E731
+        lines.append(f"| {kernel} | {kind} | {n} | {max(r['registers'] for r in rs)} | "
+                     f"{count(lambda r: r['stack'] or r['local'])} | {count(lambda r: r['vector128'])}/{n} | "
+                     f"{count(lambda r: r['hgmma'])}/{n} | {count(lambda r: r['ldgsts'])}/{n} | "
+                     f"{count(lambda r: r['utmaldg'])}/{n} |")
+    return "\n".join(lines)
+
+
+def main(module_name: str, as_launched: bool = True, as_table: bool = False) -> None:
     module = importlib.import_module(module_name)
+    rows = []
     for config in module.aot_configs():
-        print(json.dumps(compile_config(config, as_launched)), flush=True)
+        rows.append(compile_config(config, as_launched))
+        if not as_table:
+            print(json.dumps(rows[-1]), flush=True)
+    if as_table:
+        print(table(rows))
 
 
-if __name__ == "__main__":  # python -m tests.aot MODULE [--plain]   (--plain: no launch specializations)
-    main(sys.argv[1], as_launched="--plain" not in sys.argv[2:])
+if __name__ == "__main__":  # python -m tests.aot MODULE [--plain] [--table]  (--plain: no launch specializations)
+    main(sys.argv[1], as_launched="--plain" not in sys.argv[2:], as_table="--table" in sys.argv[2:])
