@@ -19,6 +19,14 @@ L2 penalty over tensors w_1..w_T, with λ the weight decay:
     P      = λ · Σ_t Σ_i w_{t,i}²
     dw_t   = 2λ · g · w_t             g = ∂L/∂P
 
+Second derivatives (double backward), each built from the same kernels:
+
+    dropout   dx = D dy is linear in dy and free of x: its backward is D again (v ↦ D v), the same seed
+    l2        dw_t = 2λ g w_t is bilinear; with v_t = ∂L'/∂dw_t:
+              ∂L'/∂g = 2λ Σ_t <v_t, w_t>      (a dot product: the sum kernel with a partner tensor)
+              ∂L'/∂w_t = 2λ g v_t             (the gradient kernel again, on v)
+    dot       D = λ Σ_t <a_t, b_t>: ∂/∂a_t = λ h b_t, ∂/∂b_t = λ h a_t (h = ∂L/∂D): the gradient kernel
+
 Sums of squares accumulate in fp32 (fp64 for fp64 tensors); the result has the
 dtype of torch's ``weight_decay * sum(w.pow(2).sum() for w in tensors)``. The
 gradients of one dtype group are written to one flat buffer (row-major per tensor) and
@@ -29,12 +37,10 @@ import struct
 import torch
 
 from scratchops._backend import backend_op, choose_backend, triton_unavailable_reason
-from scratchops._common import FLOAT_DTYPES, check_inplace, check_tensor, compute_dtype
+from scratchops._common import FLOAT_DTYPES, check_inplace, check_tensor, compute_dtype, dtype_groups, type_name
 
 KERNELS = "regularization"
 SEED_HIGH = 2**63 - 1  # seeds are drawn uniformly from [0, 2^63 - 1)
-TORCH_INT_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
-                   torch.int32: "Int", torch.int64: "Long"}
 
 
 # ----------------------------------------------------------------- layouts
@@ -81,29 +87,33 @@ def dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int
 
 
 # ----------------------------------------------------------------- reference math: l2_penalty
-def _groups(tensors):
-    """Tensors by dtype, in order of first appearance (the Triton launcher uses the same rule)."""
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    return groups
+def _sum(tensors: list[torch.Tensor], others, weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """λ · Σ_t <a_t, b_t> (b = a when ``others`` is None), per dtype group in its compute dtype."""
+    others = tensors if others is None else others
+    groups = dtype_groups(tensors)
+    total_dtype = torch.float64 if torch.float64 in groups else torch.float32
+    total = torch.zeros((), dtype=total_dtype, device=tensors[0].device)
+    for dtype in groups:  # group by group, as the kernels (one launch per dtype)
+        acc = compute_dtype(dtype)
+        for a, b in zip(tensors, others):
+            if a.dtype == dtype:
+                total = total + (a.to(acc) * b.to(acc)).sum().to(total_dtype)
+    return (total * weight_decay).to(out_dtype)
 
 
 def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
-    groups = _groups(tensors)
-    total_dtype = torch.float64 if torch.float64 in groups else torch.float32
-    total = torch.zeros((), dtype=total_dtype, device=tensors[0].device)
-    for dtype, group in groups.items():
-        for w in group:
-            wc = w.to(compute_dtype(dtype))
-            total = total + (wc * wc).sum().to(total_dtype)
-    return (total * weight_decay).to(out_dtype)
+    return _sum(tensors, None, weight_decay, out_dtype)
+
+
+def l2_penalty_dot(tensors: list[torch.Tensor], others: list[torch.Tensor], weight_decay: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    return _sum(tensors, others, weight_decay, out_dtype)
 
 
 def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay: float) -> list[torch.Tensor]:
     coef = grad.to(torch.float64) * (2.0 * weight_decay)
     out = []
-    for dtype, group in _groups(tensors).items():
+    for dtype, group in dtype_groups(tensors).items():
         acc = compute_dtype(dtype)
         pieces = [(coef.to(acc) * w.reshape(-1).to(acc)).to(dtype) for w in group]  # row-major, as the kernels
         out.append(torch.cat(pieces))
@@ -112,7 +122,7 @@ def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay
 
 def _l2_penalty_bwd_fake(backend, tensors, grad, weight_decay):
     return [torch.empty(sum(t.numel() for t in group), dtype=dtype, device=grad.device)
-            for dtype, group in _groups(tensors).items()]
+            for dtype, group in dtype_groups(tensors).items()]
 
 
 # ----------------------------------------------------------------- backend ops
@@ -125,69 +135,158 @@ dropout_fwd__op = backend_op("dropout_fwd_", dropout_fwd_, KERNELS, mutates_args
                              fake=lambda backend, x, seed, p, stride: None)
 dropout_bwd_op = backend_op("dropout_bwd", dropout_bwd, KERNELS, fake=_strided_fake)
 l2_penalty_fwd_op = backend_op("l2_penalty_fwd", l2_penalty_fwd, KERNELS)
+l2_penalty_dot_op = backend_op("l2_penalty_dot", l2_penalty_dot, KERNELS)
 l2_penalty_bwd_op = backend_op("l2_penalty_bwd", l2_penalty_bwd, KERNELS, fake=_l2_penalty_bwd_fake)
 
 
-# ----------------------------------------------------------------- autograd
-class Dropout(torch.autograd.Function):
+# ----------------------------------------------------------------- autograd: dropout
+def _masked(v, seed, p, stride, backend):
+    """D v (the mask of ``seed``, scaled): differentiable (again D) when a graph is being built (create_graph)."""
+    if torch.is_grad_enabled():
+        return DropoutBackwardFunction.apply(v, seed, p, stride, backend)
+    return dropout_bwd_op(backend, v, seed, p, stride)
+
+
+class DropoutFunction(torch.autograd.Function):
+    """y = D x with D = diag(mask) / (1 - p), the mask drawn from ``seed``; backward dx = D dy (the mask
+    regenerated from the seed: nothing of x's size is saved). Linear: every higher derivative is D again."""
+
     @staticmethod
-    def forward(ctx, x, seed, p, stride, backend):
-        y = dropout_fwd_op(backend, x, seed, p, stride)
-        ctx.save_for_backward(seed)  # 8 bytes: the mask is regenerated from it
-        ctx.p, ctx.stride, ctx.backend = p, stride, backend
-        return y
+    def forward(x, seed, p, stride, backend):
+        return dropout_fwd_op(backend, x, seed, p, stride)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, seed, ctx.p, ctx.stride, ctx.backend = inputs
+        ctx.save_for_backward(seed)  # 8 bytes
 
     @staticmethod
     def backward(ctx, dy):
         (seed,) = ctx.saved_tensors
-        # dx = dy · mask / (1 - p), mask regenerated from the seed
-        dx = dropout_bwd_op(ctx.backend, dy, seed, ctx.p, ctx.stride) if ctx.needs_input_grad[0] else None
+        dx = _masked(dy, seed, ctx.p, ctx.stride, ctx.backend) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None  # x, seed, p, stride, backend
 
 
-class DropoutInplace(Dropout):
-    """dropout(x, inplace=True): x is overwritten by y and marked dirty; only the seed is saved; Dropout's backward."""
+class DropoutBackwardFunction(DropoutFunction):
+    """dx = D dy, dropout's backward as a Function of dy: its backward is D again (DropoutFunction's)."""
 
     @staticmethod
-    def forward(ctx, x, seed, p, stride, backend):
+    def forward(dy, seed, p, stride, backend):
+        return dropout_bwd_op(backend, dy, seed, p, stride)
+
+
+class DropoutInplaceFunction(DropoutFunction):
+    """dropout(x, inplace=True): x is overwritten by y and marked dirty; only the seed is saved."""
+
+    @staticmethod
+    def forward(x, seed, p, stride, backend):
         dropout_fwd__op(backend, x, seed, p, stride)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(seed)
-        ctx.p, ctx.stride, ctx.backend = p, stride, backend
         return x
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, seed, ctx.p, ctx.stride, ctx.backend = inputs
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(seed)
 
+
+# ----------------------------------------------------------------- autograd: l2_penalty
 def _carve(tensors, flats):
-    """Views of the flat per-dtype gradient buffers, one per tensor (row-major, as the kernels wrote them)."""
-    views = []
-    for (dtype, group), flat in zip(_groups(tensors).items(), flats):
+    """Per tensor, in the caller's order, its row-major piece of its dtype group's flat buffer (a view)."""
+    pieces: dict = {}
+    for (dtype, group), flat in zip(dtype_groups(tensors).items(), flats):
         offset = 0
         for w in group:
-            views.append((w, flat[offset:offset + w.numel()].view(w.shape)))
+            pieces.setdefault(id(w), []).append(flat[offset:offset + w.numel()].view(w.shape))
             offset += w.numel()
-    # back in the caller's order (the grouping reordered them); ids are unique per list entry
-    by_id = {}
-    for w, v in views:
-        by_id.setdefault(id(w), []).append(v)
-    return [by_id[id(w)].pop(0) for w in tensors]
+    return [pieces[id(w)].pop(0) for w in tensors]  # a tensor listed twice gets one piece per entry
 
 
-class L2Penalty(torch.autograd.Function):
+def _scaled(needed, tensors, grad, weight_decay, backend):
+    """2λ · g · w_t for the tensors ``needed`` flags (None for the others); differentiable under create_graph."""
+    chosen = [w for w, need in zip(tensors, needed) if need]
+    if not chosen:
+        return [None] * len(needed)
+    if torch.is_grad_enabled():
+        flats = L2PenaltyBackwardFunction.apply(grad, weight_decay, backend, *chosen)
+    else:
+        flats = l2_penalty_bwd_op(backend, chosen, grad, weight_decay)
+    grads = iter(_carve(chosen, flats))
+    return [next(grads) if need else None for need in needed]
+
+
+def _dot(tensors, others, weight_decay, out_dtype, backend):
+    """λ · Σ_t <a_t, b_t>; differentiable under create_graph."""
+    if torch.is_grad_enabled():
+        return L2DotFunction.apply(weight_decay, out_dtype, backend, len(tensors), *tensors, *others)
+    return l2_penalty_dot_op(backend, list(tensors), list(others), weight_decay, out_dtype)
+
+
+class L2PenaltyFunction(torch.autograd.Function):
+    """P = λ Σ_t Σ w_t²; backward dw_t = 2λ g w_t (L2PenaltyBackwardFunction under create_graph)."""
+
     @staticmethod
-    def forward(ctx, weight_decay, out_dtype, backend, *tensors):
-        ctx.save_for_backward(*tensors)  # the tensors themselves: no new memory
-        ctx.weight_decay, ctx.backend = weight_decay, backend
+    def forward(weight_decay, out_dtype, backend, *tensors):
         return l2_penalty_fwd_op(backend, list(tensors), weight_decay, out_dtype)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight_decay, _, ctx.backend = inputs[:3]
+        # the tensors themselves (no new memory), only those whose gradient is asked for: an inference
+        # tensor that needs none is never saved (autograd cannot save one)
+        ctx.save_for_backward(*[w for w, need in zip(inputs[3:], ctx.needs_input_grad[3:]) if need])
+
+    @staticmethod
     def backward(ctx, g):
-        tensors = ctx.saved_tensors
         needed = ctx.needs_input_grad[3:]
-        chosen = [w for w, need in zip(tensors, needed) if need]
-        # dw_t = 2λ · g · w_t
-        grads = iter(_carve(chosen, l2_penalty_bwd_op(ctx.backend, chosen, g, ctx.weight_decay)) if chosen else [])
+        saved = iter(ctx.saved_tensors)
+        tensors = [next(saved) if need else None for need in needed]
         return (None, None, None,  # weight_decay, out_dtype, backend
-                *[next(grads) if need else None for need in needed])
+                *_scaled(needed, tensors, g, ctx.weight_decay, ctx.backend))
+
+
+class L2PenaltyBackwardFunction(torch.autograd.Function):
+    """The flat gradient buffers of 2λ g w_t (one per dtype group); backward, with v_t its incoming gradient:
+    ∂/∂g = 2λ Σ_t <v_t, w_t> (L2DotFunction), ∂/∂w_t = 2λ g v_t (this Function again)."""
+
+    @staticmethod
+    def forward(grad, weight_decay, backend, *tensors):
+        return tuple(l2_penalty_bwd_op(backend, list(tensors), grad, weight_decay))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight_decay, ctx.backend = inputs[1:3]
+        ctx.save_for_backward(inputs[0], *inputs[3:])
+
+    @staticmethod
+    def backward(ctx, *dflats):
+        grad, *tensors = ctx.saved_tensors
+        v = _carve(tensors, dflats)
+        dgrad = _dot(v, tensors, 2.0 * ctx.weight_decay, grad.dtype, ctx.backend) if ctx.needs_input_grad[0] else None
+        return (dgrad, None, None,  # grad, weight_decay, backend
+                *_scaled(ctx.needs_input_grad[3:], v, grad, ctx.weight_decay, ctx.backend))
+
+
+class L2DotFunction(torch.autograd.Function):
+    """D = λ Σ_t <a_t, b_t> (inputs: λ, out_dtype, backend, T, a_1..a_T, b_1..b_T); backward
+    ∂/∂a_t = λ h b_t and ∂/∂b_t = λ h a_t, the gradient kernel with λ/2 (it computes 2·(λ/2)·h·x)."""
+
+    @staticmethod
+    def forward(weight_decay, out_dtype, backend, count, *tensors):
+        return l2_penalty_dot_op(backend, list(tensors[:count]), list(tensors[count:]), weight_decay, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.weight_decay, _, ctx.backend, ctx.count = inputs[:4]
+        ctx.save_for_backward(*inputs[4:])
+
+    @staticmethod
+    def backward(ctx, h):
+        tensors, needed, half = ctx.saved_tensors, ctx.needs_input_grad[4:], ctx.weight_decay / 2
+        a, b = tensors[:ctx.count], tensors[ctx.count:]
+        return (None, None, None, None,  # weight_decay, out_dtype, backend, count
+                *_scaled(needed[:ctx.count], b, h, half, ctx.backend),
+                *_scaled(needed[ctx.count:], a, h, half, ctx.backend))
 
 
 # ----------------------------------------------------------------- functional
@@ -199,17 +298,16 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     if p == 0 or not training or input.numel() == 0:
         return input  # as torch: the input itself, no kernel, no RNG draw
+    if inplace:
+        check_inplace(input)  # before any write: an inference tensor, a leaf requiring grad
     if not (input.is_floating_point() or input.is_complex()):
         if p < 1:
-            raise RuntimeError(f"result type Float can't be cast to the desired output type "
-                               f"{TORCH_INT_NAMES.get(input.dtype, input.dtype)}")
+            raise RuntimeError(f"result type Float can't be cast to the desired output type {type_name(input.dtype)}")
         return input.zero_() if inplace else torch.zeros_like(input)  # x · 0 for integers and bools
     if input.is_complex() and p < 1:
         raise NotImplementedError(f"dropout: no Bernoulli mask for {input.dtype} (as torch's bernoulli_)")
     p = float(p)
     backend = choose_backend(input)
-    if inplace:
-        check_inplace(input)
     if p < 1:  # one draw from the input device's default generator: manual_seed reproduces it
         seed = torch.randint(SEED_HIGH, (), dtype=torch.int64, device=input.device)
     else:  # p = 1 keeps nothing and, as torch, draws nothing
@@ -220,9 +318,8 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
         dropout_fwd__op(backend, input, seed, p, stride)
         return input
     if inplace:
-        return DropoutInplace.apply(input, seed, p, stride, backend)
-    return Dropout.apply(input, seed, p, stride, backend)
-
+        return DropoutInplaceFunction.apply(input, seed, p, stride, backend)
+    return DropoutFunction.apply(input, seed, p, stride, backend)
 
 def l2_penalty(tensors, weight_decay: float = 1.0) -> torch.Tensor:
     """``weight_decay * Σ_t Σ w_t²`` over an iterable of floating tensors (one tensor is also accepted).
@@ -254,5 +351,5 @@ def l2_penalty(tensors, weight_decay: float = 1.0) -> torch.Tensor:
     # One backend for all: the first tensor the kernels cannot take decides (an explicit request then raises).
     blocker = next((t for t in tensors if triton_unavailable_reason(t.device, t.dtype, FLOAT_DTYPES)), tensors[0])
     backend = choose_backend(blocker)
-    return L2Penalty.apply(float(weight_decay), out_dtype, backend, *tensors)
+    return L2PenaltyFunction.apply(float(weight_decay), out_dtype, backend, *tensors)
 

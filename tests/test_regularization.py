@@ -18,9 +18,9 @@ import scratchops.functional as SF
 import scratchops.nn as SN
 from scratchops._backend import LAUNCHES
 from tests.helpers import (DEVICE, backend_skip_reason, check_aot, check_gradcheck, check_parity, check_same_error,
-                           make, tolerances)
+                           expect_ops, make, tolerances)
 
-BLOCK = 2048  # triton_kernels.regularization.DROPOUT_BLOCK: sizes around it exercise the masks
+BLOCK = 2048  # the BLOCK of triton_kernels.regularization._dropout: sizes around it exercise the masks
 L2_BLOCK = 4096  # triton_kernels.regularization.L2_BLOCK
 SIGMAS = 5  # statistical bounds: a correct implementation fails one with probability < 1e-6
 
@@ -325,16 +325,14 @@ def test_l2_penalty_one_launch_per_dtype(monkeypatch):
 
     launches = []
 
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
+    def counting(kernel):
+        def launch(grid, *args, **kwargs):
+            launches.append((kernel.fn.__name__, grid))
+            return kernel(grid, *args, **kwargs)
+        return launch
 
-        def __getitem__(self, grid):
-            launches.append((self.kernel, grid))
-            return self.kernel[grid]
-
-    for name in ("_l2_penalty_fwd_kernel", "_l2_penalty_bwd_kernel"):
-        monkeypatch.setattr(K, name, Counting(getattr(K, name)))
+    for name in ("_l2_sum", "_l2_scale"):
+        monkeypatch.setattr(K, name, counting(getattr(K, name)))
     ws = [make((i + 1, 3), seed=i, requires_grad=True) for i in range(12)] + [make((L2_BLOCK + 9,), torch.float64)]
     with scratchops.use_backend("triton"):
         pen = SF.l2_penalty(ws, 0.1)
@@ -386,6 +384,135 @@ def test_l2_penalty_inputs(backend):
         SF.l2_penalty([torch.arange(3, device=DEVICE)])
     with pytest.raises(TypeError, match="weight_decay"):
         SF.l2_penalty([w], "0.1")
+
+
+# ----------------------------------------------------------------- inference tensors (issue 16, items 3 and 7)
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_dropout_inplace_inference_tensor_writes_nothing(backend, p):
+    with torch.inference_mode():
+        x = make((BLOCK + 3,), low=1.0, high=2.0)
+    before, launches = x.clone(), dict(LAUNCHES)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        SF.dropout(x, p, inplace=True)
+    assert torch.equal(x, before), "raised after writing"
+    assert dict(LAUNCHES) == launches, "a kernel ran before the error"
+    with torch.inference_mode():  # inside inference mode the write is allowed, as torch's
+        assert SF.dropout(x, p, inplace=True) is x and (x == 0).any()
+
+
+def test_l2_penalty_inference_tensor_needing_no_grad(backend):
+    with torch.inference_mode():
+        frozen = make((3, 4), seed=2)
+    w = make((5,), requires_grad=True)
+    pen = SF.l2_penalty([w, frozen], 0.1)
+    torch.testing.assert_close(pen, _torch_formula([w, frozen], 0.1))
+    pen.backward()
+    torch.testing.assert_close(w.grad, 0.2 * w.detach())
+    torch.testing.assert_close(SF.l2_penalty([frozen], 0.1), _torch_formula([frozen], 0.1))
+
+
+# ----------------------------------------------------------------- second derivatives (issue 13)
+def test_dropout_gradgradcheck(backend):
+    x = make((3, 5), torch.float64, requires_grad=True)
+    for fn in (_seeded(lambda t: SF.dropout(t, 0.4)), _seeded(lambda t: SF.dropout(t.t(), 0.4)),
+               _seeded(lambda t: SF.dropout(t * 1.0, 0.4, inplace=True)), lambda t: SF.dropout(t, 1.0)):
+        with expect_ops(["dropout_bwd"]):
+            assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_dropout_create_graph(backend):
+    """The gradient built with create_graph is a function of the incoming gradient: D dy, differentiable again."""
+    x = make((BLOCK + 5,), torch.float64, requires_grad=True)
+    dy = make(x.shape, torch.float64, seed=1, requires_grad=True)
+    y = _seeded(SF.dropout, 4)(x, 0.3)
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    assert dx.grad_fn is not None, "a gradient without a graph under create_graph=True"
+    kept = y != 0
+    v = make(x.shape, torch.float64, seed=2)
+    before = LAUNCHES["dropout_bwd", backend]
+    (ddy,) = torch.autograd.grad(dx, dy, v, create_graph=True)
+    assert LAUNCHES["dropout_bwd", backend] > before, "the second derivative did not run the dropout kernel"
+    torch.testing.assert_close(ddy, torch.where(kept, v / 0.7, 0.0), rtol=1e-15, atol=0)
+
+
+L2_GRADGRAD = [((3, 4), True), ((), True), ((2, 5), "t"), ((0, 2), True), ((6,), False)]
+
+
+def _l2_inputs():
+    out = []
+    for i, (shape, grad) in enumerate(L2_GRADGRAD):
+        w = make(shape, torch.float64, seed=i)
+        if grad == "t":
+            w = make(shape[::-1], torch.float64, seed=i).t()
+        out.append(w.requires_grad_(bool(grad)))
+    return out
+
+
+def test_l2_penalty_gradgradcheck(backend):
+    ws = _l2_inputs()
+    with expect_ops(["l2_penalty_bwd", "l2_penalty_dot"]):
+        assert torch.autograd.gradgradcheck(lambda *t: SF.l2_penalty(t, 0.3), ws)
+    tied = ws[0]
+    assert torch.autograd.gradgradcheck(lambda a, b: SF.l2_penalty([a, b, a], 0.3), (tied, ws[2]))
+
+
+def test_l2_penalty_second_derivatives_match_torch(backend):
+    ours, theirs = _l2_inputs(), _l2_inputs()
+    needs = [w for w in ours if w.requires_grad], [w for w in theirs if w.requires_grad]
+    pen_a, pen_b = SF.l2_penalty(ours, 0.3), _torch_formula(theirs, 0.3)
+    ga = torch.autograd.grad(pen_a * pen_a, needs[0], create_graph=True)  # g = 2P depends on w: both terms
+    gb = torch.autograd.grad(pen_b * pen_b, needs[1], create_graph=True)
+    assert all(g.grad_fn is not None for g in ga), "a gradient without a graph under create_graph=True"
+    vs = [make(g.shape, torch.float64, seed=30 + i) for i, g in enumerate(ga)]
+    hv_a = torch.autograd.grad(sum((g * v).sum() for g, v in zip(ga, vs)), needs[0], create_graph=True)
+    hv_b = torch.autograd.grad(sum((g * v).sum() for g, v in zip(gb, vs)), needs[1])
+    for a, b in zip(hv_a, hv_b):
+        torch.testing.assert_close(a, b)
+    assert all(h.grad_fn is not None for h in hv_a)
+
+
+# ----------------------------------------------------------------- threads (issue 16, item 9)
+def test_l2_penalty_and_sgd_in_two_threads(backend):
+    """Interpreted launches from two threads at once used to crash the process (the interpreter patches module
+    state): every launch of these families goes through the one launch policy, which serialises them."""
+    import threading
+
+    import scratchops.optim
+
+    errors = []
+
+    def guarded(fn):
+        def run():
+            try:
+                with scratchops.use_backend(backend):
+                    fn()
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+        return run
+
+    def penalties():
+        for i in range(30):
+            w = make((L2_BLOCK + 3,), seed=i, requires_grad=True)
+            SF.l2_penalty([w, w[:7]], 0.5).backward()
+            torch.testing.assert_close(w.grad[7:], w.detach()[7:])
+
+    def steps():
+        p = make((L2_BLOCK + 3,), seed=99, requires_grad=True)
+        q = p.detach().clone().requires_grad_()
+        ours = scratchops.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+        theirs = torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=0.01)
+        for i in range(30):
+            p.grad, q.grad = make(p.shape, seed=i), make(p.shape, seed=i)
+            ours.step()
+            theirs.step()
+        torch.testing.assert_close(p, q, **tolerances(torch.float32, 30))
+
+    threads = [threading.Thread(target=guarded(fn)) for fn in (penalties, steps)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 # ----------------------------------------------------------------- modules, training
@@ -462,16 +589,18 @@ def test_opcheck(backend):
     from scratchops import regularization as R
 
     x, seed = make((5, 6)), torch.tensor(1234, dtype=torch.int64, device=DEVICE)
-    torch.library.opcheck(R.dropout_fwd_op, (backend, x, seed, 0.5, [6, 1]))
-    torch.library.opcheck(R.dropout_fwd__op, (backend, make((5, 6)), seed, 0.5, [6, 1]))
-    torch.library.opcheck(R.dropout_bwd_op, (backend, x, seed, 0.5, [1, 5]))
+    torch.library.opcheck(R.dropout_fwd_op.custom, (backend, x, seed, 0.5, [6, 1]))
+    torch.library.opcheck(R.dropout_fwd__op.custom, (backend, make((5, 6)), seed, 0.5, [6, 1]))
+    torch.library.opcheck(R.dropout_bwd_op.custom, (backend, x, seed, 0.5, [1, 5]))
     ws = [make((3, 4)), make((5,), torch.float64), make(())]
-    torch.library.opcheck(R.l2_penalty_fwd_op, (backend, ws, 0.5, torch.float64))
-    torch.library.opcheck(R.l2_penalty_bwd_op, (backend, ws, torch.tensor(1.5, device=DEVICE), 0.5))
+    torch.library.opcheck(R.l2_penalty_fwd_op.custom, (backend, ws, 0.5, torch.float64))
+    torch.library.opcheck(R.l2_penalty_bwd_op.custom, (backend, ws, torch.tensor(1.5, device=DEVICE), 0.5))
+    vs = [make((3, 4), seed=1), make((5,), torch.float64, seed=2), make((), seed=3)]
+    torch.library.opcheck(R.l2_penalty_dot_op.custom, (backend, ws, vs, 0.5, torch.float32))
 
 
 def test_aot_compile_sm90():
     rows = check_aot("scratchops._kernels.regularization")
-    kernels = {f"_{name}_{d}_kernel" for name in ("dropout", "l2_penalty") for d in ("fwd", "bwd")}
-    assert {r["kernel"] for r in rows} == kernels
+    assert {r["kernel"] for r in rows} == {"_dropout_kernel", "_l2_sum_kernel", "_l2_scale_kernel"}
+    # every kernel for fp16, bf16, fp32 and fp64; the sum kernel with and without its partner tensor (DOT)
     assert len(rows) == 4 * 4, "every kernel compiles for fp16, bf16, fp32 and fp64"

@@ -5,15 +5,20 @@ program ``pid`` (``e = pid·BLOCK + k·QUARTER + j``, quarter k in 0..3, lane j)
 the k-th of the four 32-bit words Philox draws for the key ``seed`` and the 64-bit
 counter ``pid·QUARTER + j`` (split in two 32-bit halves): one Philox call gives
 four elements their random words. The element is kept when the word, as a uniform
-u in [0, 1), satisfies u >= p. Backward runs the same draw, so forward and
-backward see the same mask without storing it. The seed is read from a device
-tensor (no host sync, traceable, CUDA-graph friendly).
+u in [0, 1), satisfies u >= p. Dropout is linear in its input, so one kernel serves
+forward (y = D x), backward (dx = D dy) and every higher derivative: the same seed
+gives the same mask without storing it. The seed is read from a device tensor (no
+host sync, traceable, CUDA-graph friendly).
 
 l2_penalty groups the tensors by dtype; per group one launch covers every block of
-every tensor: a table holds each tensor's address, size, first block and offset
-in the group's flat gradient buffer, and a block → tensor map tells a program
-which tensor it reads. The forward writes one partial sum of squares per program;
-the backward writes coef·w into the flat buffer (coef = 2λ·g).
+every tensor: a table holds each tensor's address, size, first block, offset in the
+group's flat output buffer and (for a dot product) the address of its partner, and a
+block → tensor map tells a program which tensor it reads. Two kernels:
+
+* sum: one partial sum per program of w·w (the penalty) or, with DOT, of a·b (the
+  penalty's second derivative needs Σ <v_t, w_t>);
+* scale: coef·w into the flat buffer, coef = 2λ·g read on the device (the gradient,
+  and the gradient of the gradient).
 """
 import collections
 import struct
@@ -22,33 +27,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPE_NAMES, acc_type, is_dense, same_layout
+from .._common import compute_dtype, dtype_groups
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, is_dense, same_layout
 
-DROPOUT_BLOCK = 2048  # elements per program: four quarters of 512, one Philox call per lane
-DROPOUT_WARPS = 4
 PHILOX_WORDS = tl.constexpr(4)  # 32-bit random words per Philox call: one per quarter of a block
-L2_BLOCK = 4096
-L2_WARPS = 8
-# Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer).
-TABLE_COLUMNS = tl.constexpr(4)
+# Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer, partner's address).
+TABLE_COLUMNS = tl.constexpr(5)
 COL_ADDR = tl.constexpr(0)
 COL_NUMEL = tl.constexpr(1)
 COL_FIRST_BLOCK = tl.constexpr(2)
 COL_OFFSET = tl.constexpr(3)
+COL_OTHER = tl.constexpr(4)
 TABLE_CACHE_SIZE = 64  # device tables kept per (device, addresses, sizes): params are reused every step
 
 
 # ----------------------------------------------------------------- dropout
 @triton.jit
-def _dropout_quarter(x_ptr, y_ptr, offs, n, multiplier):
+def _dropout_quarter(x_ptr, y_ptr, offs, n, multiplier, ACC: tl.constexpr):
     mask = offs < n
-    x = acc_type(tl.load(x_ptr + offs, mask=mask))
+    x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     # y = x · m with m = scale for kept elements and 0 for dropped ones (NaN·0 stays NaN, as torch's x·noise)
     tl.store(y_ptr + offs, (x * multiplier).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dropout_apply(x_ptr, seed_ptr, y_ptr, n, p, scale_bits, BLOCK: tl.constexpr):
+def _dropout_kernel(x_ptr, seed_ptr, y_ptr,  # pointers: input, 0-d int64 seed, output (same dense layout)
+                    n,  # sizes
+                    p, scale_bits,  # scalars: drop probability, the float64 bits of 1/(1-p)
+                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # y = x · mask / (1 - p), mask = [u(seed, e) >= p]; backward: dx = dy · mask / (1 - p), the same mask
     QUARTER: tl.constexpr = BLOCK // PHILOX_WORDS
     pid = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, QUARTER)
@@ -57,26 +64,17 @@ def _dropout_apply(x_ptr, seed_ptr, y_ptr, n, p, scale_bits, BLOCK: tl.constexpr
     c1 = (counter >> 32).to(tl.uint32)
     zero = c0 * 0
     r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), c0, c1, zero, zero)
-    scale = scale_bits.to(tl.float64, bitcast=True)  # 1/(1-p) exactly as the host computed it
-    if x_ptr.dtype.element_ty != tl.float64:
-        scale = scale.to(tl.float32)
+    scale = scale_bits.to(tl.float64, bitcast=True).to(ACC)  # 1/(1-p) exactly as the host rounded it
     base = pid * BLOCK + lane
-    _dropout_quarter(x_ptr, y_ptr, base, n, tl.where(tl.uint_to_uniform_float(r0) >= p, scale, 0.0))
-    _dropout_quarter(x_ptr, y_ptr, base + QUARTER, n, tl.where(tl.uint_to_uniform_float(r1) >= p, scale, 0.0))
-    _dropout_quarter(x_ptr, y_ptr, base + 2 * QUARTER, n, tl.where(tl.uint_to_uniform_float(r2) >= p, scale, 0.0))
-    _dropout_quarter(x_ptr, y_ptr, base + 3 * QUARTER, n, tl.where(tl.uint_to_uniform_float(r3) >= p, scale, 0.0))
+    _dropout_quarter(x_ptr, y_ptr, base, n, tl.where(tl.uint_to_uniform_float(r0) >= p, scale, 0.0), ACC)
+    _dropout_quarter(x_ptr, y_ptr, base + QUARTER, n, tl.where(tl.uint_to_uniform_float(r1) >= p, scale, 0.0), ACC)
+    _dropout_quarter(x_ptr, y_ptr, base + 2 * QUARTER, n, tl.where(tl.uint_to_uniform_float(r2) >= p, scale, 0.0),
+                     ACC)
+    _dropout_quarter(x_ptr, y_ptr, base + 3 * QUARTER, n, tl.where(tl.uint_to_uniform_float(r3) >= p, scale, 0.0),
+                     ACC)
 
 
-@triton.jit
-def _dropout_fwd_kernel(x_ptr, seed_ptr, y_ptr, n, p, scale_bits, BLOCK: tl.constexpr):
-    # y = x · mask / (1 - p), mask = [u(seed, e) >= p]
-    _dropout_apply(x_ptr, seed_ptr, y_ptr, n, p, scale_bits, BLOCK)
-
-
-@triton.jit
-def _dropout_bwd_kernel(dy_ptr, seed_ptr, dx_ptr, n, p, scale_bits, BLOCK: tl.constexpr):
-    # dx = dy · mask / (1 - p), the mask regenerated from the same seed and element indices
-    _dropout_apply(dy_ptr, seed_ptr, dx_ptr, n, p, scale_bits, BLOCK)
+_dropout = Kernel(_dropout_kernel, [config(num_warps=4, BLOCK=2048)])  # four quarters of 512: one Philox call a lane
 
 
 def _scale_bits(p: float, dtype: torch.dtype) -> int:
@@ -91,16 +89,16 @@ def _scale_bits(p: float, dtype: torch.dtype) -> int:
     return struct.unpack("<q", struct.pack("<d", scale))[0]
 
 
-def _launch_dropout(kernel, src: torch.Tensor, seed: torch.Tensor, p: float, dst: torch.Tensor) -> None:
+def _launch_dropout(src: torch.Tensor, seed: torch.Tensor, p: float, dst: torch.Tensor) -> None:
     n = dst.numel()
     if n:
-        kernel[(triton.cdiv(n, DROPOUT_BLOCK),)](src, seed, dst, n, p, _scale_bits(p, dst.dtype),
-                                                 BLOCK=DROPOUT_BLOCK, num_warps=DROPOUT_WARPS)
+        _dropout(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), src, seed, dst, n, p, _scale_bits(p, dst.dtype),
+                 ACC=acc_dtype(dst.dtype))
 
 
 def dropout_fwd(x: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int]) -> torch.Tensor:
     y = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device)
-    _launch_dropout(_dropout_fwd_kernel, same_layout(x, y), seed, p, y)
+    _launch_dropout(same_layout(x, y), seed, p, y)
     return y
 
 
@@ -108,65 +106,69 @@ def dropout_fwd_(x: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int
     """In place: through a dense copy in the layout ``stride`` (written back) when x is not in it."""
     work = x if tuple(x.stride()) == tuple(stride) and is_dense(x) else \
         torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
-    _launch_dropout(_dropout_fwd_kernel, work, seed, p, work)
+    _launch_dropout(work, seed, p, work)
     if work is not x:
         x.copy_(work)
 
 
 def dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int]) -> torch.Tensor:
     dx = torch.empty_strided(dy.shape, stride, dtype=dy.dtype, device=dy.device)
-    _launch_dropout(_dropout_bwd_kernel, same_layout(dy, dx), seed, p, dx)
+    _launch_dropout(same_layout(dy, dx), seed, p, dx)
     return dx
 
 
 # ----------------------------------------------------------------- l2_penalty
 @triton.jit
-def _l2_locate(table_ptr, block_tensor_ptr, like_ptr, BLOCK: tl.constexpr):
-    """The tensor this program reads: its base pointer, offsets of this block, mask and flat-buffer offset."""
+def _l2_locate(table_ptr, block_tensor_ptr, BLOCK: tl.constexpr):
+    """This program's table row and the offsets, mask and flat-buffer offset of its block."""
     pid = tl.program_id(0)
-    row = tl.load(block_tensor_ptr + pid).to(tl.int64) * TABLE_COLUMNS
-    base = tl.load(table_ptr + row + COL_ADDR).to(like_ptr.dtype)
-    numel = tl.load(table_ptr + row + COL_NUMEL)
-    first_block = tl.load(table_ptr + row + COL_FIRST_BLOCK)
+    row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * TABLE_COLUMNS
+    first_block = tl.load(row + COL_FIRST_BLOCK)
     offs = (pid - first_block) * BLOCK + tl.arange(0, BLOCK)
-    return base, offs, offs < numel, tl.load(table_ptr + row + COL_OFFSET)
+    return row, offs, offs < tl.load(row + COL_NUMEL), tl.load(row + COL_OFFSET)
 
 
 @triton.jit
-def _l2_penalty_fwd_kernel(table_ptr, block_tensor_ptr, like_ptr, partial_ptr, BLOCK: tl.constexpr):
-    # partial[pid] = Σ_{i in block} w_i²   (the host sums the partials and multiplies by λ)
-    base, offs, mask, _ = _l2_locate(table_ptr, block_tensor_ptr, like_ptr, BLOCK)
-    w = acc_type(tl.load(base + offs, mask=mask, other=0.0))
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(w * w, axis=0).to(partial_ptr.dtype.element_ty))
+def _l2_sum_kernel(table_ptr, block_tensor_ptr, like_ptr, partial_ptr,  # pointers (like_ptr: the group's type)
+                   ACC: tl.constexpr, DOT: tl.constexpr, BLOCK: tl.constexpr):
+    # partial[pid] = Σ_{i in block} w_i², or with DOT Σ a_i b_i (b: the row's partner); the host adds the partials
+    row, offs, mask, _ = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
+    a = tl.load(tl.load(row + COL_ADDR).to(like_ptr.dtype) + offs, mask=mask, other=0.0).to(ACC)
+    b = a
+    if DOT:
+        b = tl.load(tl.load(row + COL_OTHER).to(like_ptr.dtype) + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(a * b, axis=0))
 
 
 @triton.jit
-def _l2_penalty_bwd_kernel(table_ptr, block_tensor_ptr, like_ptr, coef_ptr, dw_ptr, BLOCK: tl.constexpr):
-    # dw = 2λ·g·w = coef·w, written at the tensor's offset in the group's flat buffer
-    base, offs, mask, start = _l2_locate(table_ptr, block_tensor_ptr, like_ptr, BLOCK)
-    w = acc_type(tl.load(base + offs, mask=mask))
-    coef = tl.load(coef_ptr).to(w.dtype)
+def _l2_scale_kernel(table_ptr, block_tensor_ptr, like_ptr, coef_ptr, dw_ptr,  # pointers (coef: fp64 0-d)
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # dw = coef·w (coef = 2λ·g), written at the tensor's offset in the group's flat buffer
+    row, offs, mask, start = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
+    w = tl.load(tl.load(row + COL_ADDR).to(like_ptr.dtype) + offs, mask=mask).to(ACC)
+    coef = tl.load(coef_ptr).to(ACC)
     tl.store(dw_ptr + start + offs, (coef * w).to(dw_ptr.dtype.element_ty), mask=mask)
 
+
+L2_CONFIGS = [config(num_warps=8, BLOCK=4096)]
+_l2_sum = Kernel(_l2_sum_kernel, L2_CONFIGS)
+_l2_scale = Kernel(_l2_scale_kernel, L2_CONFIGS)
+L2_BLOCK = L2_CONFIGS[0].kwargs["BLOCK"]
 
 _tables: collections.OrderedDict = collections.OrderedDict()
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` read row-major: itself when contiguous, else a contiguous copy (the gradient views are row-major)."""
-    return t.contiguous()
-
-
-def _table(tensors: list[torch.Tensor]):
+def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None):
     """(table, block → tensor map, number of blocks) on the tensors' device, cached by addresses and sizes."""
-    key = (tensors[0].device, tuple((t.data_ptr(), t.numel()) for t in tensors))
+    partners = others or tensors
+    key = (tensors[0].device, tuple((t.data_ptr(), o.data_ptr(), t.numel()) for t, o in zip(tensors, partners)))
     if key in _tables:
         _tables.move_to_end(key)
         return _tables[key]
     blocks = [triton.cdiv(t.numel(), L2_BLOCK) for t in tensors]
     rows, first, offset = [], 0, 0
-    for t, b in zip(tensors, blocks):
-        rows.append([t.data_ptr(), t.numel(), first, offset])
+    for t, o, b in zip(tensors, partners, blocks):
+        rows.append([t.data_ptr(), t.numel(), first, offset, o.data_ptr()])
         first, offset = first + b, offset + t.numel()
     table = torch.tensor(rows, dtype=torch.int64).to(tensors[0].device)
     block_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32),
@@ -178,31 +180,24 @@ def _table(tensors: list[torch.Tensor]):
     return entry
 
 
-def _groups(tensors: list[torch.Tensor]) -> dict:
-    """Tensors by dtype, in order of first appearance (the same rule as the reference)."""
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    return groups
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
-    groups = _groups(tensors)
+def _sum(tensors: list[torch.Tensor], others: list[torch.Tensor] | None, weight_decay: float,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """λ · Σ_t <a_t, b_t> (b = a without ``others``): one launch per dtype group, the partials added on the device."""
+    groups: dict = {}  # indices by dtype, as dtype_groups orders the tensors
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
     total_dtype = torch.float64 if torch.float64 in groups else torch.float32
     device = tensors[0].device
     sums = []
-    for dtype, group in groups.items():
-        dense = [_dense(t) for t in group if t.numel()]
-        if not dense:
+    for dtype, idx in groups.items():
+        idx = [i for i in idx if tensors[i].numel()]
+        if not idx:
             continue
-        table, block_tensor, n_blocks = _table(dense)
-        partial = torch.empty(n_blocks, dtype=_acc_dtype(dtype), device=device)
-        _l2_penalty_fwd_kernel[(n_blocks,)](table, block_tensor, dense[0], partial, BLOCK=L2_BLOCK,
-                                            num_warps=L2_WARPS)
+        dense = [tensors[i].contiguous() for i in idx]  # row-major, as the gradient views are
+        partners = [others[i].contiguous() for i in idx] if others is not None else None
+        table, block_tensor, n_blocks = _table(dense, partners)
+        partial = torch.empty(n_blocks, dtype=compute_dtype(dtype), device=device)
+        _l2_sum((n_blocks,), table, block_tensor, dense[0], partial, ACC=acc_dtype(dtype), DOT=others is not None)
         sums.append(partial.sum(dtype=total_dtype))
     if not sums:  # every tensor is empty
         return torch.zeros((), dtype=out_dtype, device=device)
@@ -210,39 +205,38 @@ def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: 
     return (total * weight_decay).to(out_dtype)
 
 
+def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
+    return _sum(tensors, None, weight_decay, out_dtype)
+
+
+def l2_penalty_dot(tensors: list[torch.Tensor], others: list[torch.Tensor], weight_decay: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    return _sum(tensors, others, weight_decay, out_dtype)
+
+
 def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay: float) -> list[torch.Tensor]:
+    # coef = 2λ·g, in fp64 on the device (read by the kernel: no host sync)
+    coef = grad.to(torch.float64) * (2.0 * weight_decay)
     out = []
-    for dtype, group in _groups(tensors).items():
-        # coef = 2λ·g, in fp64 on the device (read by the kernel: no host sync)
-        coef = grad.to(torch.float64) * (2.0 * weight_decay)
+    for dtype, group in dtype_groups(tensors).items():
         dw = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=grad.device)
-        dense = [_dense(t) for t in group if t.numel()]
+        dense = [t.contiguous() for t in group if t.numel()]
         if dense:
             table, block_tensor, n_blocks = _table(dense)
-            _l2_penalty_bwd_kernel[(n_blocks,)](table, block_tensor, dense[0], coef, dw, BLOCK=L2_BLOCK,
-                                                num_warps=L2_WARPS)
+            _l2_scale((n_blocks,), table, block_tensor, dense[0], coef, dw, ACC=acc_dtype(dtype))
         out.append(dw)
     return out
 
 
-def _dropout_configs(kernel):
-    for dt in FLOAT_DTYPE_NAMES:
-        sig = {"x_ptr": f"*{dt}", "seed_ptr": "*i64", "y_ptr": f"*{dt}", "n": "i64", "p": "fp32",
-               "scale_bits": "i64", "BLOCK": "constexpr"}
-        if kernel is _dropout_bwd_kernel:
-            sig = {"dy_ptr": sig.pop("x_ptr"), "seed_ptr": sig.pop("seed_ptr"), "dx_ptr": sig.pop("y_ptr"), **sig}
-        yield kernel, sig, {"BLOCK": DROPOUT_BLOCK}, DROPOUT_WARPS
-
-
-def _l2_configs():
-    for dt in FLOAT_DTYPE_NAMES:
-        acc = "fp64" if dt == "fp64" else "fp32"
-        head = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "like_ptr": f"*{dt}"}
-        yield (_l2_penalty_fwd_kernel, {**head, "partial_ptr": f"*{acc}", "BLOCK": "constexpr"},
-               {"BLOCK": L2_BLOCK}, L2_WARPS)
-        yield (_l2_penalty_bwd_kernel, {**head, "coef_ptr": "*fp64", "dw_ptr": f"*{dt}", "BLOCK": "constexpr"},
-               {"BLOCK": L2_BLOCK}, L2_WARPS)
-
-
-# Every (kernel, signature, constexprs, num_warps) the launchers above launch with.
-AOT_CONFIGS = [*_dropout_configs(_dropout_fwd_kernel), *_dropout_configs(_dropout_bwd_kernel), *_l2_configs()]
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """Every compile the launchers above get on a GPU (read by tests/aot.py, outside the interpreter)."""
+    for t in FLOAT_TYPES:
+        acc = "fp64" if t == "fp64" else "fp32"
+        consts = {"ACC": tl.float64 if t == "fp64" else tl.float32}
+        yield from _dropout.aot(t, consts, ints={"n": "i64", "p": "fp32", "scale_bits": "i64"},
+                                pointers={"seed_ptr": "i64"})
+        tables = {"table_ptr": "i64", "block_tensor_ptr": "i32"}
+        for dot in (False, True):
+            yield from _l2_sum.aot(t, {**consts, "DOT": dot}, pointers={**tables, "partial_ptr": acc})
+        yield from _l2_scale.aot(t, consts, pointers={**tables, "coef_ptr": "fp64"})
