@@ -165,11 +165,10 @@ def test_groups_dtypes_and_missing_grads(backend, monkeypatch):
     opt_b = torch.optim.SGD(groups(theirs, theirs64), lr=0.05, momentum=0.9)
     launches = []
     if backend == "triton":
-        class Counting:  # counts kernel launches
-            def __getitem__(self, grid, _real=K._sgd_step_kernel):
-                launches.append(grid)
-                return _real[grid]
-        monkeypatch.setattr(K, "_sgd_step_kernel", Counting())
+        def counting(grid, *args, _real=K._step, **kwargs):  # counts kernel launches
+            launches.append(grid)
+            return _real(grid, *args, **kwargs)
+        monkeypatch.setattr(K, "_step", counting)
     all_a, all_b = ours + ours64, theirs + theirs64
     untouched = all_a[3].detach().clone()
     before = LAUNCHES["sgd_step", backend]
@@ -317,8 +316,9 @@ def test_opcheck(backend):
         params = [make((5,)), make((BLOCK + 1,))]
         grads = [make((5,), seed=1), make((BLOCK + 1,), seed=2)]
         bufs = [make((5,), seed=3), make((BLOCK + 1,), seed=4)] if momentum else []
-        torch.library.opcheck(sgd_step_op, (backend, params, grads, bufs, fresh, 0.1, 0.01, momentum, 0.0,
-                                            False, False))
+        lr = torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
+        torch.library.opcheck(sgd_step_op.custom, (backend, params, grads, bufs, fresh, lr, 0.01, momentum, 0.0,
+                                                   False, False))
 
 
 def test_aot_compile_sm90():
@@ -355,3 +355,153 @@ def test_grad_of_another_dtype(backend):
     opt_a.step()
     opt_b.step()
     _assert_same(ours, theirs, 1, torch.float32)
+
+
+# ----------------------------------------------------------------- kept plans (issue 11): every change is seen
+def _pair(shapes=((4, 3), (7,), (BLOCK + 1,)), **options):
+    ours, theirs = _params(list(shapes))
+    options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, **options}
+    return ours, theirs, SGD(ours, **options), torch.optim.SGD(theirs, **options)
+
+
+def _step_both(opt_a, opt_b, ours, theirs, seed, skip=()):
+    _set_grads(ours, theirs, seed, skip)
+    opt_a.step()
+    opt_b.step()
+
+
+def test_plan_kept_in_the_steady_state(backend, monkeypatch):
+    """After the first step, a Triton step reuses its plan: the general path (custom op) does not run again."""
+    ours, theirs, opt_a, opt_b = _pair()
+    general = []
+    real = SGD._step_group
+    monkeypatch.setattr(SGD, "_step_group", lambda self, *a: (general.append(1), real(self, *a)))
+    for seed in range(5):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    assert len(general) == (1 if backend == "triton" else 5), general  # step 1 creates the buffers and the plan
+    _assert_same(ours, theirs, 5)
+    _assert_same_state(opt_a, opt_b, 5)
+
+
+def test_swapped_grad_tensors(backend):
+    ours, theirs, opt_a, opt_b = _pair()
+    for seed in range(3):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    # another tensor, at another address
+    g = make(ours[1].shape, seed=50)
+    ours[1].grad, theirs[1].grad = g.clone(), g.clone()
+    opt_a.step(), opt_b.step()
+    # a transposed (non-contiguous) gradient, then a gradient whose storage is replaced in place (set_)
+    g = make(ours[0].shape[::-1], seed=51).t()
+    ours[0].grad, theirs[0].grad = g.clone(memory_format=torch.preserve_format), g.clone()
+    opt_a.step(), opt_b.step()
+    g = make(ours[2].shape, seed=52)
+    ours[2].grad.set_(g.clone())
+    theirs[2].grad.set_(g.clone())
+    opt_a.step(), opt_b.step()
+    _assert_same(ours, theirs, 6)
+    _assert_same_state(opt_a, opt_b, 6)
+
+
+def test_zero_grad_then_new_grads(backend):
+    """zero_grad(set_to_none=True) then backward: new gradient objects every step; a parameter left out of one
+    loss has no gradient for that step (skipped, buffer untouched) and comes back the next."""
+    ours, theirs, opt_a, opt_b = _pair()
+    x = make((3,), seed=7)
+    for step in range(6):
+        for params, opt in ((ours, opt_a), (theirs, opt_b)):
+            opt.zero_grad(set_to_none=True)
+            used = params if step != 3 else params[1:]  # step 3: params[0] gets no gradient
+            loss = sum((p * (i + 1 + step)).sum() for i, p in enumerate(used)) + (params[0].sum(0) * x).sum()
+            if step == 3:
+                loss = sum((p * (i + 2 + step)).sum() for i, p in enumerate(used))
+            loss.backward()
+            opt.step()
+        assert (ours[0].grad is None) == (step == 3)
+    _assert_same(ours, theirs, 6)
+    _assert_same_state(opt_a, opt_b, 6)
+
+
+def test_add_param_group(backend):
+    ours, theirs, opt_a, opt_b = _pair()
+    for seed in range(3):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    more_a, more_b = _params([(5,), (2, 3)], seed=20)
+    opt_a.add_param_group({"params": more_a, "lr": 0.3, "momentum": 0.5})
+    opt_b.add_param_group({"params": more_b, "lr": 0.3, "momentum": 0.5})
+    all_a, all_b = ours + more_a, theirs + more_b
+    for seed in range(3, 7):
+        _step_both(opt_a, opt_b, all_a, all_b, seed)
+    _assert_same(all_a, all_b, 7)
+    _assert_same_state(opt_a, opt_b, 7)
+
+
+def test_load_state_dict_mid_training(backend):
+    ours, theirs, opt_a, opt_b = _pair()
+    for seed in range(3):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    saved = copy.deepcopy(opt_b.state_dict())
+    for entry in saved["state"].values():
+        entry["momentum_buffer"].mul_(-2)  # buffers unlike the ones the plan holds
+    saved["param_groups"][0]["lr"] = 0.05
+    opt_a.load_state_dict(copy.deepcopy(saved))
+    opt_b.load_state_dict(copy.deepcopy(saved))
+    for seed in range(3, 6):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    _assert_same(ours, theirs, 6)
+    _assert_same_state(opt_a, opt_b, 6)
+
+
+def test_replaced_data_buffers_and_state(backend):
+    """Parameter memory replaced (.data =, transposed too), a momentum buffer replaced, the state cleared."""
+    ours, theirs, opt_a, opt_b = _pair()
+    for seed in range(3):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    for a, b in zip(ours, theirs):
+        a.data = a.data.clone()
+        b.data = b.data.clone()
+    new = make(ours[0].shape[::-1], seed=60).t()
+    ours[0].data, theirs[0].data = new.clone(memory_format=torch.preserve_format), new.clone()
+    _step_both(opt_a, opt_b, ours, theirs, 3)
+    for opt, p in ((opt_a, ours[1]), (opt_b, theirs[1])):
+        opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"] * 0.5
+    _step_both(opt_a, opt_b, ours, theirs, 4)
+    opt_a.state.clear()
+    opt_b.state.clear()
+    for seed in range(5, 7):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    _assert_same(ours, theirs, 7)
+    _assert_same_state(opt_a, opt_b, 7)
+
+
+def test_options_changed_between_steps(backend):
+    ours, theirs, opt_a, opt_b = _pair()
+    for seed in range(3):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    for changes in ({"lr": 0.02}, {"weight_decay": 0.0}, {"nesterov": True, "dampening": 0.0}, {"momentum": 0.0},
+                    {"momentum": 0.5, "maximize": True}):
+        for opt in (opt_a, opt_b):
+            opt.param_groups[0].update(changes)
+        _step_both(opt_a, opt_b, ours, theirs, 10 + len(changes))
+    _assert_same(ours, theirs, 8)
+    _assert_same_state(opt_a, opt_b, 8)
+
+
+def test_tensor_lr_read_on_device(backend, monkeypatch):
+    """A tensor learning rate is never turned into a Python number, and an in-place change reaches the step."""
+    ours, theirs = _params([(6,), (BLOCK + 1,)])
+    lr_a, lr_b = torch.tensor(0.1, device=DEVICE), torch.tensor(0.1, device=DEVICE)
+    opt_a, opt_b = SGD(ours, lr=lr_a, momentum=0.9), torch.optim.SGD(theirs, lr=lr_b, momentum=0.9)
+
+    def no_item(self):
+        raise AssertionError("the step read a tensor with .item()")
+
+    for seed in range(4):
+        _set_grads(ours, theirs, seed)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "item", no_item)
+            opt_a.step()
+        opt_b.step()
+        lr_a.mul_(0.5)
+        lr_b.mul_(0.5)
+    _assert_same(ours, theirs, 4)

@@ -1,43 +1,57 @@
-"""Triton kernel for the SGD step: one multi-tensor launch updates every parameter of a group.
+"""Triton kernel for the SGD step: one multi-tensor launch updates every parameter of a bucket.
 
-The launcher hands the kernel two small tensors, uploaded to the device only when
-they change (they are cached, so a training loop's steps upload nothing):
+A bucket is the parameters of one (device, dtype). Its launch reads three small device tensors:
 
-* ``hyper`` (float64): lr, weight decay, momentum, 1 - dampening and the
-  gradient's sign (-1 when maximizing), rounded in the kernel to the compute
-  type as torch rounds its scalars;
-* ``meta`` (int64): one row of ``TABLE_COLS`` per tensor (the raw addresses of
-  the parameter, its gradient and its momentum buffer, its element count, and a
-  flag set when its momentum buffer is new: b ← g rather than b ← μ b + (1-τ) g),
-  then one work item per program: ``(tensor index << WORK_SHIFT) | chunk index``.
+* ``hyper`` (float64): weight decay, momentum, 1 - dampening and the gradient's sign
+  (-1 when maximizing), uploaded once per distinct value and cached;
+* ``lr`` (0-d, float64 from scratchops.optim): the learning rate, read on the device (a tensor
+  learning rate needs no ``.item()``), rounded in the kernel to the compute type as torch rounds it;
+* ``meta`` (int64), column by column for the T tensors: the raw addresses of the
+  parameters, of their gradients and of their momentum buffers, their element counts,
+  a flag set where the buffer is new (b ← g rather than b ← μ b + (1-τ) g), then one
+  work item per program, ``(tensor index << WORK_SHIFT) | chunk index``.
 
-A program turns the addresses back into typed pointers (``int64 -> pointer``),
-so a single launch reaches tensors scattered anywhere in memory. This works on
-the GPU and in Triton's interpreter alike (CPU tensors have real addresses), so
-there is one code path in both modes. Each program updates one chunk of
+A program turns the addresses back into typed pointers (``int64 -> pointer``), so one
+launch reaches tensors scattered anywhere in memory, on the GPU and in the interpreter
+alike (CPU tensors have real addresses). Each program updates one chunk of
 ``CHUNK_BLOCKS * BLOCK`` elements of one tensor, in ``BLOCK``-sized steps.
 
-Math runs in fp32 (fp64 for fp64 tensors); parameters and momentum buffers are
-loaded and stored in their dtype; the update uses the buffer as stored (rounded
-to its dtype), as torch's does.
+:class:`StepPlan` is one bucket's launch, built once: the columns that do not change from
+step to step (sizes, flags, work items) are kept, and the address columns are uploaded
+again only when an address changes. ``scratchops.optim.SGD`` keeps its plans across
+steps; the ``sgd_step`` launcher (the custom op's path) builds them per call.
+
+Math runs in the ACC dtype (fp64 for fp64 tensors, fp32 otherwise); parameters and
+momentum buffers are loaded and stored in their dtype; the update uses the buffer as
+stored (rounded to its dtype), as torch's does.
 """
+import functools
 import itertools
+import operator
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import is_dense, same_layout
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, is_dense, same_layout
 
-BLOCK = 1024
-NUM_WARPS = 4
-CHUNK_BLOCKS = 8  # blocks per program: a chunk is CHUNK_BLOCKS * BLOCK elements of one tensor
-CHUNK = CHUNK_BLOCKS * BLOCK
-TABLE_COLS = 5  # param address, grad address, buffer address, numel, fresh-buffer flag
-WORK_SHIFT = 32  # a work item is (tensor index << WORK_SHIFT) | chunk index
-ALIGN_BYTES = 16  # addresses all multiples of this take the vectorized variant of the kernel
+# meta columns (each T long), then the work items
+COL_PARAM = tl.constexpr(0)
+COL_GRAD = tl.constexpr(1)
+COL_BUF = tl.constexpr(2)
+COL_NUMEL = tl.constexpr(3)
+COL_FRESH = tl.constexpr(4)
+COL_WORK = tl.constexpr(5)
+WORK_SHIFT = tl.constexpr(32)  # a work item is (tensor index << WORK_SHIFT) | chunk index
+WORK_CHUNK = tl.constexpr((1 << 32) - 1)  # its chunk-index bits
+ALIGN_BYTES = tl.constexpr(16)  # addresses all multiples of this take the vectorized variant of the kernel
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
+# hyper entries
+HYPER_WEIGHT_DECAY = tl.constexpr(0)
+HYPER_MOMENTUM = tl.constexpr(1)
+HYPER_UNDAMPED = tl.constexpr(2)
+HYPER_SIGN = tl.constexpr(3)
 
 
 @triton.jit
@@ -64,27 +78,26 @@ def _sgd_update(w_ptr, g_ptr, b_ptr, offs, mask, b_mask, fresh, lr, weight_decay
 
 
 @triton.jit
-def _sgd_step_kernel(hyper_ptr, meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                     NESTEROV: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                     CHUNK_BLOCKS: tl.constexpr, TABLE_COLS: tl.constexpr, WORK_SHIFT: tl.constexpr,
-                     ALIGN_BYTES: tl.constexpr):
-    ACC: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
-    work = tl.load(meta_ptr + n_tensors * TABLE_COLS + tl.program_id(0))
+def _sgd_step_kernel(hyper_ptr, lr_ptr, meta_ptr,  # pointers: fp64 [λ, μ, 1 - τ, sign], fp64 0-d η, int64 table
+                     n_tensors,  # sizes: T, the length of each meta column
+                     HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                     ALIGNED: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     CHUNK_BLOCKS: tl.constexpr):
+    work = tl.load(meta_ptr + COL_WORK * n_tensors + tl.program_id(0))
     t = work >> WORK_SHIFT
-    chunk = work & ((1 << WORK_SHIFT) - 1)
-    row = meta_ptr + t * TABLE_COLS
-    w_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 3)
-    fresh = tl.load(row + 4)
+    chunk = work & WORK_CHUNK
+    w_ptr = tl.load(meta_ptr + COL_PARAM * n_tensors + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(meta_ptr + COL_GRAD * n_tensors + t).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(meta_ptr + COL_BUF * n_tensors + t).to(tl.pointer_type(DTYPE))
+    numel = tl.load(meta_ptr + COL_NUMEL * n_tensors + t)
+    fresh = tl.load(meta_ptr + COL_FRESH * n_tensors + t)
     b_numel = numel * (1 - fresh)  # a fresh buffer is never read
 
-    lr = tl.load(hyper_ptr).to(ACC)
-    weight_decay = tl.load(hyper_ptr + 1).to(ACC)
-    momentum = tl.load(hyper_ptr + 2).to(ACC)
-    undamped = tl.load(hyper_ptr + 3).to(ACC)
-    sign = tl.load(hyper_ptr + 4).to(ACC)
+    lr = tl.load(lr_ptr).to(ACC)
+    weight_decay = tl.load(hyper_ptr + HYPER_WEIGHT_DECAY).to(ACC)
+    momentum = tl.load(hyper_ptr + HYPER_MOMENTUM).to(ACC)
+    undamped = tl.load(hyper_ptr + HYPER_UNDAMPED).to(ACC)
+    sign = tl.load(hyper_ptr + HYPER_SIGN).to(ACC)
 
     if ALIGNED:  # every address is a multiple of ALIGN_BYTES: full blocks load and store in wide vectors
         w_ptr = tl.multiple_of(w_ptr, ALIGN_BYTES)
@@ -102,6 +115,67 @@ def _sgd_step_kernel(hyper_ptr, meta_ptr, n_tensors, HAS_WEIGHT_DECAY: tl.conste
                         momentum, undamped, sign, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, DTYPE, ACC)
 
 
+_step = Kernel(_sgd_step_kernel, [config(num_warps=4, BLOCK=1024, CHUNK_BLOCKS=8)])
+BLOCK = _step.configs["default"][0].kwargs["BLOCK"]
+CHUNK = BLOCK * _step.configs["default"][0].kwargs["CHUNK_BLOCKS"]  # elements per program
+
+
+# ----------------------------------------------------------------- device-side constants
+# A training loop steps with the same options: their device copies are cached (keys hold numbers only).
+_CONSTANTS: dict = {}
+CACHE_ENTRIES = 16
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def hyper_tensor(weight_decay: float, momentum: float, dampening: float, maximize: bool, device) -> torch.Tensor:
+    """λ, μ, 1 - τ and the gradient's sign as a float64 tensor on ``device``, uploaded once per distinct value."""
+    key = (device, weight_decay, momentum, dampening, maximize)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        if len(_CONSTANTS) >= CACHE_ENTRIES:
+            _CONSTANTS.pop(next(iter(_CONSTANTS)))
+        values = [weight_decay, momentum, 1.0 - dampening, -1.0 if maximize else 1.0]
+        hit = _CONSTANTS[key] = _upload(values, torch.float64, device)
+    return hit
+
+
+# ----------------------------------------------------------------- plans
+class StepPlan:
+    """One bucket's launch: contiguous parameters of one device and dtype, their gradients (contiguous, of
+    that dtype) and momentum buffers. The sizes, fresh flags and work items are fixed; :meth:`launch` takes
+    the current addresses and uploads the table only when they differ from the last launch's."""
+
+    def __init__(self, numels: list[int], fresh: list[bool], dtype: torch.dtype, device: torch.device,
+                 has_momentum: bool):
+        self.n, self.dtype, self.device, self.has_momentum = len(numels), dtype, device, has_momentum
+        work = [(t << WORK_SHIFT.value) + c for t, numel in enumerate(numels) for c in range(triton.cdiv(numel, CHUNK))]
+        self.n_programs = len(work)
+        self.tail = numels + [int(has_momentum and f) for f in fresh] + work
+        self.addresses = None
+        self.meta = None
+        self.aligned = False
+
+    def launch(self, addresses: list[int], lr: torch.Tensor, hyper: torch.Tensor, weight_decay: float,
+               nesterov: bool) -> None:
+        """One launch; ``addresses`` = parameter, gradient and buffer addresses, column after column."""
+        if not self.n_programs:  # only empty tensors
+            return
+        if addresses != self.addresses:
+            self.meta = _upload(addresses + self.tail, torch.int64, self.device)
+            self.addresses = addresses
+            self.aligned = functools.reduce(operator.or_, addresses, 0) % ALIGN_BYTES.value == 0
+        _step((self.n_programs,), hyper, lr, self.meta, self.n,
+              HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=self.has_momentum,
+              NESTEROV=bool(nesterov and self.has_momentum), ALIGNED=self.aligned, DTYPE=TL_DTYPES[self.dtype],
+              ACC=acc_dtype(self.dtype))
+
+
 def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: list):
     """Dense operands laid out element for element alike, for operands that are not all contiguous.
 
@@ -116,99 +190,53 @@ def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: lis
     return dense, same_layout(g, dense), b_dense
 
 
+_PLANS: dict = {}  # the sgd_step launcher's plans, by (device, dtype, sizes, flags): the tables of the last call
+
+
 def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-             fresh: list[bool], lr: float, weight_decay: float, momentum: float, dampening: float,
+             fresh: list[bool], lr: torch.Tensor, weight_decay: float, momentum: float, dampening: float,
              nesterov: bool, maximize: bool) -> None:
     """Update ``params`` (and ``momentum_buffers`` when μ ≠ 0) in place: one launch per (device, dtype).
 
-    Operands that are not dense, or whose layouts differ from their parameter's,
-    go through dense copies that are written back after the launch.
+    Gradients of another dtype are read through a copy in the parameter's dtype; operands that are not
+    dense, or whose layouts differ from their parameter's, through dense copies written back after the launch.
     """
     has_momentum = momentum != 0
     buckets: dict = {}
-    for i, p in enumerate(params):  # empty tensors get no work items: their addresses are never used
+    for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
-    hyper = (lr, weight_decay, momentum, 1.0 - dampening, -1.0 if maximize else 1.0)
     for (device, dtype), idx in buckets.items():
-        rows, write_back, keep = [], [], []  # keep: the operands (copies included) whose addresses are in the table
-        addresses = 0  # the OR of every address: its low bits say whether all are aligned
+        columns, write_back, keep = ([], [], []), [], []  # keep: the copies whose addresses are in the table
         for i in idx:
             w, g = params[i], grads[i]
+            g = g if g.dtype == dtype else g.to(dtype)
             b = momentum_buffers[i] if has_momentum else w  # w stands in for an absent buffer: never touched
             if not (w.is_contiguous() and g.is_contiguous() and b.is_contiguous()):
                 w, g, b = _operands(w, g, b, write_back)
-                keep.append((w, g, b))
-            w_at, g_at, b_at = w.data_ptr(), g.data_ptr(), b.data_ptr()
-            addresses |= w_at | g_at | b_at
-            rows += (w_at, g_at, b_at, w.numel(), int(has_momentum and fresh[i]))
-        meta, n_programs = _meta(tuple(rows), device)
-        if not n_programs:  # only empty tensors
-            continue
-        _sgd_step_kernel[(n_programs,)](_hyper_tensor(hyper, device), meta, len(idx),
-                                        HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
-                                        NESTEROV=bool(nesterov and has_momentum), DTYPE=TL_DTYPES[dtype],
-                                        ALIGNED=addresses % ALIGN_BYTES == 0, BLOCK=BLOCK, CHUNK_BLOCKS=CHUNK_BLOCKS,
-                                        TABLE_COLS=TABLE_COLS, WORK_SHIFT=WORK_SHIFT, ALIGN_BYTES=ALIGN_BYTES,
-                                        num_warps=NUM_WARPS)
+            keep.append((w, g, b))
+            for column, t in zip(columns, (w, g, b)):
+                column.append(t.data_ptr())
+        numels, flags = [params[i].numel() for i in idx], [has_momentum and fresh[i] for i in idx]
+        key = (device, dtype, has_momentum, tuple(numels), tuple(flags))
+        plan = _PLANS.get(key) or StepPlan(numels, flags, dtype, device, has_momentum)
+        if len(_PLANS) >= CACHE_ENTRIES:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+        plan.launch(columns[0] + columns[1] + columns[2], lr if lr.device == device else lr.to(device),
+                    hyper_tensor(weight_decay, momentum, dampening, maximize, device), weight_decay, nesterov)
         for dst, src in write_back:
             dst.copy_(src)
         del keep
 
 
-# The device copies of recent tables and hyperparameters: a training loop steps the same
-# tensors (same addresses) with the same options, so a step usually uploads nothing.
-# Keys hold addresses only (no tensors); an equal key means an identical table.
-_META_CACHE: dict = {}
-_HYPER_CACHE: dict = {}
-CACHE_ENTRIES = 16
-
-
-def _remember(cache: dict, key, value):
-    if len(cache) >= CACHE_ENTRIES:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
-    return value
-
-
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _meta(rows: tuple, device: torch.device):
-    """The per-tensor table followed by one work item per program (see the module docstring), on ``device``."""
-    key = (device, rows)
-    hit = _META_CACHE.get(key)
-    if hit is not None:
-        return hit
-    work = []
-    for t in range(len(rows) // TABLE_COLS):
-        first = t << WORK_SHIFT
-        work.extend(range(first, first + triton.cdiv(rows[t * TABLE_COLS + 3], CHUNK)))
-    return _remember(_META_CACHE, key, (_upload(list(rows) + work, torch.int64, device), len(work)))
-
-
-def _hyper_tensor(hyper: tuple, device: torch.device) -> torch.Tensor:
-    """lr, λ, μ, 1 - τ and the gradient's sign on ``device``, in float64 (fp64 parameters need every bit)."""
-    key = (device, hyper)
-    hit = _HYPER_CACHE.get(key)
-    return hit if hit is not None else _remember(_HYPER_CACHE, key, _upload(list(hyper), torch.float64, device))
-
-
-def _configs():
+# ----------------------------------------------------------------- ahead-of-time compiles
+def aot_configs():
+    """Every compile the launcher makes: each dtype, with and without weight decay, momentum or Nesterov
+    momentum, aligned or not (read by tests/aot.py, outside the interpreter)."""
     modes = [(False, False), (True, False), (True, True)]  # (HAS_MOMENTUM, NESTEROV)
-    for dtype, has_wd, (has_momentum, nesterov), aligned in itertools.product(
-            TL_DTYPES.values(), (False, True), modes, (False, True)):
-        constexprs = {"HAS_WEIGHT_DECAY": has_wd, "HAS_MOMENTUM": has_momentum, "NESTEROV": nesterov, "DTYPE": dtype,
-                      "ALIGNED": aligned, "BLOCK": BLOCK, "CHUNK_BLOCKS": CHUNK_BLOCKS, "TABLE_COLS": TABLE_COLS,
-                      "WORK_SHIFT": WORK_SHIFT, "ALIGN_BYTES": ALIGN_BYTES}
-        signature = {"hyper_ptr": "*fp64", "meta_ptr": "*i64", "n_tensors": "i32",
-                     **{k: "constexpr" for k in constexprs}}
-        yield _sgd_step_kernel, signature, constexprs, NUM_WARPS
-
-
-# Every (kernel, signature, constexprs, num_warps) the launcher launches with: each dtype, with and
-# without weight decay, momentum or Nesterov momentum, aligned or not.
-AOT_CONFIGS = list(_configs())
+    for t, has_wd, (has_momentum, nesterov), aligned in itertools.product(FLOAT_TYPES, (False, True), modes,
+                                                                           (False, True)):
+        dtype = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32, "fp64": tl.float64}[t]
+        consts = {"HAS_WEIGHT_DECAY": has_wd, "HAS_MOMENTUM": has_momentum, "NESTEROV": nesterov, "ALIGNED": aligned,
+                  "DTYPE": dtype, "ACC": tl.float64 if t == "fp64" else tl.float32}
+        yield from _step.aot(t, consts, pointers={"hyper_ptr": "fp64", "lr_ptr": "fp64", "meta_ptr": "i64"})
