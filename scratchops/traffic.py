@@ -189,13 +189,6 @@ def _rand(*shape, grad=True, seed=0, dtype=torch.float32):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
 
 
-def _elementwise(fn, n_inputs=1):
-    """(build, compulsory): y = f(x...) over R x C; fwd reads inputs, writes y; bwd reads y (or x), dy, writes dx."""
-    def build(r, c):
-        return [_rand(r, c, seed=i, grad=i == 0) for i in range(n_inputs)], fn
-    return build
-
-
 @dataclasses.dataclass
 class Case:
     """One audited call: ``build()`` -> (inputs, fn); ``compulsory[pass]`` in bytes; the passes it runs."""
@@ -237,7 +230,8 @@ def _cases() -> dict:
     cases["linear_64x256x128"] = Case(
         lambda: ([_rand(m_, k_), _rand(n_, k_, seed=1), _rand(n_, seed=2)], F.linear),
         {"fwd": (m_ * k_ + n_ * k_ + n_ + m_ * n_) * e,
-         "fwd+bwd": (m_ * k_ + n_ * k_ + n_ + m_ * n_) * e + (m_ * n_ + m_ * k_ + n_ * k_ + m_ * k_ + n_ * k_ + n_) * e})
+         # + backward: dy, x, w read; dx, dw, db written
+         "fwd+bwd": (m_ * k_ + n_ * k_ + n_ + m_ * n_) * e + (m_ * n_ + 2 * m_ * k_ + 2 * n_ * k_ + n_) * e})
     xs, ws, ys = 1 * 8 * 16 * 16, 16 * 8 * 3 * 3, 1 * 16 * 16 * 16
     cases["conv2d_1x8x16x16_k16r3"] = Case(
         lambda: ([_rand(1, 8, 16, 16), _rand(16, 8, 3, 3, seed=1), _rand(16, seed=2)],

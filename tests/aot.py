@@ -78,7 +78,8 @@ def compile_config(entry, as_launched: bool = True):
     options = {"num_warps": num_warps}
     if entry.num_stages is not None:
         options["num_stages"] = entry.num_stages
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=launch_attrs(entry) if as_launched else None)
+    attrs = launch_attrs(entry) if as_launched else None
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=TARGET, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

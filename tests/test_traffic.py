@@ -62,7 +62,7 @@ def test_traffic_ratio(name):
     for row in traffic.measure(name):
         bound = BOUNDS[name][row["pass"]]
         assert row["launches"] >= 1, row
-        assert row["ratio"] <= bound + SLACK, f"{name} {row['pass']}: {row['ratio']}x compulsory (bound {bound}x): {row}"
+        assert row["ratio"] <= bound + SLACK, f"{name} {row['pass']}: {row['ratio']}x compulsory (bound {bound}): {row}"
         assert row["glue_kernels"] <= GLUE_KERNELS.get(name, 0), row
         assert row["syncs"] <= SYNCS.get(name, 0), row
 
