@@ -1,9 +1,11 @@
 """scratchops.enable(): torch.nn.functional / torch / Tensor calls routed to scratchops, everything else torch's.
 
-Each routed model is compared with the same model run by torch alone (values and gradients), and the autograd
+Models: one written with functional calls, torch's own layers, Hugging Face BERT and GPT-2 (random init from a
+config), timm/torchvision where they import. Each routed model is compared with the same model run by torch alone (values and gradients), and the autograd
 graph is read to prove scratchops ran: under enable() no torch backward node of a routed op is left, and the
 scratchops Functions' nodes are there; the backend-op counters show the kernels (or reference formulas) ran.
 """
+import os
 import re
 import threading
 
@@ -186,6 +188,63 @@ def test_real_model_zoo_model_matches_torch(name):
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs: never reach the hub
+    try:
+        import transformers
+    except Exception as e:  # not installed (the dev extra has it), or broken next to this torch
+        pytest.skip(f"transformers is not usable here: {type(e).__name__}: {e}")
+    return transformers
+
+
+def _hf_model(kind):
+    """A tiny randomly initialised Hugging Face model (built from a config: nothing is downloaded), dropout 0,
+    eager attention (its softmax is a torch call; the fused SDPA kernel is not an op scratchops has)."""
+    tf = _transformers()
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=16, num_labels=3,
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config._attn_implementation = "eager"
+        return tf.BertForSequenceClassification(config), torch.tensor([0, 2])
+    config = tf.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "eager"
+    return tf.GPT2LMHeadModel(config), None
+
+
+# torch nodes that must be gone per model (GPT-2's Conv1D projections call torch.addmm, which is not routed)
+HF_ROUTED = {"bert": {"AddmmBackward0", "SoftmaxBackward0", "TanhBackward0", "NllLossBackward0",
+                      "LogSoftmaxBackward0"},
+             "gpt2": {"SoftmaxBackward0", "TanhBackward0", "NllLossBackward0", "LogSoftmaxBackward0"}}
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_hugging_face_model_matches_torch(kind):
+    """BERT (nn.Linear, F.softmax in attention, tanh pooler, cross-entropy head) and GPT-2 (torch.tanh in its
+    GELU, softmax, the LM loss's F.cross_entropy): torch's loss and gradients, scratchops' graph."""
+    model, labels = _hf_model(kind)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    labels = ids if labels is None else labels
+    results = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with scratchops.use_backend("reference"), (scratchops.enable() if enabled else torch.enable_grad()):
+            loss = model(input_ids=ids, labels=labels).loss
+        nodes = graph_nodes(loss)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], nodes))
+    (ref, ref_grads, ref_nodes), (loss, grads, nodes) = results
+    assert HF_ROUTED[kind] & ref_nodes and not scratchops_nodes(ref_nodes)
+    assert not nodes & HF_ROUTED[kind], nodes & HF_ROUTED[kind]
+    assert len(scratchops_nodes(nodes)) >= 3, nodes
+    assert len(grads) == len(ref_grads)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ fallbacks: torch's op, torch's result
