@@ -186,7 +186,18 @@ class Conv2dFunction(torch.autograd.Function):
                 None, None, None, None, None, None)  # stride, padding, dilation, groups, channels_last, backend
 
 
-class Conv2dInputGradFunction(torch.autograd.Function):
+class _BilinearGradFunction(torch.autograd.Function):
+    """g = op(dy, t, size, *spec), bilinear in (dy, t): dgrad (t = w) or wgrad (t = x). The backward needs dy
+    for ∂/∂t and t for ∂/∂dy: each is saved only when that gradient is wanted."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, t, _, *spec = inputs
+        ctx.spec, ctx.t_size = spec, list(t.shape)
+        ctx.save_for_backward(dy if ctx.needs_input_grad[1] else None, t if ctx.needs_input_grad[0] else None)
+
+
+class Conv2dInputGradFunction(_BilinearGradFunction):
     """dx = dgrad(dy, w); backward: ∂/∂dy = conv(ggx, w), ∂/∂w = wgrad(dy, ggx)."""
     op = staticmethod(conv2d_bwd_input_op)  # the backend op, run directly when no graph is built
 
@@ -195,20 +206,14 @@ class Conv2dInputGradFunction(torch.autograd.Function):
         return conv2d_bwd_input_op(backend, dy, w, input_size, stride, padding, dilation, groups, channels_last)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        dy, w, _, *spec = inputs
-        ctx.spec, ctx.weight_size = spec, list(w.shape)
-        ctx.save_for_backward(dy if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
-
-    @staticmethod
     def backward(ctx, ggx):
         dy, w = ctx.saved_tensors
         g_dy = _conv(ctx.spec, ggx, w) if ctx.needs_input_grad[0] else None
-        g_w = _grad(Conv2dWeightGradFunction, ctx.spec, dy, ggx, ctx.weight_size) if ctx.needs_input_grad[1] else None
+        g_w = _grad(Conv2dWeightGradFunction, ctx.spec, dy, ggx, ctx.t_size) if ctx.needs_input_grad[1] else None
         return g_dy, g_w, None, None, None, None, None, None, None  # input_size, stride, ..., backend
 
 
-class Conv2dWeightGradFunction(torch.autograd.Function):
+class Conv2dWeightGradFunction(_BilinearGradFunction):
     """dw = wgrad(dy, x); backward: ∂/∂dy = conv(x, ggw), ∂/∂x = dgrad(dy, ggw)."""
     op = staticmethod(conv2d_bwd_weight_op)  # the backend op, run directly when no graph is built
 
@@ -217,16 +222,10 @@ class Conv2dWeightGradFunction(torch.autograd.Function):
         return conv2d_bwd_weight_op(backend, dy, x, weight_size, stride, padding, dilation, groups, channels_last)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        dy, x, _, *spec = inputs
-        ctx.spec, ctx.input_size = spec, list(x.shape)
-        ctx.save_for_backward(dy if ctx.needs_input_grad[1] else None, x if ctx.needs_input_grad[0] else None)
-
-    @staticmethod
     def backward(ctx, ggw):
         dy, x = ctx.saved_tensors
         g_dy = _conv(ctx.spec, x, ggw) if ctx.needs_input_grad[0] else None
-        g_x = _grad(Conv2dInputGradFunction, ctx.spec, dy, ggw, ctx.input_size) if ctx.needs_input_grad[1] else None
+        g_x = _grad(Conv2dInputGradFunction, ctx.spec, dy, ggw, ctx.t_size) if ctx.needs_input_grad[1] else None
         return g_dy, g_x, None, None, None, None, None, None, None  # weight_size, stride, ..., backend
 
 
