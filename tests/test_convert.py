@@ -24,10 +24,12 @@ class Custom(torch.nn.Module):
 
 
 def every_layer():
+    losses = {"mse": torch.nn.MSELoss(), "ce": torch.nn.CrossEntropyLoss(weight=torch.rand(5))}
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # torch >= 2.13
+        losses["lce"] = torch.nn.LinearCrossEntropyLoss(5, 4, bias=True)
     return torch.nn.Sequential(
         torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Flatten(),
-        torch.nn.Linear(3 * 4 * 4, 5), torch.nn.Sigmoid(), Custom(),
-        torch.nn.ModuleDict({"mse": torch.nn.MSELoss(), "ce": torch.nn.CrossEntropyLoss(weight=torch.rand(5))}))
+        torch.nn.Linear(3 * 4 * 4, 5), torch.nn.Sigmoid(), Custom(), torch.nn.ModuleDict(losses))
 
 
 def test_every_supported_layer_is_converted_in_place():
