@@ -119,6 +119,19 @@ def test_empty(backend, shape):
         _compare(*_case(*shape, prob=True), reduction=reduction)
 
 
+@pytest.mark.parametrize("wants", ["w", "b", "x", "t"])
+def test_some_inputs_need_no_gradient(backend, wants):
+    x, w, b, t, cw = _case(5, 4, 9, prob=True, weight=True)
+    leaves = {k: v.clone().requires_grad_(k == wants) for k, v in {"x": x, "w": w, "b": b, "t": t}.items()}
+    theirs = {k: v.clone().requires_grad_(k == wants) for k, v in {"x": x, "w": w, "b": b, "t": t}.items()}
+    a = SF_LCE(leaves["x"], leaves["w"], leaves["t"], linear_bias=leaves["b"], weight=cw, label_smoothing=0.1)
+    r = TF.linear_cross_entropy(theirs["x"], theirs["w"], theirs["t"], linear_bias=theirs["b"], weight=cw,
+                                label_smoothing=0.1)
+    a.backward()
+    r.backward()
+    torch.testing.assert_close(leaves[wants].grad, theirs[wants].grad)
+
+
 # ----------------------------------------------------------------- special values (issue 17)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
@@ -289,9 +302,9 @@ def test_module_loads_torch_state_dict(backend, kwargs):
 
 # ----------------------------------------------------------------- memory: no (N, C) tensor on the Triton backend
 class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (bytes) any op makes, INSIDE the scratchops custom ops too: with a dispatch mode active the
-    ops run as custom ops, and each is run here by its launcher with this mode pushed again, so every torch
-    allocation a launcher makes (torch.empty of a chunk, zeros of an accumulator...) passes through this mode."""
+    """Records the largest tensor (bytes) any op makes, INSIDE the scratchops custom ops too: with a dispatch mode
+    active the ops run as custom ops, and each is run here by its launcher with this mode pushed again, so every
+    torch allocation a launcher makes (torch.empty of a chunk, zeros of an accumulator...) passes through it."""
 
     def __init__(self):
         super().__init__()

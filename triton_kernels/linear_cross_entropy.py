@@ -19,9 +19,9 @@ fp64). The backward adds, at most at once,
     N·V_c·e  (one dZ chunk, e = x's element size)  +  N·H·4 (the fp32 dX accumulator; fp16/bf16 only)
     + C·a (class-weight gradient, probability targets only),   V_c = min(C, max(H, 512)) rounded up to 128,
 
-next to the gradients themselves (dX, dW, db: the inputs' sizes). No (N, C) logits or dlogits
-tensor exists: at B·T = 16384, H = 4096, C = 128256 in bf16 that is 128 MiB + 256 MiB instead of
-the 4 GiB bf16 logits (and more for their softmax and gradient) of the unfused path.
+next to the gradients (dX, dW, db: the inputs' sizes). No (N, C) logits or dlogits tensor exists: at
+B·T = 16384, H = 4096, C = 128256, bf16, that is 128 + 256 MiB instead of 4 GiB of bf16 logits (plus
+their softmax and gradient) on the unfused path.
 """
 import torch
 import triton
@@ -115,9 +115,7 @@ def _lce_fwd_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     rv = tl.arange(0, BLOCK_V)
     if PROB:
-        active = n_mask
-        wt = tl.zeros((BLOCK_N,), ACC)
-        t = rows
+        t, active, wt = rows, n_mask, tl.zeros((BLOCK_N,), ACC)
     else:
         t, active, wt = _row_target(t_ptr, cw_ptr, rows, n_mask, stride_tn, ignore_index, eps, HAS_WEIGHT, ACC)
     m = tl.full((BLOCK_N,), float("-inf"), ACC)  # running max
@@ -224,7 +222,8 @@ def _lce_gemm_kernel(
         # strides
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rs,
         # constexprs (PRODUCT False: the row sums alone)
-        PRODUCT: tl.constexpr, ACCUMULATE: tl.constexpr, ROW_SUM: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        PRODUCT: tl.constexpr, ACCUMULATE: tl.constexpr, ROW_SUM: tl.constexpr,
+        ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -272,17 +271,10 @@ def chunk_width(c: int, h: int) -> int:
     return min(_round_up(max(c, 1), 128), _round_up(max(h, CHUNK_MIN), 128))
 
 
-def _row_grid(n, width):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
-
-
 def _target_strides(target, s):
     """(target at position s, stride_tn, stride_tv)."""
-    if target.is_floating_point():
-        ts = target[:, :, s]
-        return ts, ts.stride(0), ts.stride(1)
-    ts = target[:, s]
-    return ts, ts.stride(0), 0
+    ts = target[:, :, s] if target.is_floating_point() else target[:, s]
+    return ts, ts.stride(0), ts.stride(1) if target.is_floating_point() else 0
 
 
 def _common_args(x, w, b, target, weight, label_smoothing):
@@ -320,11 +312,8 @@ def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
 
 
 def _gemm_launch(a, b, c_out, rs, cls, *, product: bool, accumulate: bool, row_sum: bool, precision):
-    m, k = a.shape
-    if not (product or row_sum):
-        return
-    ncols = c_out.shape[1] if product else 1
-    if m == 0 or ncols == 0:
+    (m, k), ncols = a.shape, c_out.shape[1] if product else 1
+    if not (product or row_sum) or m == 0 or ncols == 0:
         return
     _gemm(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(ncols, meta["BLOCK_N"]),),
           a, b, c_out, rs, m, ncols, k,
@@ -341,7 +330,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
     c, s_len = w.shape[0], w.shape[1]
     cd = stats.dtype
     eps, cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
-    dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else empty  # the accumulator
+    dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else x.new_empty((0,))  # the accumulator
     dw = torch.empty(w.shape, dtype=w.dtype, device=x.device) if need_w else x.new_empty((0,))
     db = torch.empty((c, s_len), dtype=x.dtype, device=x.device) if need_b else x.new_empty((0,))
     dcw = torch.zeros((c,), dtype=cd, device=x.device) if need_weight else x.new_empty((0,))
@@ -360,7 +349,8 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
             wd = min(width, c - v0)
             dzc = dz[:, :wd]
             if n:
-                _dlogits(_row_grid(n, wd), x, ws, bs, ts, weight if weight is not None else ws, ss, gs, denom,
+                grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(wd, meta["BLOCK_V"]),)  # noqa: E731
+                _dlogits(grid, x, ws, bs, ts, weight if weight is not None else ws, ss, gs, denom,
                          dzc, dqs, dcw if need_weight else ss,
                          n, c, h, v0, wd,
                          x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), bs.stride(0), stride_tn, stride_tv,
@@ -384,8 +374,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
 def aot_configs():
     """The sm_90 compiles of the launches above, for S = 1 (unit strides as a launch specializes them), every dtype
     class: the plainest and the fullest variant of each kernel (index targets; probability targets with all on)."""
-    row_variants = [  # (PROB, HAS_BIAS, HAS_WEIGHT, SMOOTH)
-        (False, False, False, False), (False, True, True, True), (True, True, True, True)]
+    row_variants = [(False, False, False, False), (False, True, True, True), (True, True, True, True)]
     for cls, types in CLASS_TYPES.items():
         for t in types:
             acc = "fp64" if t == "fp64" else "fp32"
@@ -394,18 +383,16 @@ def aot_configs():
                 flags = dict(PROB=prob, HAS_BIAS=has_bias, HAS_WEIGHT=has_weight, SMOOTH=smooth,
                              stride_xk=1, stride_wk=1, stride_b=1, stride_sn=1, **consts)
                 flags.update(stride_tv=1) if prob else flags.update(stride_tn=1)
-                pointers = {"t_ptr": t if prob else "i64", "loss_ptr": acc, "stats_ptr": acc, "g_ptr": acc,
-                            "d_ptr": acc, "dcw_ptr": acc}
-                ints = {"ignore_index": "i64", "eps": "fp32"}
-                yield from _fwd.aot(t, {**flags, "stride_ln": 1}, cls=cls, ints=ints, pointers=pointers)
-                yield from _dlogits.aot(t, {**flags, "NEED_DQ": prob, "NEED_DCW": prob, "stride_dzv": 1,
-                                            "stride_dqv": 1}, cls=cls, ints=ints, pointers=pointers)
-            gemm = {"ACC": consts["ACC"], "INPUT_PRECISION": consts["INPUT_PRECISION"], "stride_bn": 1, "stride_cn": 1,
-                    "stride_rs": 1}
+                pointers = {"t_ptr": t if prob else "i64", **dict.fromkeys(("loss_ptr", "stats_ptr", "g_ptr", "d_ptr",
+                                                                           "dcw_ptr"), acc)}
+                kw = dict(cls=cls, ints={"ignore_index": "i64", "eps": "fp32"}, pointers=pointers)
+                yield from _fwd.aot(t, {**flags, "stride_ln": 1}, **kw)
+                bwd = {"NEED_DQ": prob, "NEED_DCW": prob, "stride_dzv": 1, "stride_dqv": 1}
+                yield from _dlogits.aot(t, {**flags, **bwd}, **kw)
+            gemm = {**consts, "stride_bn": 1, "stride_cn": 1, "stride_rs": 1}
             # dX += dZ W_chunk (fp32/fp64 accumulator); dW_chunk = dZᵀ X; db_chunk = Σ_n dZ
             yield from _gemm.aot(t, {**gemm, "PRODUCT": True, "ACCUMULATE": True, "ROW_SUM": False, "stride_ak": 1},
                                  cls=cls, pointers={"c_ptr": acc, "rs_ptr": acc})
-            yield from _gemm.aot(t, {**gemm, "PRODUCT": True, "ACCUMULATE": False, "ROW_SUM": False, "stride_am": 1},
-                                 cls=cls)
-            yield from _gemm.aot(t, {**gemm, "PRODUCT": False, "ACCUMULATE": False, "ROW_SUM": True, "stride_am": 1},
-                                 cls=cls)
+            for product in (True, False):
+                yield from _gemm.aot(t, {**gemm, "PRODUCT": product, "ACCUMULATE": False, "ROW_SUM": not product,
+                                         "stride_am": 1}, cls=cls)
