@@ -36,7 +36,7 @@ import struct
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend, triton_unavailable_reason
+from scratchops._backend import Function, backend_op, choose_backend, triton_unavailable_reason
 from scratchops._common import FLOAT_DTYPES, check_inplace, check_tensor, compute_dtype, dtype_groups, type_name
 
 KERNELS = "regularization"
@@ -147,7 +147,7 @@ def _masked(v, seed, p, stride, backend):
     return dropout_bwd_op(backend, v, seed, p, stride)
 
 
-class DropoutFunction(torch.autograd.Function):
+class DropoutFunction(Function):
     """y = D x with D = diag(mask) / (1 - p), the mask drawn from ``seed``; backward dx = D dy (the mask
     regenerated from the seed: nothing of x's size is saved). Linear: every higher derivative is D again."""
 
@@ -222,7 +222,7 @@ def _dot(tensors, others, weight_decay, out_dtype, backend):
     return l2_penalty_dot_op(backend, list(tensors), list(others), weight_decay, out_dtype)
 
 
-class L2PenaltyFunction(torch.autograd.Function):
+class L2PenaltyFunction(Function):
     """P = λ Σ_t Σ w_t²; backward dw_t = 2λ g w_t (L2PenaltyBackwardFunction under create_graph)."""
 
     @staticmethod
@@ -245,7 +245,7 @@ class L2PenaltyFunction(torch.autograd.Function):
                 *_scaled(needed, tensors, g, ctx.weight_decay, ctx.backend))
 
 
-class L2PenaltyBackwardFunction(torch.autograd.Function):
+class L2PenaltyBackwardFunction(Function):
     """The flat gradient buffers of 2λ g w_t (one per dtype group); backward, with v_t its incoming gradient:
     ∂/∂g = 2λ Σ_t <v_t, w_t> (L2DotFunction), ∂/∂w_t = 2λ g v_t (this Function again)."""
 
@@ -267,7 +267,7 @@ class L2PenaltyBackwardFunction(torch.autograd.Function):
                 *_scaled(ctx.needs_input_grad[3:], v, grad, ctx.weight_decay, ctx.backend))
 
 
-class L2DotFunction(torch.autograd.Function):
+class L2DotFunction(Function):
     """D = λ Σ_t <a_t, b_t> (inputs: λ, out_dtype, backend, T, a_1..a_T, b_1..b_T); backward
     ∂/∂a_t = λ h b_t and ∂/∂b_t = λ h a_t, the gradient kernel with λ/2 (it computes 2·(λ/2)·h·x)."""
 
