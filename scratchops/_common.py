@@ -12,6 +12,7 @@ Torch only, no Triton: importing it never starts Triton. One owner per fact:
 from __future__ import annotations
 
 import enum
+import warnings
 
 import torch
 
@@ -52,6 +53,28 @@ class Reduction(enum.IntEnum):
 
 
 REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
+LEGACY_REDUCTION_WARNING = "size_average and reduce args will be deprecated, please use reduction='{}' instead."
+
+
+def legacy_reduction(size_average, reduce, stacklevel: int = 4) -> str:
+    """torch's rule for the deprecated size_average/reduce flags (each defaults to True), with its warning."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = "mean" if (size_average and reduce) else ("sum" if reduce else "none")
+    warnings.warn(LEGACY_REDUCTION_WARNING.format(reduction), stacklevel=stacklevel)
+    return reduction
+
+
+def reduction_code(reduction: str, stacklevel: int = 4) -> Reduction:
+    """A loss's ``reduction`` string as its code: torch's ValueError for an unknown one, and its warning for
+    the deprecated "elementwise_mean"."""
+    if reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                      stacklevel=stacklevel)
+        return Reduction.MEAN
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return REDUCTIONS[reduction]
 
 
 class Activation(enum.IntEnum):

@@ -7,9 +7,10 @@ this module is the public list.
 """
 from scratchops.activations import relu, relu_, sigmoid, tanh
 from scratchops.conv2d import conv2d
+from scratchops.cross_entropy import cross_entropy
 from scratchops.linear import linear
 from scratchops.linear_cross_entropy import linear_cross_entropy
-from scratchops.losses import cross_entropy, mse_loss
+from scratchops.mse import mse_loss
 from scratchops.regularization import dropout, l2_penalty
 from scratchops.softmax import log_softmax, softmax
 
