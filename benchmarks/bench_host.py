@@ -34,8 +34,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = _hostbench.measure(tuple(args.ops), reps=args.reps, mode=args.mode)
     if args.json:
-        text = json.dumps({"mode": args.mode, "torch": torch.__version__, "threads": args.threads, "rows": rows},
-                          indent=1)
+        import triton
+
+        text = json.dumps({"mode": args.mode, "torch": torch.__version__, "triton": triton.__version__,
+                           "threads": args.threads, "reps": args.reps, "rows": rows}, indent=1)
         if args.json == "-":
             print(text)
         else:
