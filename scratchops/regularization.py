@@ -46,7 +46,10 @@ SEED_HIGH = 2**63 - 1  # seeds are drawn uniformly from [0, 2^63 - 1)
 # ----------------------------------------------------------------- layouts
 def _out_strides(x: torch.Tensor) -> list[int]:
     """The output's (dense) layout, as torch's ``x * empty_like(x)``: x's strides when x is dense, else the
-    memory format empty_like suggests. Asked of a meta tensor: no memory, and it traces under torch.compile."""
+    memory format empty_like suggests. Asked of a meta tensor: no memory, and it traces under torch.compile.
+    A contiguous x (the common case) is dense: its own strides, without the meta tensor."""
+    if x.is_contiguous():
+        return list(x.stride())
     return list(torch.empty_like(x, device="meta").stride())
 
 

@@ -21,6 +21,7 @@ block → tensor map tells a program which tensor it reads. Two kernels:
   and the gradient of the gradient).
 """
 import collections
+import functools
 import struct
 
 import torch
@@ -75,8 +76,10 @@ def _dropout_kernel(x_ptr, seed_ptr, y_ptr,  # pointers: input, 0-d int64 seed, 
 
 
 _dropout = Kernel(_dropout_kernel, [config(num_warps=4, BLOCK=2048)])  # four quarters of 512: one Philox call a lane
+DROPOUT_BLOCK = _dropout.interpreter.kwargs["BLOCK"]  # its one config everywhere: the grid is a plain tuple
 
 
+@functools.lru_cache(maxsize=64)
 def _scale_bits(p: float, dtype: torch.dtype) -> int:
     """The bits of 1/(1-p) as a float64, rounded as torch rounds it for ``dtype`` (1.0 for p = 1: unused)."""
     if p >= 1:
@@ -92,7 +95,7 @@ def _scale_bits(p: float, dtype: torch.dtype) -> int:
 def _launch_dropout(src: torch.Tensor, seed: torch.Tensor, p: float, dst: torch.Tensor) -> None:
     n = dst.numel()
     if n:
-        _dropout(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), src, seed, dst, n, p, _scale_bits(p, dst.dtype),
+        _dropout((triton.cdiv(n, DROPOUT_BLOCK),), src, seed, dst, n, p, _scale_bits(p, dst.dtype),
                  ACC=acc_dtype(dst.dtype))
 
 
