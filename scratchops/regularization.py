@@ -142,6 +142,18 @@ l2_penalty_dot_op = backend_op("l2_penalty_dot", l2_penalty_dot, KERNELS)
 l2_penalty_bwd_op = backend_op("l2_penalty_bwd", l2_penalty_bwd, KERNELS, fake=_l2_penalty_bwd_fake)
 
 
+# ----------------------------------------------------------------- torch.func
+def _per_sample(info, in_dims, args, apply):
+    """A vmap rule by a loop over the batch: ``apply`` on sample i of every batched argument (the others as
+    they are), the results stacked at dim 0. Exact for these ops (a sample's result depends on that sample
+    only), one launch per sample; a batched seed (vmap's randomness="different") gives each sample its own."""
+    outs = [apply(*[a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)])
+            for i in range(info.batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outs)), tuple(0 for _ in outs[0])
+    return torch.stack(outs), 0
+
+
 # ----------------------------------------------------------------- autograd: dropout
 def _masked(v, seed, p, stride, backend):
     """D v (the mask of ``seed``, scaled): differentiable (again D) when a graph is being built (create_graph)."""
@@ -169,6 +181,10 @@ class DropoutFunction(Function):
         dx = _masked(dy, seed, ctx.p, ctx.stride, ctx.backend) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None  # x, seed, p, stride, backend
 
+    @classmethod
+    def vmap(cls, info, in_dims, x, seed, p, stride, backend):
+        return _per_sample(info, in_dims, (x, seed, p, stride, backend), cls.apply)
+
 
 class DropoutBackwardFunction(DropoutFunction):
     """dx = D dy, dropout's backward as a Function of dy: its backward is D again (DropoutFunction's)."""
@@ -191,6 +207,11 @@ class DropoutInplaceFunction(DropoutFunction):
         x, seed, ctx.p, ctx.stride, ctx.backend = inputs
         ctx.mark_dirty(x)
         ctx.save_for_backward(seed)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError("scratchops: dropout(inplace=True) under torch.func.vmap is not supported; "
+                                  "use inplace=False")
 
 
 # ----------------------------------------------------------------- autograd: l2_penalty
@@ -247,6 +268,10 @@ class L2PenaltyFunction(Function):
         return (None, None, None,  # weight_decay, out_dtype, backend
                 *_scaled(needed, tensors, g, ctx.weight_decay, ctx.backend))
 
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(info, in_dims, args, L2PenaltyFunction.apply)
+
 
 class L2PenaltyBackwardFunction(Function):
     """The flat gradient buffers of 2λ g w_t (one per dtype group); backward, with v_t its incoming gradient:
@@ -269,6 +294,10 @@ class L2PenaltyBackwardFunction(Function):
         return (dgrad, None, None,  # grad, weight_decay, backend
                 *_scaled(ctx.needs_input_grad[3:], v, grad, ctx.weight_decay, ctx.backend))
 
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(info, in_dims, args, L2PenaltyBackwardFunction.apply)
+
 
 class L2DotFunction(Function):
     """D = λ Σ_t <a_t, b_t> (inputs: λ, out_dtype, backend, T, a_1..a_T, b_1..b_T); backward
@@ -290,6 +319,10 @@ class L2DotFunction(Function):
         return (None, None, None, None,  # weight_decay, out_dtype, backend, count
                 *_scaled(needed[:ctx.count], b, h, half, ctx.backend),
                 *_scaled(needed[ctx.count:], a, h, half, ctx.backend))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_sample(info, in_dims, args, L2DotFunction.apply)
 
 
 # ----------------------------------------------------------------- functional

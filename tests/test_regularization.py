@@ -471,6 +471,38 @@ def test_l2_penalty_second_derivatives_match_torch(backend):
     assert all(h.grad_fn is not None for h in hv_a)
 
 
+# ----------------------------------------------------------------- torch.func (issue 13)
+def test_l2_penalty_torch_func(backend):
+    w, v = make((3, 4), torch.float64, seed=1), make((5,), torch.float64, seed=2)
+    ours, theirs = (lambda a, b: SF.l2_penalty([a, b], 0.3)), (lambda a, b: _torch_formula([a, b], 0.3))
+    for transform in (lambda f: torch.func.grad(f, argnums=(0, 1)), lambda f: torch.func.jacrev(f, argnums=(0, 1))):
+        for a, b in zip(transform(ours)(w, v), transform(theirs)(w, v)):
+            torch.testing.assert_close(a, b)
+    hessian = torch.func.jacrev(torch.func.jacrev(lambda a: SF.l2_penalty([a, v], 0.3)))(w)
+    torch.testing.assert_close(hessian, torch.func.hessian(lambda a: _torch_formula([a, v], 0.3))(w))
+    batch = make((6, 3, 4), torch.float64, seed=3)
+    torch.testing.assert_close(torch.func.vmap(lambda a: SF.l2_penalty([a, v], 0.3))(batch),
+                               torch.func.vmap(lambda a: _torch_formula([a, v], 0.3))(batch))
+
+
+def test_dropout_torch_func(backend):
+    x = make((4, 6), torch.float64, low=1.0, high=2.0)
+    with pytest.raises(RuntimeError, match="randomness"):  # as torch's dropout under vmap's default
+        torch.func.vmap(lambda a: SF.dropout(a, 0.5))(x)
+    check_same_error(lambda t: torch.func.vmap(lambda a: SF.dropout(a, 0.5))(t),
+                     lambda t: torch.func.vmap(lambda a: TF.dropout(a, 0.5))(t), x)
+    same = _seeded(torch.func.vmap(lambda a: SF.dropout(a, 0.5), randomness="same"))(x)
+    assert torch.equal(same == 0, (same == 0)[:1].expand_as(same)), "randomness='same': one mask"
+    different = _seeded(torch.func.vmap(lambda a: SF.dropout(a, 0.5), randomness="different"))(x)
+    assert not torch.equal(different == 0, (different == 0)[:1].expand_as(different))
+    kept = different != 0
+    torch.testing.assert_close(different[kept], (x * 2)[kept], rtol=0, atol=0)
+    v = x[0]
+    jacobian = _seeded(torch.func.jacrev(lambda a: SF.dropout(a, 0.5)))(v)
+    y = _seeded(SF.dropout)(v, 0.5)
+    torch.testing.assert_close(jacobian, torch.diag(y / v), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------- threads (issue 16, item 9)
 def test_l2_penalty_and_sgd_in_two_threads(backend):
     """Interpreted launches from two threads at once used to crash the process (the interpreter patches module
