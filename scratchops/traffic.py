@@ -20,7 +20,8 @@ forward under ``torch.no_grad``; ``step``: an optimizer step in the steady state
 
 and the op's **compulsory** bytes: each tensor the math needs read once and each result written
 once (the ``CASES`` table), with the ratio (kernel + glue bytes) / compulsory.
-Device transfers are invisible here (everything is on the CPU).
+Everything runs on the CPU: device transfers are invisible, and a launcher that branches on the
+device takes its CPU branch (e.g. cross_entropy's target check, a host sync on CPU by design).
 """
 from __future__ import annotations
 
