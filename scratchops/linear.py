@@ -1,52 +1,35 @@
-r"""Linear: y = act(x Wᵀ + b), with the bias and the activation fused into the matmul.
+r"""Linear: y = act(x Wᵀ + b), the bias and the activation (none, relu, sigmoid, tanh) fused into the matmul.
 
-Shapes: x (M, K) (leading dims of the input are flattened into M), W (N, K),
-b (N,), z = x Wᵀ + b and y = act(z), both (M, N); act is none, relu, sigmoid or tanh.
+x (M, K) (an input's leading dims flattened into M), W (N, K), b (N,) or, broadcast as torch does, (M, N);
+z = x Wᵀ + b and y = act(z) are (M, N). With s(y) = act'(z) written with the saved OUTPUT y (z is never
+kept): none s = 1, relu s = [y > 0], sigmoid s = y (1 - y), tanh s = 1 - y²; dZ = dY ⊙ s(y) and
 
-Forward:
+    dX = dZ · W (M, K)      dW = dZᵀ · X (N, K)      db = Σ_m dZ[m, :] (N,), or dZ itself for an (M, N) bias
 
-    z[m, n] = Σ_k x[m, k] W[n, k] + b[n]          y = act(z)
+Saved: x only when W needs a gradient, W only when x needs one, y only with an activation. dZ is formed
+inside the backward kernels as dY and y are loaded (no separate elementwise pass).
 
-Backward, with dZ = dY ⊙ act'(z) written with the saved OUTPUT y (z is never kept):
+Double backward: each backward piece is a Function with a hand-derived backward (LinearGradInputFunction,
+LinearGradWeightFunction, LinearGradBiasFunction; the activations' ActivationGradFunction and
+ActivationGradYFunction for the elementwise terms). dX and dW are linear in dY, W and X, so their
+derivatives are linear's own products (the same kernels). With s' = ds/dy (relu 0, sigmoid 1 - 2y,
+tanh -2y) the chain through y = act(z) gives act'' = s' s: sigmoid'' = y (1 - y)(1 - 2y),
+tanh'' = -2y (1 - y²), relu'' = 0. Third derivatives through a fused activation raise (the activations'
+limit); without one any order works. Nothing more is saved for the first backward. Forward mode: below.
 
-    none      dZ = dY
-    relu      dZ = dY ⊙ [y > 0]
-    sigmoid   dZ = dY ⊙ y (1 - y)
-    tanh      dZ = dY ⊙ (1 - y²)
-
-    dX = dZ · W        (M, K)
-    dW = dZᵀ · X       (N, K)
-    db = Σ_m dZ[m, :]  (N,)
-
-Saved for backward: x only when W needs a gradient, W only when x needs one, and
-y only when there is an activation. dZ is formed inside the backward kernels as
-dY and y are loaded: there is no separate elementwise pass. A bias that varies along
-the rows too ((M, N), (M, 1): broadcast as torch does) gets db = dZ itself.
-
-Double backward. Each piece of the backward is itself a Function with a hand-derived
-backward (LinearGradInputFunction, LinearGradWeightFunction, LinearGradBiasFunction; the
-activations' ActivationGradFunction / ActivationGradYFunction for the elementwise terms).
-dX and dW are linear in dY, W and X, so their derivatives are linear's own products again
-(the same kernels); with s(y) = act'(z) written with y, and s' its derivative in y:
-
-    relu      s = [y > 0]       s' = 0          act'' = 0
-    sigmoid   s = y (1 - y)     s' = 1 - 2y     act'' = s' s = y (1 - y)(1 - 2y)
-    tanh      s = 1 - y²        s' = -2y        act'' = s' s = -2y (1 - y²)
-
-Third derivatives through a fused activation raise (the activations' limit); without one,
-any order works. Nothing more is saved for the first backward.
-
-The reference formulas below use ``torch.matmul`` for the plain products (the
-building block; the linear op itself, its bias, activation and gradients are
-written out here).
+The reference formulas use ``torch.matmul`` for the plain products (the building block; the linear op,
+its bias, activation and gradients are written out here).
 """
 import contextlib
+import functools
 
 import torch
 
-from scratchops._backend import Function, backend_op, choose_backend
+from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
 from scratchops._common import check_same_device, check_tensor, compute_dtype, type_name
-from scratchops.activations import ActivationGradFunction, ActivationGradYFunction, activate, activation_grad
+from scratchops import activations
+from scratchops.activations import (ActivationGradFunction, ActivationGradJvpFunction, ActivationGradYFunction,
+                                    activate, activation_grad)
 
 KERNELS = "linear"
 KERNELS_BWD = "linear_bwd"
@@ -56,9 +39,8 @@ ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 # ----------------------------------------------------------------- reference math
 def _no_autocast(t: torch.Tensor):
     """The reference formulas run in the dtypes they name, even when called under autocast."""
-    if t.device.type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(t.device.type, enabled=False)
+    on = t.device.type in ("cpu", "cuda")
+    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def _compute(dtype: torch.dtype) -> torch.dtype:
@@ -113,21 +95,17 @@ linear_bwd_bias_op = backend_op("linear_bwd_bias", linear_bwd_bias, KERNELS_BWD)
 
 
 # ----------------------------------------------------------------- autograd
-# Each backward is built from differentiable Functions (their own backward hand-derived, running the same
-# kernels), so gradients of gradients work. Without create_graph (grad mode off in the backward) the ops
-# run directly: no graph to record, no Function overhead.
-#
-# torch.func's vjp runs a backward after its transform level has exited, on "dead" wrapper tensors; torch's
-# Function.apply unwraps those, scratchops' fast apply does not, so the backward pieces unwrap them here.
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-
-
+# Backward pieces are differentiable Functions; without create_graph (grad mode off) their ops run directly.
+# torch.func's vjp runs a backward after its level has exited, on "dead" wrappers: torch's Function.apply
+# unwraps those, scratchops' fast apply does not, so the pieces unwrap them here.
 def _live(args):
-    return [_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
+    return [torch._C._functorch.unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _call(function, *args):
     args = _live(args)
+    if forward_mode():
+        return _JVP[function].apply(*args)
     return function.apply(*args) if torch.is_grad_enabled() else function.forward(*args)
 
 
@@ -135,7 +113,8 @@ def _times_s(g, y, activation, backend):
     """g ⊙ s(y) with s(y) = act'(z) written with the output (dZ from dY): the activations' own Function."""
     if activation == "none":
         return g
-    return ActivationGradFunction.apply(*_live((y, g)), activation, backend)
+    function = ActivationGradJvpFunction if forward_mode() else ActivationGradFunction
+    return function.apply(*_live((y, g)), activation, backend)
 
 
 def _times_ds(g, dy, y, activation, backend):
@@ -147,7 +126,7 @@ def _times_ds(g, dy, y, activation, backend):
 
 def _vmap_by_rows(function, info, in_dims, *args):
     """vmap rule: the Function applied to each batch entry, stacked (correct for any operand batched)."""
-    outs = [function.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+    outs = [_call(function, *(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
             for i in range(info.batch_size)]
     if isinstance(outs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
@@ -155,11 +134,7 @@ def _vmap_by_rows(function, info, in_dims, *args):
 
 
 class LinearFunction(Function):
-    """x (M, K), W (N, K), b (N,), (M, N) or None -> y = act(x Wᵀ + b) (M, N).
-
-    Backward (module docstring): dX, dW and a vector db from the fused kernels; a matrix db is dZ itself.
-    Saved: x if W needs a gradient, W if x does, y if there is an activation (never z).
-    """
+    """x (M, K), W (N, K), b (N,), (M, N) or None -> y = act(x Wᵀ + b) (M, N); backward: module docstring."""
 
     @staticmethod
     def forward(x, w, b, activation, backend):
@@ -173,6 +148,8 @@ class LinearFunction(Function):
         # Only what the backward reads: x for dW, W for dX, y for act'(z).
         ctx.save_for_backward(x if need_w else None, w if need_x else None, output if keep_y else None)
         ctx.bias_dim = None if b is None else b.dim()
+        if forward_mode():
+            ctx.save_for_forward(x, w, output)
 
     @staticmethod
     def backward(ctx, dy):
@@ -194,20 +171,11 @@ class LinearFunction(Function):
             db = _times_s(dy, y, act, backend)  # a bias per output element: db = dZ
         return dx, dw, db, None, None  # activation, backend
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_rows(LinearFunction, info, in_dims, *args)
-
 
 class LinearGradInputFunction(Function):
-    """dX = (dY ⊙ s(y)) · W, the first backward's dX, s(y) = act'(z) written with y.
-
-    Backward, for an incoming gX (M, K), with G = gX · Wᵀ (M, N) (a linear forward):
-        d(dY) = G ⊙ s(y)
-        d(W)  = (dY ⊙ s(y))ᵀ · gX       the dW kernel with X := gX
-        d(y)  = G ⊙ dY ⊙ s'(y)          chained through y = act(z): act''(z) = s'(y) s(y), i.e.
-                                        sigmoid'' = y(1 - y)(1 - 2y), tanh'' = -2y(1 - y²), relu'' = 0
-    """
+    """dX = (dY ⊙ s(y)) · W. Backward, for gX (M, K), with G = gX · Wᵀ (M, N) (a linear forward):
+    d(dY) = G ⊙ s(y);  d(W) = (dY ⊙ s(y))ᵀ · gX (the dW kernel, X := gX);  d(y) = G ⊙ dY ⊙ s'(y), which
+    chained through y = act(z) is act''(z) = s'(y) s(y): sigmoid'' = y(1 - y)(1 - 2y), tanh'' = -2y(1 - y²)."""
 
     @staticmethod
     def forward(dy, w, y, activation, backend):
@@ -217,6 +185,8 @@ class LinearGradInputFunction(Function):
     def setup_context(ctx, inputs, output):
         dy, w, y, ctx.activation, ctx.backend = inputs
         ctx.save_for_backward(dy, w, y)
+        if forward_mode():
+            ctx.save_for_forward(dy, w, y)
 
     @staticmethod
     def backward(ctx, gx):
@@ -232,17 +202,10 @@ class LinearGradInputFunction(Function):
             g_w = _call(LinearGradWeightFunction, dy, gx, y, act, False, backend)[0]
         return g_dy, g_w, g_y, None, None  # activation, backend
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_rows(LinearGradInputFunction, info, in_dims, *args)
-
 
 class LinearGradWeightFunction(Function):
-    """(dW, db) = ((dY ⊙ s(y))ᵀ · X, Σ_m dY ⊙ s(y)) (db empty unless ``with_bias``).
-
-    Backward, for incoming gW (N, K) and gb (N,), with G = X · gWᵀ + gb (M, N) (a linear forward, gb its bias):
-        d(dY) = G ⊙ s(y)        d(y) = G ⊙ dY ⊙ s'(y)        d(X) = (dY ⊙ s(y)) · gW   (the dX kernel)
-    """
+    """(dW, db) = ((dY ⊙ s(y))ᵀ · X, Σ_m dY ⊙ s(y)) (db empty without a bias). Backward, for gW, gb, with
+    G = X · gWᵀ + gb (a linear forward): d(dY) = G ⊙ s(y), d(y) = G ⊙ dY ⊙ s'(y), d(X) = (dY ⊙ s(y)) · gW."""
 
     @staticmethod
     def forward(dy, x, y, activation, with_bias, backend):
@@ -255,6 +218,8 @@ class LinearGradWeightFunction(Function):
         if not ctx.with_bias:
             ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(dy, x, y)
+        if forward_mode():
+            ctx.save_for_forward(dy, x, y)
 
     @staticmethod
     def backward(ctx, gw, gb):
@@ -271,10 +236,6 @@ class LinearGradWeightFunction(Function):
             g_x = _call(LinearGradInputFunction, dy, gw, y, act, backend)
         return g_dy, g_x, g_y, None, None, None  # activation, with_bias, backend
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_rows(LinearGradWeightFunction, info, in_dims, *args)
-
 
 class LinearGradBiasFunction(Function):
     """db = Σ_m dY ⊙ s(y). Backward, for gb (N,), with G = gb broadcast over the rows:
@@ -288,6 +249,8 @@ class LinearGradBiasFunction(Function):
     def setup_context(ctx, inputs, output):
         dy, y, ctx.activation, ctx.backend = inputs
         ctx.save_for_backward(dy, y)
+        if forward_mode():
+            ctx.save_for_forward(dy, y)
 
     @staticmethod
     def backward(ctx, gb):
@@ -298,9 +261,64 @@ class LinearGradBiasFunction(Function):
         g_y = _times_ds(g, dy, y, ctx.activation, ctx.backend) if need_y else None
         return g_dy, g_y, None, None  # activation, backend
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_rows(LinearGradBiasFunction, info, in_dims, *args)
+
+# ----------------------------------------------------------------- forward mode (torch.func.jvp, jacfwd, hessian)
+# Each piece is linear in each matrix operand and depends on y through s(y) only:
+#   y = act(x Wᵀ + b)            y_t = s(y) ⊙ (x_t Wᵀ + x W_tᵀ + b_t)
+#   F(dY, M, y) = (dY ⊙ s(y))∘M  F_t = F(dY_t, M, y) + F(dY, M_t, y) + F(y_t ⊙ dY ⊙ s'(y), M, none)
+# (F: the dX, dW/db and db pieces; the jvp-carrying Functions are applied only in forward mode: dynamo
+# cannot trace a Function with jvp.)
+def _sum(terms):
+    out = None
+    for t in terms:
+        if isinstance(t, tuple):
+            out = t if out is None else tuple(o if p is None else p if o is None else o + p for o, p in zip(out, t))
+        elif t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+def _linear_jvp(ctx, x_t, w_t, b_t, _activation, _backend):
+    x, w, y = ctx.saved_tensors
+    parts = [(a, m) for a, m in ((x_t, w), (x, w_t)) if a is not None and m is not None]
+    z_t = _sum(_call(LinearFunction, a, m, b_t if i == 0 else None, "none", ctx.backend)
+               for i, (a, m) in enumerate(parts)) if parts else b_t.expand(y.shape)
+    return _times_s(z_t, y, ctx.activation, ctx.backend)
+
+
+def _piece_jvp(piece, ctx, dy, y, dy_t, y_t, operand_term):
+    """F_t of a backward piece ``piece(dy, y, activation)`` (matrix operand bound); operand_term: F(dY, M_t, y)."""
+    act, backend = ctx.activation, ctx.backend
+    s_term = piece(_times_ds(y_t, dy, y, act, backend), None, "none") if y_t is not None and \
+        act in ("sigmoid", "tanh") else None
+    return _sum([piece(dy_t, y, act) if dy_t is not None else None, s_term, operand_term])
+
+
+def _grad_input_jvp(ctx, dy_t, w_t, y_t, _activation, _backend):
+    dy, w, y = ctx.saved_tensors
+    piece = (lambda d, yy, a, m=w: _call(LinearGradInputFunction, d, m, yy, a, ctx.backend))
+    return _piece_jvp(piece, ctx, dy, y, dy_t, y_t, piece(dy, y, ctx.activation, w_t) if w_t is not None else None)
+
+
+def _grad_weight_jvp(ctx, dy_t, x_t, y_t, _activation, _with_bias, _backend):
+    dy, x, y = ctx.saved_tensors
+    piece = (lambda d, yy, a, m=x, wb=ctx.with_bias: _call(LinearGradWeightFunction, d, m, yy, a, wb, ctx.backend))
+    x_term = (piece(dy, y, ctx.activation, x_t, False)[0], None) if x_t is not None else None  # db has no X
+    dw_t, db_t = _piece_jvp(piece, ctx, dy, y, dy_t, y_t, x_term)
+    return dw_t, db_t if ctx.with_bias else None  # without a bias, db is a non-differentiable empty output
+
+
+def _grad_bias_jvp(ctx, dy_t, y_t, _activation, _backend):
+    dy, y = ctx.saved_tensors
+    piece = (lambda d, yy, a: _call(LinearGradBiasFunction, d, yy, a, ctx.backend))
+    return _piece_jvp(piece, ctx, dy, y, dy_t, y_t, None)
+
+
+_JVP = {f: with_jvp(f, jvp) for f, jvp in ((LinearFunction, _linear_jvp), (LinearGradInputFunction, _grad_input_jvp),
+                                           (LinearGradWeightFunction, _grad_weight_jvp),
+                                           (LinearGradBiasFunction, _grad_bias_jvp))}
+for _f, _fj in _JVP.items():
+    _f.vmap = _fj.vmap = staticmethod(functools.partial(_vmap_by_rows, _f))
 
 
 # ----------------------------------------------------------------- functional
@@ -311,11 +329,8 @@ def _autocast(input, weight, bias):
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-
-    return cast(input), cast(weight), cast(bias)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (input, weight, bias))
 
 
 def _check(input, weight, bias) -> None:
@@ -345,12 +360,8 @@ def _check(input, weight, bias) -> None:
 
 
 def _bias_rows(bias, lead, n):
-    """The bias as the kernels read it: (N,) when it varies along the output features only (the usual
-    case), else (M, N), broadcast as torch broadcasts it against the output (*lead, N); torch's
-    RuntimeError for one that does not broadcast. Only the bias's own shape is inspected, so a
-    dynamic batch size is never specialized."""
-    if bias is None:
-        return None
+    """The bias as the kernels read it: (N,) if it varies along the features only, else (M, N), broadcast as
+    torch does against the output (*lead, N) (torch's error if it cannot). A dynamic batch stays symbolic."""
     rows = tuple(lead) if len(lead) else (1,)  # a 1-D input is one row
     if bias.dim() <= len(rows) + 1 and all(s == 1 for s in bias.shape[:-1]):
         last = bias.shape[-1] if bias.dim() else 1
@@ -360,19 +371,12 @@ def _bias_rows(bias, lead, n):
     return bias.expand(*rows, n).reshape(-1, n)
 
 
-def _flatten(input, k):
-    """input (*lead, K) as (M, K): reshape(-1, K) keeps a dynamic batch symbolic; K = 0 needs explicit sizes."""
-    return input.reshape(-1, k) if k != 0 else input.reshape(input.shape[:-1].numel(), 0)
-
-
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            activation: str | None = None) -> torch.Tensor:
     """``torch.nn.functional.linear`` with an optional fused ``activation`` ("relu", "sigmoid", "tanh").
 
-    The bias broadcasts against the output as torch's does ((N,), (1, N), (M, N), ...). Integer and
-    complex operands compute as torch's CPU op does, on the reference backend; their activation, if any,
-    is scratchops' own op applied after (it has torch's promotion and complex rules).
-    """
+    Integer and complex operands compute as torch's CPU op does, on the reference backend; their activation
+    is scratchops' own op applied after (torch's promotion and complex rules)."""
     check_tensor("linear", input, "input", 1)
     check_tensor("linear", weight, "weight", 2)
     if bias is not None:
@@ -382,13 +386,13 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     input, weight, bias = _autocast(input, weight, bias)
     _check(input, weight, bias)
     if activation is not None and not input.is_floating_point():
-        from scratchops import activations
-
         return getattr(activations, activation)(linear(input, weight, bias))
     w2 = weight if weight.dim() == 2 else weight.unsqueeze(0)  # a 1-D weight is one output feature, dropped after
     n, k = w2.shape
     lead = input.shape[:-1]
-    b = _bias_rows(bias, lead, n)
-    x2 = _flatten(input, k)
-    y = LinearFunction.apply(x2, w2, b, activation or "none", choose_backend(x2))
+    b = None if bias is None else _bias_rows(bias, lead, n)
+    # (M, K): reshape(-1, K) keeps a dynamic batch symbolic; K = 0 needs explicit sizes
+    x2 = input.reshape(-1, k) if k != 0 else input.reshape(input.shape[:-1].numel(), 0)
+    y = (_JVP[LinearFunction] if forward_mode() else LinearFunction).apply(x2, w2, b, activation or "none",
+                                                                          choose_backend(x2))
     return y.reshape(*lead, n) if weight.dim() == 2 else y.reshape(lead)

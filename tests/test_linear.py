@@ -139,6 +139,25 @@ def test_torch_func(backend, activation):
     torch.testing.assert_close(hess(mine)(x.reshape(-1)), hess(theirs)(x.reshape(-1)))
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu", None])
+def test_forward_mode(backend, activation):
+    # jvp on every operand, jacfwd, and hessian (jacfwd of jacrev: the jvp of each backward piece).
+    from torch.func import hessian, jacfwd, jvp
+
+    x, w, b = make((2, 4), torch.float64), make((3, 4), torch.float64), make((3,), torch.float64)
+    tangents = tuple(make(tuple(t.shape), torch.float64, seed=i) for i, t in enumerate((x, w, b)))
+    mine = (lambda fn: lambda *a: fn(*a, activation=activation))(ours)
+    theirs = (lambda fn: lambda *a: fn(*a, activation=activation))(torch_linear)
+    torch.testing.assert_close(jvp(mine, (x, w, b), tangents), jvp(theirs, (x, w, b), tangents))
+    torch.testing.assert_close(jacfwd(mine, argnums=(0, 1, 2))(x, w, b), jacfwd(theirs, argnums=(0, 1, 2))(x, w, b))
+    for i, t in enumerate((x, w, b)):
+        def loss(v, fn, i=i):
+            args = [x, w, b]
+            args[i] = v.reshape(t.shape)
+            return fn(*args).pow(2).sum()
+        torch.testing.assert_close(hessian(loss)(t.reshape(-1), mine), hessian(loss)(t.reshape(-1), theirs))
+
+
 # ----------------------------------------------------------------- parity
 @pytest.mark.parametrize("dtype", PARITY_DTYPES)
 @pytest.mark.parametrize("mnk,activation", [((1, 1, 1), "relu"), ((17, 5, 129), "tanh"), ((3, 129, 17), "sigmoid"),
