@@ -114,7 +114,10 @@ def _lr(value, device: torch.device) -> torch.Tensor:
     hit = _LR_CACHE.get(key)
     if hit is None:
         if len(_LR_CACHE) >= 16:
-            _LR_CACHE.pop(next(iter(_LR_CACHE)))
+            try:  # oldest first; another thread may be evicting too
+                _LR_CACHE.pop(next(iter(_LR_CACHE)), None)
+            except (StopIteration, RuntimeError):
+                pass
         hit = _LR_CACHE[key] = torch.tensor(float(value), dtype=torch.float64).to(device)
     return hit
 

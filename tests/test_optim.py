@@ -505,3 +505,34 @@ def test_tensor_lr_read_on_device(backend, monkeypatch):
         lr_a.mul_(0.5)
         lr_b.mul_(0.5)
     _assert_same(ours, theirs, 4)
+
+
+def test_two_optimizers_in_two_threads(backend):
+    """Two optimizers stepping at once, on parameters of identical shapes (the launcher's shared, cached plans:
+    each launch uses its own table) and transposed ones (the general path, dense copies every step)."""
+    import threading
+
+    errors = []
+
+    def train(seed):
+        try:
+            with scratchops.use_backend(backend):
+                ours, theirs = _params([(BLOCK + 3,), (7, 5)], seed=seed)
+                ours.append(make((5, 9), seed=seed + 5).t().requires_grad_())
+                theirs.append(ours[-1].detach().clone().requires_grad_())
+                opt_a = SGD(ours, lr=0.1, momentum=0.9, weight_decay=0.01)
+                opt_b = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, weight_decay=0.01)
+                for step in range(15):
+                    _set_grads(ours, theirs, 100 * seed + step)
+                    opt_a.step()
+                    opt_b.step()
+                _assert_same(ours, theirs, 15)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=train, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -139,7 +139,7 @@ def hyper_tensor(weight_decay: float, momentum: float, dampening: float, maximiz
     hit = _CONSTANTS.get(key)
     if hit is None:
         if len(_CONSTANTS) >= CACHE_ENTRIES:
-            _CONSTANTS.pop(next(iter(_CONSTANTS)))
+            _evict(_CONSTANTS)
         values = [weight_decay, momentum, 1.0 - dampening, -1.0 if maximize else 1.0]
         hit = _CONSTANTS[key] = _upload(values, torch.float64, device)
     return hit
@@ -157,23 +157,30 @@ class StepPlan:
         work = [(t << WORK_SHIFT.value) + c for t, numel in enumerate(numels) for c in range(triton.cdiv(numel, CHUNK))]
         self.n_programs = len(work)
         self.tail = numels + [int(has_momentum and f) for f in fresh] + work
-        self.addresses = None
-        self.meta = None
-        self.aligned = False
+        self.table = (None, None, False)  # (addresses, their device table, all aligned): replaced as one value
 
     def launch(self, addresses: list[int], lr: torch.Tensor, hyper: torch.Tensor, weight_decay: float,
                nesterov: bool) -> None:
-        """One launch; ``addresses`` = parameter, gradient and buffer addresses, column after column."""
+        """One launch; ``addresses`` = parameter, gradient and buffer addresses, column after column.
+        Safe from several threads: a launch uses the table it read or built, never another thread's."""
         if not self.n_programs:  # only empty tensors
             return
-        if addresses != self.addresses:
-            self.meta = _upload(addresses + self.tail, torch.int64, self.device)
-            self.addresses = addresses
-            self.aligned = functools.reduce(operator.or_, addresses, 0) % ALIGN_BYTES.value == 0
-        _step((self.n_programs,), hyper, lr, self.meta, self.n,
+        table = self.table
+        if addresses != table[0]:
+            aligned = functools.reduce(operator.or_, addresses, 0) % ALIGN_BYTES.value == 0
+            self.table = table = (addresses, _upload(addresses + self.tail, torch.int64, self.device), aligned)
+        _step((self.n_programs,), hyper, lr, table[1], self.n,
               HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=self.has_momentum,
-              NESTEROV=bool(nesterov and self.has_momentum), ALIGNED=self.aligned, DTYPE=TL_DTYPES[self.dtype],
+              NESTEROV=bool(nesterov and self.has_momentum), ALIGNED=table[2], DTYPE=TL_DTYPES[self.dtype],
               ACC=acc_dtype(self.dtype))
+
+
+def _evict(cache: dict) -> None:
+    """Make room in a small cache (oldest entry first); another thread may be evicting too."""
+    try:
+        cache.pop(next(iter(cache)), None)
+    except (StopIteration, RuntimeError):
+        pass
 
 
 def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: list):
@@ -220,7 +227,7 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buf
         key = (device, dtype, has_momentum, tuple(numels), tuple(flags))
         plan = _PLANS.get(key) or StepPlan(numels, flags, dtype, device, has_momentum)
         if len(_PLANS) >= CACHE_ENTRIES:
-            _PLANS.pop(next(iter(_PLANS)))
+            _evict(_PLANS)
         _PLANS[key] = plan
         plan.launch(columns[0] + columns[1] + columns[2], lr if lr.device == device else lr.to(device),
                     hyper_tensor(weight_decay, momentum, dampening, maximize, device), weight_decay, nesterov)

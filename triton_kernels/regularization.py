@@ -165,9 +165,13 @@ def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None
     """(table, block → tensor map, number of blocks) on the tensors' device, cached by addresses and sizes."""
     partners = others or tensors
     key = (tensors[0].device, tuple((t.data_ptr(), o.data_ptr(), t.numel()) for t, o in zip(tensors, partners)))
-    if key in _tables:
-        _tables.move_to_end(key)
-        return _tables[key]
+    entry = _tables.get(key)
+    if entry is not None:
+        try:
+            _tables.move_to_end(key)
+        except KeyError:  # evicted meanwhile by another thread
+            pass
+        return entry
     blocks = [triton.cdiv(t.numel(), L2_BLOCK) for t in tensors]
     rows, first, offset = [], 0, 0
     for t, o, b in zip(tensors, partners, blocks):
@@ -179,7 +183,10 @@ def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None
     entry = (table, block_tensor, first)
     _tables[key] = entry
     while len(_tables) > TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
+        try:
+            _tables.popitem(last=False)
+        except KeyError:
+            break
     return entry
 
 
