@@ -7,18 +7,15 @@ kept): none s = 1, relu s = [y > 0], sigmoid s = y (1 - y), tanh s = 1 - y²; dZ
     dX = dZ · W (M, K)      dW = dZᵀ · X (N, K)      db = Σ_m dZ[m, :] (N,), or dZ itself for an (M, N) bias
 
 Saved: x only when W needs a gradient, W only when x needs one, y only with an activation. dZ is formed
-inside the backward kernels as dY and y are loaded (no separate elementwise pass).
-
-Double backward: each backward piece is a Function with a hand-derived backward (LinearGradInputFunction,
-LinearGradWeightFunction, LinearGradBiasFunction; the activations' ActivationGradFunction and
-ActivationGradYFunction for the elementwise terms). dX and dW are linear in dY, W and X, so their
-derivatives are linear's own products (the same kernels). With s' = ds/dy (relu 0, sigmoid 1 - 2y,
-tanh -2y) the chain through y = act(z) gives act'' = s' s: sigmoid'' = y (1 - y)(1 - 2y),
-tanh'' = -2y (1 - y²), relu'' = 0. Third derivatives through a fused activation raise (the activations'
-limit); without one any order works. Nothing more is saved for the first backward. Forward mode: below.
-
-The reference formulas use ``torch.matmul`` for the plain products (the building block; the linear op,
-its bias, activation and gradients are written out here).
+inside the backward kernels as dY and y are loaded (no separate elementwise pass). Double backward: each
+backward piece is a Function with a hand-derived backward (LinearGradInputFunction, LinearGradWeightFunction,
+LinearGradBiasFunction; the activations' ActivationGradFunction and ActivationGradYFunction for the elementwise
+terms). dX and dW are linear in dY, W and X, so their derivatives are linear's own products (the same kernels).
+With s' = ds/dy (relu 0, sigmoid 1 - 2y, tanh -2y) the chain through y = act(z) gives act'' = s' s:
+sigmoid'' = y (1 - y)(1 - 2y), tanh'' = -2y (1 - y²), relu'' = 0. Third derivatives through a fused activation
+raise (the activations' limit); without one any order works. Nothing more is saved for the first backward.
+Forward mode: below. The reference formulas use ``torch.matmul`` for the plain products (the building block;
+the linear op, its bias, activation and gradients are written out here).
 """
 import contextlib
 import functools
@@ -111,21 +108,28 @@ def _call(function, *args):
 
 def _times_s(g, y, activation, backend):
     """g ⊙ s(y) with s(y) = act'(z) written with the output (dZ from dY): the activations' own Function."""
-    if activation == "none":
-        return g
     function = ActivationGradJvpFunction if forward_mode() else ActivationGradFunction
-    return function.apply(*_live((y, g)), activation, backend)
+    return g if activation == "none" else function.apply(*_live((y, g)), activation, backend)
 
 
 def _times_ds(g, dy, y, activation, backend):
     """g ⊙ dY ⊙ s'(y), s' the derivative of s in y; None where it is 0 (no activation, relu)."""
-    if activation in ("none", "relu"):
-        return None
-    return ActivationGradYFunction.apply(*_live((y, dy, g)), activation, backend)
+    zero = activation in ("none", "relu")
+    return None if zero else ActivationGradYFunction.apply(*_live((y, dy, g)), activation, backend)
 
 
 def _vmap_by_rows(function, info, in_dims, *args):
-    """vmap rule: the Function applied to each batch entry, stacked (correct for any operand batched)."""
+    """vmap rule. Only the row operand batched (x of y, dY (and y) of dX): the batch folds into the rows, one
+    launch. Otherwise the Function runs per batch entry, stacked (correct for any operand batched)."""
+    n, third = info.batch_size, args[2]
+    if function in (LinearFunction, LinearGradInputFunction) and in_dims[0] is not None and in_dims[1] is None and \
+            (function is LinearGradInputFunction or third is None or (third.dim() == 1 and in_dims[2] is None)):
+        rows = args[0].movedim(in_dims[0], 0)
+        if function is LinearGradInputFunction and third is not None:  # y, batched like dY
+            third = third.movedim(in_dims[2], 0) if in_dims[2] is not None else third.expand(n, *third.shape)
+            third = third.reshape(n * rows.shape[1], third.shape[-1])
+        out = _call(function, rows.reshape(n * rows.shape[1], rows.shape[-1]), args[1], third, *args[3:])
+        return out.reshape(n, rows.shape[1], out.shape[-1]), 0
     outs = [_call(function, *(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
             for i in range(info.batch_size)]
     if isinstance(outs[0], tuple):
@@ -173,9 +177,8 @@ class LinearFunction(Function):
 
 
 class LinearGradInputFunction(Function):
-    """dX = (dY ⊙ s(y)) · W. Backward, for gX (M, K), with G = gX · Wᵀ (M, N) (a linear forward):
-    d(dY) = G ⊙ s(y);  d(W) = (dY ⊙ s(y))ᵀ · gX (the dW kernel, X := gX);  d(y) = G ⊙ dY ⊙ s'(y), which
-    chained through y = act(z) is act''(z) = s'(y) s(y): sigmoid'' = y(1 - y)(1 - 2y), tanh'' = -2y(1 - y²)."""
+    """dX = (dY ⊙ s(y)) · W. Backward, for gX (M, K), with G = gX · Wᵀ (M, N) (a linear forward): d(dY) = G ⊙ s(y);
+    d(W) = (dY ⊙ s(y))ᵀ · gX (the dW kernel, X := gX); d(y) = G ⊙ dY ⊙ s'(y) (through y: act'' = s' s)."""
 
     @staticmethod
     def forward(dy, w, y, activation, backend):
@@ -269,13 +272,11 @@ class LinearGradBiasFunction(Function):
 # (F: the dX, dW/db and db pieces; the jvp-carrying Functions are applied only in forward mode: dynamo
 # cannot trace a Function with jvp.)
 def _sum(terms):
-    out = None
-    for t in terms:
-        if isinstance(t, tuple):
-            out = t if out is None else tuple(o if p is None else p if o is None else o + p for o, p in zip(out, t))
-        elif t is not None:
-            out = t if out is None else out + t
-    return out
+    """Σ of the terms given (None skipped; tuples item by item)."""
+    terms = [t for t in terms if t is not None]
+    if terms and isinstance(terms[0], tuple):
+        return tuple(_sum(items) for items in zip(*terms))
+    return functools.reduce(torch.add, terms) if terms else None
 
 
 def _linear_jvp(ctx, x_t, w_t, b_t, _activation, _backend):
@@ -336,8 +337,8 @@ def _autocast(input, weight, bias):
 def _check(input, weight, bias) -> None:
     """Torch's errors, raised before anything runs (the bias's shape is checked by :func:`_bias_rows`)."""
     if input.dim() == 0 or weight.dim() == 0:
-        raise RuntimeError(f"both arguments to linear need to be at least 1D, but they are {input.dim()}D and "
-                           f"{weight.dim()}D")
+        dims = f"{input.dim()}D and {weight.dim()}D"
+        raise RuntimeError(f"both arguments to linear need to be at least 1D, but they are {dims}")
     if weight.dim() > 2:
         raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, but self is {weight.dim()}D")
     if weight.dim() == 1 and bias is not None and (input.dim() == 2 or bias.dim() != 0):

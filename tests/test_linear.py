@@ -139,6 +139,22 @@ def test_torch_func(backend, activation):
     torch.testing.assert_close(hess(mine)(x.reshape(-1)), hess(theirs)(x.reshape(-1)))
 
 
+@pytest.mark.parametrize("activation", ["tanh", None])
+def test_vmap(backend, activation):
+    # A batch of inputs folds into the rows (one launch); a batch of weights runs per entry. Values as torch's.
+    from scratchops._backend import LAUNCHES
+    from torch.func import vmap
+
+    xs, w, b, ws = make((5, 2, 4)), make((3, 4)), make((3,)), make((5, 3, 4))
+    mine = (lambda fn: lambda *a: fn(*a, activation=activation))(ours)
+    theirs = (lambda fn: lambda *a: fn(*a, activation=activation))(torch_linear)
+    before = LAUNCHES["linear_fwd", backend]
+    torch.testing.assert_close(vmap(mine, (1, None, None))(xs.transpose(0, 1), w, b),
+                               vmap(theirs, (0, None, None))(xs, w, b))
+    assert LAUNCHES["linear_fwd", backend] == before + 1
+    torch.testing.assert_close(vmap(mine, (None, 0, None))(xs[0], ws, b), vmap(theirs, (None, 0, None))(xs[0], ws, b))
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu", None])
 def test_forward_mode(backend, activation):
     # jvp on every operand, jacfwd, and hessian (jacfwd of jacrev: the jvp of each backward piece).
