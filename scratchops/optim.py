@@ -212,7 +212,7 @@ class _GroupPlan:
         self.entries = entries  # the state dicts of the present parameters
         self.buffers = list(map(_BUFFER, entries)) if entries is not None else None
         self.buffer_addresses = list(map(_DATA_PTR, self.buffers)) if entries is not None else None
-        self.buckets = buckets  # [(StepPlan, picker or None for the whole group, (param, buffer) addresses)]
+        self.buckets = buckets  # [(StepPlan, picker or None for the whole group)]
 
     def current(self, group, state, request):
         """The present (params, grads, buffers) when this plan still describes the group, else None.
@@ -251,10 +251,10 @@ class _GroupPlan:
         dampening, nesterov, maximize = _number(group["dampening"]), bool(group["nesterov"]), bool(group["maximize"])
         kernels = _kernels()
         grad_addresses = list(map(_DATA_PTR, grads))
-        for plan, pick, fixed in self.buckets:
+        for plan, pick in self.buckets:
             g = grad_addresses if pick is None else pick(grad_addresses)
             hyper = kernels.hyper_tensor(weight_decay, momentum, dampening, maximize, plan.device)
-            plan.launch(fixed[0] + g + fixed[1], _lr(group["lr"], plan.device), hyper, weight_decay, nesterov)
+            plan.launch(g, _lr(group["lr"], plan.device), hyper, weight_decay, nesterov)
             LAUNCHES["sgd_step", "triton"] += 1
         # as the custom op would: autograd sees the writes
         torch.autograd.graph.increment_version(params if buffers is None else params + buffers)
@@ -351,8 +351,8 @@ class SGD(torch.optim.SGD):
             p0 = bucket_params[0]
             pick = None if len(buckets) == 1 else _picker([position[id(p)] for p in bucket_params])
             p, b = (present_params, buffers) if pick is None else (pick(present_params), pick(buffers))
-            plan = _kernels().StepPlan([t.numel() for t in p], [False] * len(p), p0.dtype, p0.device, has_momentum)
-            plans.append((plan, pick, (list(map(_DATA_PTR, p)), list(map(_DATA_PTR, b)))))
+            plans.append((_kernels().StepPlan([t.numel() for t in p], [False] * len(p), p0.dtype, p0.device,
+                                              has_momentum, list(map(_DATA_PTR, p)), list(map(_DATA_PTR, b))), pick))
         return _GroupPlan(group, self.state, current_backend(), present, entries, plans)
 
     def __setstate__(self, state):  # load_state_dict, unpickling and deepcopy come through here

@@ -126,11 +126,14 @@ _CONSTANTS: dict = {}
 CACHE_ENTRIES = 16
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def hyper_tensor(weight_decay: float, momentum: float, dampening: float, maximize: bool, device) -> torch.Tensor:
@@ -148,27 +151,31 @@ def hyper_tensor(weight_decay: float, momentum: float, dampening: float, maximiz
 # ----------------------------------------------------------------- plans
 class StepPlan:
     """One bucket's launch: contiguous parameters of one device and dtype, their gradients (contiguous, of
-    that dtype) and momentum buffers. The sizes, fresh flags and work items are fixed; :meth:`launch` takes
-    the current addresses and uploads the table only when they differ from the last launch's."""
+    that dtype) and momentum buffers. Everything but the gradients' addresses is fixed (the parameters' and
+    buffers' addresses, sizes, fresh flags, work items); :meth:`launch` takes the gradients' addresses and
+    builds and uploads the table only when they differ from the last launch's."""
 
     def __init__(self, numels: list[int], fresh: list[bool], dtype: torch.dtype, device: torch.device,
-                 has_momentum: bool):
+                 has_momentum: bool, param_addresses: list[int], buffer_addresses: list[int]):
         self.n, self.dtype, self.device, self.has_momentum = len(numels), dtype, device, has_momentum
         work = [(t << WORK_SHIFT.value) + c for t, numel in enumerate(numels) for c in range(triton.cdiv(numel, CHUNK))]
         self.n_programs = len(work)
-        self.tail = numels + [int(has_momentum and f) for f in fresh] + work
-        self.table = (None, None, False)  # (addresses, their device table, all aligned): replaced as one value
+        self.head = torch.tensor(param_addresses, dtype=torch.int64)
+        self.tail = torch.tensor(buffer_addresses + numels + [int(has_momentum and f) for f in fresh] + work,
+                                 dtype=torch.int64)
+        self.fixed_bits = functools.reduce(operator.or_, param_addresses + buffer_addresses, 0)
+        self.table = (None, None, False)  # (gradient addresses, device table, all aligned): replaced as one value
 
-    def launch(self, addresses: list[int], lr: torch.Tensor, hyper: torch.Tensor, weight_decay: float,
+    def launch(self, grad_addresses: list[int], lr: torch.Tensor, hyper: torch.Tensor, weight_decay: float,
                nesterov: bool) -> None:
-        """One launch; ``addresses`` = parameter, gradient and buffer addresses, column after column.
-        Safe from several threads: a launch uses the table it read or built, never another thread's."""
+        """One launch. Safe from several threads: a launch uses the table it read or built, never another's."""
         if not self.n_programs:  # only empty tensors
             return
         table = self.table
-        if addresses != table[0]:
-            aligned = functools.reduce(operator.or_, addresses, 0) % ALIGN_BYTES.value == 0
-            self.table = table = (addresses, _upload(addresses + self.tail, torch.int64, self.device), aligned)
+        if grad_addresses != table[0]:
+            host = torch.cat([self.head, torch.tensor(grad_addresses, dtype=torch.int64), self.tail])
+            aligned = (functools.reduce(operator.or_, grad_addresses, self.fixed_bits) % ALIGN_BYTES.value) == 0
+            self.table = table = (grad_addresses, _to_device(host, self.device), aligned)
         _step((self.n_programs,), hyper, lr, table[1], self.n,
               HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=self.has_momentum,
               NESTEROV=bool(nesterov and self.has_momentum), ALIGNED=table[2], DTYPE=TL_DTYPES[self.dtype],
@@ -197,7 +204,7 @@ def _operands(w: torch.Tensor, g: torch.Tensor, b: torch.Tensor, write_back: lis
     return dense, same_layout(g, dense), b_dense
 
 
-_PLANS: dict = {}  # the sgd_step launcher's plans, by (device, dtype, sizes, flags): the tables of the last call
+_PLANS: dict = {}  # the sgd_step launcher's plans, by everything but the gradients' addresses
 
 
 def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
@@ -224,12 +231,12 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buf
             for column, t in zip(columns, (w, g, b)):
                 column.append(t.data_ptr())
         numels, flags = [params[i].numel() for i in idx], [has_momentum and fresh[i] for i in idx]
-        key = (device, dtype, has_momentum, tuple(numels), tuple(flags))
-        plan = _PLANS.get(key) or StepPlan(numels, flags, dtype, device, has_momentum)
+        key = (device, dtype, has_momentum, tuple(numels), tuple(flags), tuple(columns[0]), tuple(columns[2]))
+        plan = _PLANS.get(key) or StepPlan(numels, flags, dtype, device, has_momentum, columns[0], columns[2])
         if len(_PLANS) >= CACHE_ENTRIES:
             _evict(_PLANS)
         _PLANS[key] = plan
-        plan.launch(columns[0] + columns[1] + columns[2], lr if lr.device == device else lr.to(device),
+        plan.launch(columns[1], lr if lr.device == device else lr.to(device),
                     hyper_tensor(weight_decay, momentum, dampening, maximize, device), weight_decay, nesterov)
         for dst, src in write_back:
             dst.copy_(src)
