@@ -35,7 +35,7 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend
+from scratchops._backend import Function, backend_op, choose_backend
 from scratchops._common import Reduction, check_class_targets, check_same_device, check_tensor, compute_dtype, \
     legacy_reduction, reduction_code, type_name
 
@@ -174,7 +174,7 @@ cross_entropy_weight_bwd_op = backend_op("cross_entropy_weight_bwd", cross_entro
 
 
 # ----------------------------------------------------------------- autograd
-class CrossEntropyBackwardFunction(torch.autograd.Function):
+class CrossEntropyBackwardFunction(Function):
     r"""(dz, dq) = cross_entropy_bwd(...): the first backward, differentiable once more (double backward).
 
     With s_r = g_r / D, p the softmax (rebuilt from the statistics), A_rc = ∂ℓ_r/∂z_rc (the unscaled
@@ -248,7 +248,7 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
         return dz, dq, None, None, None, dg, None, None, None, None, None
 
 
-class CrossEntropyFunction(torch.autograd.Function):
+class CrossEntropyFunction(Function):
     """cross_entropy(x, target, weight, ignore_index, ε, reduction, backend) -> (L, stats, D).
 
     Backward: dz = ∂ℓ_r/∂z_r · g_r / D, dq = -(1-ε) w log p · g_r / D, dw = Σ_r -q' log p · g_r / D

@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend
+from scratchops._backend import Function, backend_op, choose_backend
 from scratchops._common import Reduction, compute_dtype, legacy_reduction, reduction_code, \
     type_name
 
@@ -65,7 +65,7 @@ def _no_third_derivative(name: str) -> None:
         raise NotImplementedError(f"scratchops.{name}: derivatives above the second are not implemented")
 
 
-class MSEBackwardFunction(torch.autograd.Function):
+class MSEBackwardFunction(Function):
     r"""(d, dw) = mse_bwd(x, y, w, D, g): d = e · (2g/D) · w, dw = e² g / D (the first backward, differentiable).
 
     Second derivatives, u = ∂/∂d and v = ∂/∂dw incoming, s = g / D (D a constant here):
@@ -114,7 +114,7 @@ class MSEBackwardFunction(torch.autograd.Function):
         return dx, dy, gw, None, gg, None, None  # x, y, w, denom, g, need_w, backend
 
 
-class MSELossFunction(torch.autograd.Function):
+class MSELossFunction(Function):
     """mse_loss(x, y, w, w_den, reduction, backend) -> (L, D); backward dx = e (2g/D) w = -dy, dw = e² g/D (- L g/D).
 
     The backward is MSEBackwardFunction (differentiable once more, for double backward).
