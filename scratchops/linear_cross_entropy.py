@@ -187,10 +187,10 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch
                 dz = dz - wt[:, None] * (torch.arange(c, device=x.device) == tc[:, None])
                 dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
             dz = (dz * r_scale).to(x.dtype).to(cd)  # rounded to the logits' dtype, as torch's dlogits
-            if need_x:
-                dx[rows] += torch.matmul(dz, w[:, s, :].to(cd))
+            if need_x:  # in place: no (rows, H) or (C, H) temporary per chunk
+                dx[rows].addmm_(dz, w[:, s, :].to(cd))
             if need_w:
-                dw[:, s, :] += torch.matmul(dz.t(), x[rows].to(cd))
+                dw[:, s, :].addmm_(dz.t(), x[rows].to(cd))
             if need_b:
                 db[:, s] += dz.sum(dim=0)
             if prob and (need_weight or need_target):

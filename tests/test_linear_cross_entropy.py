@@ -35,7 +35,10 @@ def _compare(x, w, b, t, cw, *, grad_target=False, grad_weight=False, tol=None, 
     def leaves():
         out = []
         for v, want in ((x, True), (w, True), (b, True), (t, grad_target), (cw, grad_weight)):
-            out.append(None if v is None else v.detach().clone().requires_grad_(want and v.is_floating_point()))
+            if v is not None and v.is_floating_point():  # a copy in the same layout (gaps included)
+                v = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
+                v.requires_grad_(want)
+            out.append(v)
         return out
 
     mine, theirs = leaves(), leaves()
@@ -102,6 +105,17 @@ def test_several_class_chunks(backend):
     x, w, b, t, cw = _case(19, 6, 1100, prob=False, weight=True)
     assert chunk_width(1100, 6) < 1100
     _compare(x, w, b, t, cw, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_strided_operands(backend, prob):
+    # transposed x and W, a sliced bias and target: read through their strides
+    x, w, b, t, cw = _case(6, 5, 33, prob=prob, weight=True)
+    xs, ws = x.t().contiguous().t(), w.t().contiguous().t()
+    bs = torch.stack([b, b], 1)[:, 1]
+    ts = torch.stack([t, t], -1)[..., 0]
+    assert not (xs.is_contiguous() or ws.is_contiguous() or bs.is_contiguous() or ts.is_contiguous())
+    _compare(xs, ws, bs, ts, cw, grad_target=prob, label_smoothing=0.1, reduction="none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
@@ -356,3 +370,12 @@ def test_aot_compile_sm90():
     rows = check_aot("scratchops._kernels.linear_cross_entropy")
     assert {r["kernel"] for r in rows} == {"_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel"}
 
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the no-GPU path")
+def test_benchmark_without_gpu_exits_0(capsys):
+    from benchmarks import bench_linear_cross_entropy as bench
+
+    assert bench.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU: the GPU comparison is skipped" in out and "impl=torch " in out and "error=" not in out
