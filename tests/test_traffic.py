@@ -38,7 +38,8 @@ BOUNDS = {
     "l2_penalty": L2_PENALTY, "sgd_step": SGD_STEP,
 }
 GLUE_KERNELS = {"cross_entropy_64x8192": CROSS_ENTROPY_GLUE_KERNELS, "conv2d_1x8x16x16_k16r3": CONV2D_GLUE_KERNELS,
-                "dropout": 1, "l2_penalty": 7}  # dropout: its seed; l2_penalty: index and scale tensors
+                "dropout": 1, "l2_penalty": 7,  # dropout: its seed; l2_penalty: index and scale tensors
+                "sgd_step": 1}  # a torch.cat of the gradients' address column, every step (same gradients)
 SYNCS = {"cross_entropy_64x8192": CROSS_ENTROPY_SYNCS}
 
 
