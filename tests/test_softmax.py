@@ -12,7 +12,7 @@ import scratchops.nn as SN
 import scratchops.softmax as S
 import scratchops._kernels.softmax as K
 from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
-                           make, tolerances)
+                           expect_ops, make, tolerances)
 
 OPS = {"softmax": (SF.softmax, TF.softmax), "log_softmax": (SF.log_softmax, TF.log_softmax)}
 NAMES = sorted(OPS)
@@ -320,6 +320,8 @@ def test_aot_compile_sm90():
     kernels = {"_softmax_fwd_kernel", "_softmax_bwd_kernel", "_softmax_fwd_looped_kernel", "_softmax_bwd_looped_kernel"}
     assert {r["kernel"] for r in rows} == kernels
     assert {d for r in rows for d in r["dtypes"]} == {"*fp16", "*bf16", "*fp32", "*fp64"}
+    rows = check_aot("scratchops._kernels.softmax_bwd2")
+    assert {r["kernel"] for r in rows} == {"_softmax_bwd2_kernel", "_softmax_bwd_jvp_kernel"}
 
 
 # fwd+bwd bytes / compulsory (read x, write y, read y, read dY, write dX), fp32, through scratchops.traffic (the
@@ -344,3 +346,107 @@ def test_traffic_one_read(name, n):
     assert rows["fwd"]["ratio"] == 1.0, rows["fwd"]
     assert rows["fwd+bwd"]["ratio"] <= TRAFFIC_BOUNDS[name, n], rows["fwd+bwd"]
     assert rows["fwd+bwd"]["launches"] == 2 and rows["fwd+bwd"]["glue_kernels"] == 0, rows["fwd+bwd"]
+
+
+# ----------------------------------------------------------------- higher-order autodiff (issue 13)
+TORCH_OPS = {"softmax": torch.softmax, "log_softmax": torch.log_softmax}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape,dim", [((3, 5), 1), ((2, 3, 4), 0), ((2, 300), 1), ((4, 3), -2), ((), 0)])
+def test_gradgradcheck(backend, name, shape, dim):
+    x = make(shape, torch.float64, requires_grad=True)
+    fast = x.numel() > 100  # rows longer than the second-derivative kernel's 256-column step: a random direction
+    with expect_ops([f"{name}_bwd2"]):
+        assert torch.autograd.gradgradcheck(_partial(OPS[name][0], dim), (x,), fast_mode=fast)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape,dim", [((3, 5), 1), ((4, 3), 0), ((), 0)])
+def test_forward_mode_gradcheck(backend, name, shape, dim):
+    # jvp of the op (forward AD) and of its backward (forward over reverse: what hessian = jacfwd(jacrev) runs)
+    x = make(shape, torch.float64, requires_grad=True)
+    fn = _partial(OPS[name][0], dim)
+    assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False, check_batched_grad=False)
+    with expect_ops([f"{name}_bwd_jvp"]):
+        assert torch.autograd.gradgradcheck(fn, (x,), check_fwd_over_rev=True, check_rev_over_rev=False,
+                                            check_undefined_grad=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradgradcheck_strided_and_looped(backend, name, monkeypatch):
+    monkeypatch.setattr(K, "MAX_BLOCK_N", 16)  # the first backward on the looped kernels (2 steps)
+    x = make((2, 20), torch.float64).t().requires_grad_()
+    with expect_ops([f"{name}_bwd2"]):
+        assert torch.autograd.gradgradcheck(_partial(OPS[name][0], 0), (x,))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_penalty_as_torch(backend, name):
+    # loss = <w, f(x)> + ‖∂<w, f(x)>/∂x‖²: the penalty's gradient needs the second derivative.
+    x, w = make((5, 7), torch.float64), make((5, 7), torch.float64, seed=2)
+    grads = []
+    for fn in (OPS[name][0], TORCH_OPS[name]):
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf, 1)
+        (g,) = torch.autograd.grad((y * w).sum(), leaf, create_graph=True)
+        assert g.requires_grad, "the first derivative came back without a graph"
+        ((y * w).sum() + (g * g).sum()).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_third_derivative_raises(backend, name):
+    x = make((3, 4), torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(OPS[name][0](x, 1).pow(2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x, create_graph=True)
+    assert gg.requires_grad
+    with pytest.raises(RuntimeError, match="third derivative is not implemented"):
+        torch.autograd.grad((gg * make((3, 4), torch.float64, seed=1)).sum(), x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dim", [1, 0])
+def test_torch_func(backend, name, dim):
+    ours, theirs = (lambda t: OPS[name][0](t, dim)), (lambda t: TORCH_OPS[name](t, dim))
+    x, v, u = make((4, 6), torch.float64), make((4, 6), torch.float64, seed=1), make((4, 6), torch.float64, seed=2)
+    out, vjp = torch.func.vjp(ours, x)
+    torch.testing.assert_close(out, theirs(x))
+    torch.testing.assert_close(vjp(v)[0], torch.func.vjp(theirs, x)[1](v)[0])
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x))
+    torch.testing.assert_close(torch.func.jvp(ours, (x,), (u,)), torch.func.jvp(theirs, (x,), (u,)))
+    torch.testing.assert_close(torch.func.jacfwd(ours)(x), torch.func.jacfwd(theirs)(x))
+    batch = make((3, 4, 6), torch.float64, seed=3)
+    torch.testing.assert_close(torch.func.vmap(ours)(batch), torch.func.vmap(theirs)(batch))
+    torch.testing.assert_close(torch.func.vmap(ours, in_dims=1)(batch), torch.func.vmap(theirs, in_dims=1)(batch))
+    scalars = make((5,), torch.float64, seed=4)  # vmap over 0-d samples
+    torch.testing.assert_close(torch.func.vmap(lambda t: OPS[name][0](t, 0))(scalars),
+                               torch.func.vmap(lambda t: TORCH_OPS[name](t, 0))(scalars))
+
+    def penalty(f):  # ‖∇<v, f>‖² through torch.func: the second derivative under functorch
+        return lambda t: torch.func.grad(lambda s: (f(s) * v).sum())(t).pow(2).sum()
+
+    torch.testing.assert_close(torch.func.grad(penalty(ours))(x), torch.func.grad(penalty(theirs))(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dim", [1, 0])
+def test_hessian(backend, name, dim):
+    x, w = make((3, 5), torch.float64), make((3, 5), torch.float64, seed=1)
+
+    def scalar(f):
+        return lambda t: (f(t, dim).sin() * w).sum()
+
+    with expect_ops([f"{name}_bwd_jvp"]):
+        ours = torch.func.hessian(scalar(OPS[name][0]))(x)
+    torch.testing.assert_close(ours, torch.func.hessian(scalar(TORCH_OPS[name]))(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck_second_derivative(backend, name):
+    y = OPS[name][1](make((5, 6, 3)), 1)
+    g, h = make((5, 6, 3), seed=1), make((5, 6, 3), seed=2)
+    torch.library.opcheck(getattr(S, f"{name}_bwd2_op").custom, (backend, y, g, h, 1))
+    torch.library.opcheck(getattr(S, f"{name}_bwd_jvp_op").custom, (backend, y, g, h, make((5, 6, 3), seed=3), 1))
