@@ -153,6 +153,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_compiling
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def eager_plain(args) -> bool:
@@ -184,7 +185,8 @@ class Function(torch.autograd.Function):
     def apply(cls, *args):
         if _is_compiling() or _functorch_active():
             return super().apply(*args)
-        return _c_apply(cls, *args)
+        # as torch's apply does outside transforms: a tensor a finished transform left wrapped is unwrapped
+        return _c_apply(cls, *[_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def _c_apply(cls, *args):

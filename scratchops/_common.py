@@ -126,6 +126,10 @@ def check_same_device(*tensors) -> None:
 
 def check_inplace(x: torch.Tensor) -> None:
     """torch's RuntimeError, before anything is written, for an in-place op autograd would reject."""
+    if not torch.compiler.is_compiling() and x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
+                           "clone to get a normal tensor before doing inplace update.See "
+                           "https://github.com/pytorch/rfcs/pull/17 for more details.")
     if not (torch.is_grad_enabled() and x.requires_grad):
         return
     if x.is_leaf:

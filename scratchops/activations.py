@@ -26,7 +26,9 @@ in the output and s'(y) its derivative in y:
                                               d(y)  = g · dy · s'(y)  (activation_grad_y)
 
 and autograd chains d(y) through y = act(x). Forward mode (jvp) uses the same two kernels:
-y_t = x_t · s(y) and dx_t = dy_t · s(y) + y_t · dy · s'(y). Third derivatives raise.
+y_t = x_t · s(y) and dx_t = dy_t · s(y) + y_t · dy · s'(y). Higher orders: g · dy · s'(y) is linear in g
+and dy, and s''(y) is a constant (-2 for sigmoid and tanh, 0 for relu), so every further derivative is a
+product of the incoming tensors (ActivationGradYFunction's backward).
 """
 import torch
 
@@ -188,8 +190,11 @@ class ActivationGradFunction(Function):
         return _activation_grad(y, dy, activation, backend), 0
 
 
+SECOND_DERIVATIVE_OF_S = {"sigmoid": -2.0, "tanh": -2.0, "relu": 0.0}  # s''(y): s is a polynomial of degree ≤ 2
+
+
 class ActivationGradYFunction(Function):
-    """g · dy · s'(y), the second-derivative term; differentiating it again (a third derivative) raises."""
+    """g · dy · s'(y), the second-derivative term (linear in g and dy); its own derivatives close the series."""
 
     @staticmethod
     def forward(y, dy, g, activation, backend):
@@ -197,11 +202,21 @@ class ActivationGradYFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.activation = inputs[3]
+        y, dy, g, ctx.activation, ctx.backend = inputs
+        ctx.save_for_backward(y, dy, g)
 
     @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(f"scratchops: third derivatives of {ctx.activation} are not implemented")
+    def backward(ctx, h):
+        # out = g · dy · s'(y) is linear in g and in dy; s'' is a constant (sigmoid, tanh: -2; relu: 0), so
+        # d(y) = h · g · dy · s''(y) is a plain product (differentiable to any order) and higher terms vanish.
+        y, dy, g = ctx.saved_tensors
+        need_y, need_dy, need_g = ctx.needs_input_grad[:3]
+        grad_dy = ActivationGradYFunction.apply(y, g, h, ctx.activation, ctx.backend) if need_dy else None
+        grad_g = ActivationGradYFunction.apply(y, dy, h, ctx.activation, ctx.backend) if need_g else None
+        grad_y = None
+        if need_y:
+            grad_y = h * g * dy * SECOND_DERIVATIVE_OF_S[ctx.activation]
+        return grad_y, grad_dy, grad_g, None, None  # y, dy, g, activation, backend
 
     @staticmethod
     def vmap(info, in_dims, y, dy, g, activation, backend):

@@ -233,12 +233,21 @@ def test_create_graph_matches_torch(backend, name):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-def test_third_derivative_raises(backend):
-    x = make((3,), torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(SF.tanh(x).sum(), x, create_graph=True)
-    (gg,) = torch.autograd.grad(g.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="third derivatives of tanh"):
-        torch.autograd.grad(gg.sum(), x)
+@pytest.mark.parametrize("name", NAMES)
+def test_third_and_fourth_derivatives_match_torch(backend, name):
+    ours, theirs = OPS[name]
+    x = make((6,), torch.float64)
+    derivatives = []
+    for fn in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        g, out = fn(xi).sum(), []
+        for _ in range(4):
+            (g,) = torch.autograd.grad(g, xi, create_graph=True)
+            out.append(g)
+            g = g.sum()
+        derivatives.append(out)
+    for a, b in zip(*derivatives):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", NAMES)
