@@ -210,7 +210,8 @@ class Conv2dInputGradFunction(_BilinearGradFunction):
         dy, w = ctx.saved_tensors
         g_dy = _conv(ctx.spec, ggx, w) if ctx.needs_input_grad[0] else None
         g_w = _grad(Conv2dWeightGradFunction, ctx.spec, dy, ggx, ctx.t_size) if ctx.needs_input_grad[1] else None
-        return g_dy, g_w, None, None, None, None, None, None, None  # input_size, stride, ..., backend
+        # input_size, stride, padding, dilation, groups, channels_last, backend: not differentiable
+        return g_dy, g_w, None, None, None, None, None, None, None
 
 
 class Conv2dWeightGradFunction(_BilinearGradFunction):
@@ -226,7 +227,8 @@ class Conv2dWeightGradFunction(_BilinearGradFunction):
         dy, x = ctx.saved_tensors
         g_dy = _conv(ctx.spec, x, ggw) if ctx.needs_input_grad[0] else None
         g_x = _grad(Conv2dInputGradFunction, ctx.spec, dy, ggw, ctx.t_size) if ctx.needs_input_grad[1] else None
-        return g_dy, g_x, None, None, None, None, None, None, None  # weight_size, stride, ..., backend
+        # weight_size, stride, padding, dilation, groups, channels_last, backend: not differentiable
+        return g_dy, g_x, None, None, None, None, None, None, None
 
 
 class Conv2dBiasGradFunction(torch.autograd.Function):

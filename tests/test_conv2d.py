@@ -14,7 +14,7 @@ import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
 from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
-                           expect_ops, make, tolerances)
+                           check_sass, expect_ops, make, tolerances)
 
 OPS = ["conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight", "conv2d_bwd_bias"]
 
@@ -405,13 +405,25 @@ def test_resnet_layer_gpu(backend, dtype):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def _tensor_core_rows_use_wgmma(rows, kernels):
+    """Every fp16/bf16 and tf32 GEMM compile issues wgmma (HGMMA in the SASS)."""
+    gemm = [r for r in rows if r["kernel"] in kernels and (r["constexprs"]["INPUT_PRECISION"] == "tf32"
+                                                           or r["dtypes"][0] in ("*fp16", "*bf16"))]
+    assert gemm
+    check_sass(gemm, hgmma=kernels)
+
+
 def test_aot_compile_sm90():
-    """Forward: every tile × dtype (fp32 with tf32 and ieee; fp64 multiply-and-sum) × bias or not, no spills."""
+    """Forward: every tile × dtype (fp32 with tf32 and ieee; fp64 multiply-and-sum) × bias or not × layout
+    (unit stride along W or along channels, as launches specialize), no spills."""
     rows = check_aot("scratchops._kernels.conv2d")
     assert {r["kernel"] for r in rows} == {"_conv2d_fwd_kernel"}
     assert {r["dtypes"][0] for r in rows} == {"*fp16", "*bf16", "*fp32", "*fp64"}
     assert {r["constexprs"]["INPUT_PRECISION"] for r in rows if r["dtypes"] == ["*fp32"]} == {"tf32", "ieee"}
     assert {r["constexprs"]["HAS_BIAS"] for r in rows} == {"True", "False"}
+    assert {(r["constexprs"].get("stride_xw"), r["constexprs"].get("stride_xc")) for r in rows} == \
+        {("1", None), (None, "1")}
+    _tensor_core_rows_use_wgmma(rows, ("_conv2d_fwd_kernel",))
 
 
 def test_aot_compile_sm90_backward():
@@ -421,6 +433,7 @@ def test_aot_compile_sm90_backward():
     assert {r["kernel"] for r in rows} == names
     for name in names:
         assert {r["dtypes"][0] for r in rows if r["kernel"] == name} == {"*fp16", "*bf16", "*fp32", "*fp64"}
+    _tensor_core_rows_use_wgmma(rows, ("_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel"))
 
 
 # ----------------------------------------------------------------- dtypes, devices and autocast as torch (issue 16)

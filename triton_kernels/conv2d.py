@@ -129,9 +129,12 @@ TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 # dgrad's divisibility tests need the smaller rows). fp64 (multiply-and-sum: a BLOCK_M×BLOCK_K×BLOCK_N
 # product lives in registers) runs one small tile.
 FWD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
+FWD_IEEE_TILES = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]  # fp32 ieee 64×128 spills (even with BLOCK_K 16)
 DGRAD_TILES = [(64, 128, 16, 8, 3), (64, 64, 32, 8, 3)]  # 64×128×32: fp32 ieee spills (dgrad masks its acc)
 WGRAD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
+WGRAD_IEEE_TILES = [(128, 64, 32, 8, 3), (64, 128, 16, 8, 3), (64, 64, 32, 8, 3)]  # ieee 64×128×32, 64×64/4 spill
 FP64_TILE = (16, 16, 16, 4, 3)
+FWD_FP64_TILE = (16, 16, 8, 4, 3)  # the forward's 16×16×16 spills once unit strides are constants
 # The interpreter's cost is per program and per loop step, not per element: tall tiles over the positions
 # (rows of forward/dgrad, reduction of wgrad), 16 (the tl.dot minimum) over channels.
 INTERPRETER = config(4, 3, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
@@ -139,10 +142,11 @@ INTERPRETER_WGRAD = config(4, 3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64)
 AUTOTUNE_KEY = ["N", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "step_h", "step_w", "dil_h", "dil_w"]
 
 
-def gemm_configs(rows) -> dict:
+def gemm_configs(rows, ieee_rows=None, fp64_tile=FP64_TILE) -> dict:
     """The config lists of a conv GEMM kernel by dtype class (``_gemm.dtype_class``)."""
     tuned = tiles(TILE_FIELDS, *rows)
-    return {"half": tuned, "tf32": tuned, "ieee": tuned, "fp64": tiles(TILE_FIELDS, FP64_TILE)}
+    ieee = tiles(TILE_FIELDS, *ieee_rows) if ieee_rows else tuned
+    return {"half": tuned, "tf32": tuned, "ieee": ieee, "fp64": tiles(TILE_FIELDS, fp64_tile)}
 
 
 def precision_class(dtype: torch.dtype) -> str:
@@ -160,6 +164,15 @@ def gemm_launch(kernel: Kernel, rows: int, cols: int, planes: int, dtype: torch.
     cls = precision_class(dtype)
     kernel(lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), planes),
            cls=cls, INPUT_PRECISION=input_precision(cls), ACC=acc_dtype(dtype), **args)
+
+
+LAYOUTS = ("nchw", "nhwc")  # the layouts launches specialize: unit stride along W (NCHW) or channels (NHWC)
+
+
+def unit_strides(layout: str, **tensors: str) -> dict:
+    """The strides a launch on ``layout`` tensors gets as the constant 1 (Triton specializes an int equal to 1):
+    ``unit_strides("nhwc", x="nchw", y="nkpq")`` -> {"stride_xc": 1, "stride_yk": 1}."""
+    return {f"stride_{name}{dims[-1 if layout == 'nchw' else -3]}": 1 for name, dims in tensors.items()}
 
 
 def gemm_aot(kernel: Kernel, constexprs: dict | None = None, pointers: dict | None = None, classes=CLASS_TYPES):
@@ -204,7 +217,8 @@ def geometry(stride, padding, dilation) -> dict:
             "dil_h": dilation[0], "dil_w": dilation[1]}
 
 
-_fwd = Kernel(_conv2d_fwd_kernel, gemm_configs(FWD_TILES), interpreter=INTERPRETER, key=AUTOTUNE_KEY)
+_fwd = Kernel(_conv2d_fwd_kernel, gemm_configs(FWD_TILES, FWD_IEEE_TILES, FWD_FP64_TILE), interpreter=INTERPRETER,
+              key=AUTOTUNE_KEY)
 
 
 # ----------------------------------------------------------------- launcher
@@ -229,6 +243,8 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
 
 # ----------------------------------------------------------------- ahead-of-time compiles
 def aot_configs():
-    """Every forward compile a GPU launch gets: dtype class x element type x tile x bias or not."""
-    for has_bias in (True, False):
-        yield from gemm_aot(_fwd, {"HAS_BIAS": has_bias})
+    """Every forward compile a GPU launch gets: layout x bias or not x dtype class x element type x tile."""
+    for layout in LAYOUTS:
+        unit = unit_strides(layout, x="nchw", w="kcrs", y="nkpq")
+        yield from gemm_aot(_fwd, {"HAS_BIAS": True, "stride_b": 1, **unit})
+        yield from gemm_aot(_fwd, {"HAS_BIAS": False, **unit})

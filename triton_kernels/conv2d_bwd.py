@@ -14,8 +14,9 @@ import triton.language as tl
 
 from ._gemm import mma
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, flat_offsets
-from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, WGRAD_TILES, _in_coord, _out_coord,
-                     _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs, gemm_launch, geometry, new_4d, strides)
+from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, LAYOUTS, WGRAD_IEEE_TILES, WGRAD_TILES,
+                     _in_coord, _out_coord, _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs, gemm_launch,
+                     geometry, new_4d, strides, unit_strides)
 
 # wgrad splits its N·P·Q reduction over programs when the output tiles alone cannot fill the GPU.
 TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100)
@@ -168,7 +169,8 @@ def _conv2d_bwd_bias_kernel(
 
 WGRAD_KEY = ["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT", "step_h", "step_w", "dil_h", "dil_w"]
 _dgrad = Kernel(_conv2d_bwd_input_kernel, gemm_configs(DGRAD_TILES), interpreter=INTERPRETER, key=AUTOTUNE_KEY)
-_wgrad = Kernel(_conv2d_bwd_weight_kernel, gemm_configs(WGRAD_TILES), interpreter=INTERPRETER_WGRAD, key=WGRAD_KEY)
+_wgrad = Kernel(_conv2d_bwd_weight_kernel, gemm_configs(WGRAD_TILES, WGRAD_IEEE_TILES), interpreter=INTERPRETER_WGRAD,
+                key=WGRAD_KEY)
 _sum_planes = Kernel(_conv2d_sum_planes_kernel, [config(4, 3, BLOCK=1024)])
 _bias = Kernel(_conv2d_bwd_bias_kernel, [config(4, 3, BLOCK=1024)])
 
@@ -241,13 +243,15 @@ def conv2d_bwd_bias(dy):
 
 # ----------------------------------------------------------------- ahead-of-time compiles
 def aot_configs():
-    """Every backward compile a GPU launch gets (dtype class x element type x tile; wgrad into dw or into
-    compute-dtype partial planes; the plane sum; the bias sum)."""
-    yield from gemm_aot(_dgrad)
-    yield from gemm_aot(_wgrad)  # one plane: dw in the tensor's dtype
-    yield from gemm_aot(_wgrad, pointers={"dw_ptr": "fp32"}, classes=("half",))  # split: fp32 planes
-    for t in FLOAT_TYPES:
-        acc = {"ACC": tl.float64 if t == "fp64" else tl.float32}
-        yield from _sum_planes.aot(t, acc, pointers={"partial_ptr": "fp64" if t == "fp64" else "fp32"})
-        yield from _bias.aot(t, acc)
-
+    """Every backward compile a GPU launch gets: layout x dtype class x element type x tile; wgrad into dw or
+    into (contiguous) compute-dtype partial planes; the plane sum; the bias sum."""
+    for layout in LAYOUTS:
+        yield from gemm_aot(_dgrad, unit_strides(layout, dy="nkpq", w="kcrs", dx="nchw"))
+        operands = unit_strides(layout, dy="nkpq", x="nchw")
+        yield from gemm_aot(_wgrad, {**operands, **unit_strides(layout, dw="zkcrs")})  # one plane: dw itself
+        yield from gemm_aot(_wgrad, {**operands, "stride_dws": 1}, pointers={"dw_ptr": "fp32"}, classes=("half",))
+        for t in FLOAT_TYPES:
+            acc = {"ACC": tl.float64 if t == "fp64" else tl.float32}
+            yield from _sum_planes.aot(t, {**acc, **unit_strides(layout, dw="kcrs")},
+                                       pointers={"partial_ptr": "fp64" if t == "fp64" else "fp32"})
+            yield from _bias.aot(t, {**acc, **unit_strides(layout, dy="nkpq")})
