@@ -14,12 +14,12 @@ torch's ``out_features``). Three kernels:
   dX += dZ W_chunk (into one accumulator), dW_chunk = dZᵀ X, db_chunk = Σ_n dZ.
 
 Peak memory. The forward allocates the row losses and the stats: 4·N·S·a bytes (a = 4, or 8 for
-fp64). The backward adds, at most at once,
+fp64), and O(N·S) row temporaries (target checks, D). The backward adds, at most at once,
 
     N·V_c·e  (one dZ chunk, e = x's element size)  +  N·H·4 (the fp32 dX accumulator; fp16/bf16 only)
     + C·a (class-weight gradient, probability targets only),   V_c = min(C, max(H, 512)) rounded up to 128,
 
-next to the gradients (dX, dW, db: the inputs' sizes). No (N, C) logits or dlogits tensor exists: at
+next to the gradients (dX, dW, db, d target: their inputs' sizes). No (N, C) logits or dlogits tensor: at
 B·T = 16384, H = 4096, C = 128256, bf16, that is 128 + 256 MiB instead of 4 GiB of bf16 logits (plus
 their softmax and gradient) on the unfused path.
 """
@@ -385,7 +385,7 @@ def aot_configs():
                 flags.update(stride_tv=1) if prob else flags.update(stride_tn=1)
                 pointers = {"t_ptr": t if prob else "i64", **dict.fromkeys(("loss_ptr", "stats_ptr", "g_ptr", "d_ptr",
                                                                            "dcw_ptr"), acc)}
-                kw = dict(cls=cls, ints={"ignore_index": "i64", "eps": "fp32"}, pointers=pointers)
+                kw = dict(cls=cls, ints={"ignore_index": "i32", "eps": "fp32"}, pointers=pointers)  # -100: i32
                 yield from _fwd.aot(t, {**flags, "stride_ln": 1}, **kw)
                 bwd = {"NEED_DQ": prob, "NEED_DCW": prob, "stride_dzv": 1, "stride_dqv": 1}
                 yield from _dlogits.aot(t, {**flags, **bwd}, **kw)
