@@ -193,9 +193,21 @@ def test_gradcheck(backend, prob):
 def test_create_graph_raises(backend):
     x, w, b, t, _ = _case(3, 2, 4, prob=False)
     x.requires_grad_()
+    w.requires_grad_()
     loss = SF_LCE(x, w, t, linear_bias=b)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, x, create_graph=True)
+    dx, dw = torch.autograd.grad(loss, (x, w), create_graph=True)
+    assert dx.requires_grad and dw.requires_grad  # not a graph-less gradient: differentiating it raises
+    torch.testing.assert_close(dx, torch.autograd.grad(TF.linear_cross_entropy(x, w, t, linear_bias=b), x)[0])
+    for grad in (dx, dw):  # a gradient penalty's backward
+        with pytest.raises(RuntimeError, match="double backward"):
+            (loss + grad.pow(2).sum()).backward(retain_graph=True)
+
+
+def test_torch_func_raises(backend):
+    # not supported (a nested transform could not be guarded as create_graph is): a clear error, not a wrong value
+    x, w, b, t, _ = _case(4, 3, 5, prob=False, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="torch.func transforms are not supported"):
+        torch.func.grad(lambda x: SF_LCE(x, w, t, linear_bias=b))(x)
 
 
 def test_retain_graph(backend):
