@@ -76,6 +76,16 @@ def _tap_step(it, S, CHANNELS, BLOCK_K: tl.constexpr):
     return rs // S, rs % S, (it % blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
 
 
+@triton.jit
+def _position_tile(N, D1, D2, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a GEMM over rows m = (n, i1, i2) positions and columns = channels of group g:
+    g, (n, i1, i2) of its rows, its columns, and both masks. Rows stay below 2^31: the launcher splits the batch."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n, i1, i2 = _split3(offs_m, D1, D2)
+    return tl.program_id(2), n, i1, i2, n < N, offs_n, offs_n < COLS
+
+
 # ----------------------------------------------------------------- forward
 @triton.jit
 def _conv2d_fwd_kernel(
@@ -94,12 +104,7 @@ def _conv2d_fwd_kernel(
     # y[n,k,p,q] = b[k] + Σ_{r,s,c} x[n,c,_in_coord(p,r),_in_coord(q,s)] · w[k,c,r,s]:
     # rows m = (n, p, q) output positions, columns = output channels of group g;
     # the reduction walks the taps (r, s) and, for each, blocks of the group's input channels.
-    g = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # < 2^31: the launcher splits the batch
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n, p, q = _split3(offs_m, P, Q)
-    m_ok = n < N
-    n_ok = offs_n < K_G
+    g, n, p, q, m_ok, offs_n, n_ok = _position_tile(N, P, Q, K_G, BLOCK_M, BLOCK_N)
     x_rows = x_ptr + n.to(tl.int64) * stride_xn + (g * C_G).to(tl.int64) * stride_xc
     k_out = (g * K_G + offs_n).to(tl.int64)
     w_cols = w_ptr + k_out * stride_wk

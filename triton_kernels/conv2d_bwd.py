@@ -15,8 +15,8 @@ import triton.language as tl
 from ._gemm import mma
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, flat_offsets
 from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, LAYOUTS, WGRAD_IEEE_TILES, WGRAD_TILES,
-                     _in_coord, _out_coord, _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs, gemm_launch,
-                     geometry, new_4d, strides, unit_strides)
+                     _in_coord, _out_coord, _position_tile, _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs,
+                     gemm_launch, geometry, new_4d, strides, unit_strides)
 
 # wgrad splits its N·P·Q reduction over programs when the output tiles alone cannot fill the GPU.
 TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100)
@@ -45,12 +45,7 @@ def _conv2d_bwd_input_kernel(
     # (r, s) and blocks of the group's output channels. A row whose h + pad − r·dil is not a multiple of
     # the step (or lands outside the output) gets nothing from that tap: its dy row is masked out and its
     # accumulator row kept as it was.
-    g = tl.program_id(2)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # < 2^31: the launcher splits the batch
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n, h, w = _split3(offs_m, H, W)
-    m_ok = n < N
-    n_ok = offs_n < C_G
+    g, n, h, w, m_ok, offs_n, n_ok = _position_tile(N, H, W, C_G, BLOCK_M, BLOCK_N)
     c_in = (g * C_G + offs_n).to(tl.int64)
     dy_rows = dy_ptr + n.to(tl.int64) * stride_dyn + (g * K_G).to(tl.int64) * stride_dyk
     w_cols = w_ptr + (g * K_G).to(tl.int64) * stride_wk + offs_n.to(tl.int64) * stride_wc
