@@ -173,8 +173,13 @@ def same_layout(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(out.shape, out.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's grids: plain integer arithmetic (``triton.cdiv`` costs microseconds a call)."""
+    return -(-a // b)
+
+
 def grid_1d(n: int, block: int) -> tuple[int]:
-    return (triton.cdiv(n, block),)
+    return (cdiv(n, block),)
 
 
 # ----------------------------------------------------------------- device helpers
@@ -183,13 +188,3 @@ def flat_offsets(n, BLOCK: tl.constexpr):
     """This program's BLOCK offsets into a flat tensor of n elements (int64), and their in-bounds mask."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     return offs, offs < n
-
-
-# ----------------------------------------------------------------- TRANSITIONAL (removed when every family is migrated)
-FLOAT_DTYPE_NAMES = FLOAT_TYPES
-TRITON_DTYPE_NAMES = TRITON_TYPE_NAMES
-
-
-@triton.jit
-def acc_type(x):
-    return x.to(tl.float64) if x.dtype == tl.float64 else x.to(tl.float32)

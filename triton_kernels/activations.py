@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .._common import Activation
-from ._launch import FLOAT_TYPES, INT_TYPES, Kernel, acc_dtype, config, elementwise_out, flat_offsets, is_dense, \
-    same_layout
+from ._launch import (FLOAT_TYPES, INT_TYPES, Kernel, acc_dtype, cdiv, config, elementwise_out, flat_offsets,
+                       is_dense, same_layout)
 
 NONE = tl.constexpr(Activation.NONE.value)
 RELU = tl.constexpr(Activation.RELU.value)
@@ -123,7 +123,7 @@ _bwd_y = Kernel(_activation_bwd_y_kernel, ELEMENTWISE)
 
 # ----------------------------------------------------------------- launchers
 def _grid(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    return lambda meta: (cdiv(n, meta["BLOCK"]),)
 
 
 def _forward(activation: Activation, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._common import Reduction, check_class_targets, compute_dtype
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config
 
 NONE = tl.constexpr(Reduction.NONE.value)
 MEAN = tl.constexpr(Reduction.MEAN.value)
@@ -294,7 +294,7 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
     denom = torch.empty((), dtype=cd, device=x.device)
     out = torch.empty(rows if reduction == Reduction.NONE else (), dtype=x.dtype, device=x.device)
     if reduction == Reduction.NONE:
-        _reduce(lambda meta: (max(1, triton.cdiv(rows, meta["BLOCK"])),), stats, out, denom, rows, REDUCTION=0,
+        _reduce(lambda meta: (max(1, cdiv(rows, meta["BLOCK"])),), stats, out, denom, rows, REDUCTION=0,
                 ACC=acc_dtype(x.dtype))
     else:
         _reduce((1,), stats, out, denom, rows, REDUCTION=int(reduction), ACC=acc_dtype(x.dtype))
@@ -313,7 +313,7 @@ def cross_entropy_bwd(x, target, weight, stats, denom, g, ignore_index, label_sm
     g, stride_g = _row_grad(g, n * s)
     weight = None if weight is None else weight.contiguous()
     if (need_dx or need_dt) and n * c * s:
-        _bwd(lambda meta: (n * s, triton.cdiv(c, meta["BLOCK"])), x, target, x if weight is None else weight, stats, g,
+        _bwd(lambda meta: (n * s, cdiv(c, meta["BLOCK"])), x, target, x if weight is None else weight, stats, g,
              denom, dx, dt, n * s, c, s, *x.stride(), *_target_strides(target, prob), stride_g, ignore_index,
              label_smoothing, HAS_WEIGHT=weight is not None, PROB=prob, NEED_DX=bool(need_dx),
              NEED_DT=bool(need_dt and prob), ACC=acc_dtype(x.dtype))
@@ -325,7 +325,7 @@ def cross_entropy_weight_bwd(x, target, stats, denom, g, label_smoothing):
     dw = torch.empty(c, dtype=x.dtype, device=x.device)
     g, stride_g = _row_grad(g, n * s)
     if c:
-        _weight_bwd(lambda meta: (triton.cdiv(c, meta["BLOCK"]),), x, target, stats, g, denom, dw, n * s, c, s,
+        _weight_bwd(lambda meta: (cdiv(c, meta["BLOCK"]),), x, target, stats, g, denom, dw, n * s, c, s,
                     *x.stride(), *target.stride(), stride_g, label_smoothing, ACC=acc_dtype(x.dtype))
     return dw
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .._common import ACTIVATIONS, Activation
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma, tile_ids, tile_safe
-from ._launch import Kernel, acc_dtype, config, tiles
+from ._launch import Kernel, acc_dtype, cdiv, config, tiles
 from .activations import activate
 
 
@@ -134,7 +134,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
         mode = Bias.VECTOR if b.dim() == 1 else Bias.MATRIX
         stride_bm, stride_bn = (0, bias.stride(0)) if b.dim() == 1 else bias.stride()
     cls, consts = launch_class(x.dtype)
-    _fwd(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+    _fwd(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),),
          x, w, bias, y, M, N, K, *x.stride(), *w.stride(), stride_bm, stride_bn, *y.stride(),
          cls=cls, BIAS=mode.value, ACTIVATION=ACTIVATIONS[activation].value, **consts)
     return y

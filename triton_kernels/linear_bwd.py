@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .._common import ACTIVATIONS, Activation
 from ._gemm import mma, tile_ids, tile_safe
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, tiles
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, tiles
 from .activations import NONE, activation_grad
 from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class
 
@@ -186,7 +186,7 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
     (dy, y), strides = _grad_z_args(dy, y, activation)
     w = tile_safe(w)
     cls, consts = launch_class(w.dtype)
-    _input(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+    _input(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),),
            dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride(),
            cls=cls, ACTIVATION=ACTIVATIONS[activation].value, **consts)
     return dx
@@ -198,7 +198,7 @@ def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -
     if N == 0:
         return db
     (dy, y), strides = _grad_z_args(dy, y, activation)
-    _bias(lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), dy, y, db, M, N, *strides,
+    _bias(lambda meta: (cdiv(N, meta["BLOCK_N"]),), dy, y, db, M, N, *strides,
           ACTIVATION=ACTIVATIONS[activation].value, ACC=acc_dtype(dy.dtype))
     return db
 
@@ -216,7 +216,7 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     (dy, y), strides = _grad_z_args(dy, y, activation)
     x = tile_safe(x)
     cls, consts = launch_class(x.dtype)
-    _weight(lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+    _weight(lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),),
             dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride(),
             cls=cls, ACTIVATION=ACTIVATIONS[activation].value, WITH_BIAS=with_bias, **consts)
     return dw, db

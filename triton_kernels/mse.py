@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._common import Reduction, compute_dtype
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, elementwise_out, flat_offsets, same_layout
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, elementwise_out, flat_offsets, same_layout
 
 NONE = tl.constexpr(Reduction.NONE.value)
 MEAN = tl.constexpr(Reduction.MEAN.value)
@@ -90,13 +90,13 @@ _bwd = Kernel(_mse_bwd_kernel, ELEMENTWISE)
 
 # ----------------------------------------------------------------- launchers
 def _grid(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+    return lambda meta: (cdiv(n, meta["BLOCK"]),)
 
 
 def _sum_parts(x, y, w):
     """Per-program partial sums of w (x - y)² (or of x alone when y is None), in the compute dtype."""
     n = x.numel()
-    parts = torch.empty(triton.cdiv(n, BLOCK), dtype=compute_dtype(x.dtype), device=x.device)
+    parts = torch.empty(cdiv(n, BLOCK), dtype=compute_dtype(x.dtype), device=x.device)
     if n:
         _fwd(_grid(n), x, x if y is None else y, x if w is None else w, parts, n, HAS_Y=y is not None,
              HAS_W=w is not None, REDUCE=True, ACC=acc_dtype(x.dtype))

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, is_dense, same_layout
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, is_dense, same_layout
 
 # meta columns (each T long), then the work items
 COL_PARAM = tl.constexpr(0)
@@ -158,7 +158,7 @@ class StepPlan:
     def __init__(self, numels: list[int], fresh: list[bool], dtype: torch.dtype, device: torch.device,
                  has_momentum: bool, param_addresses: list[int], buffer_addresses: list[int]):
         self.n, self.dtype, self.device, self.has_momentum = len(numels), dtype, device, has_momentum
-        work = [(t << WORK_SHIFT.value) + c for t, numel in enumerate(numels) for c in range(triton.cdiv(numel, CHUNK))]
+        work = [(t << WORK_SHIFT.value) + c for t, numel in enumerate(numels) for c in range(cdiv(numel, CHUNK))]
         self.n_programs = len(work)
         self.head = torch.tensor(param_addresses, dtype=torch.int64)
         self.tail = torch.tensor(buffer_addresses + numels + [int(has_momentum and f) for f in fresh] + work,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._common import compute_dtype, dtype_groups
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, is_dense, same_layout
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, is_dense, same_layout
 
 PHILOX_WORDS = tl.constexpr(4)  # 32-bit random words per Philox call: one per quarter of a block
 # Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer, partner's address).
@@ -95,7 +95,7 @@ def _scale_bits(p: float, dtype: torch.dtype) -> int:
 def _launch_dropout(src: torch.Tensor, seed: torch.Tensor, p: float, dst: torch.Tensor) -> None:
     n = dst.numel()
     if n:
-        _dropout((triton.cdiv(n, DROPOUT_BLOCK),), src, seed, dst, n, p, _scale_bits(p, dst.dtype),
+        _dropout((cdiv(n, DROPOUT_BLOCK),), src, seed, dst, n, p, _scale_bits(p, dst.dtype),
                  ACC=acc_dtype(dst.dtype))
 
 
@@ -172,7 +172,7 @@ def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None
         except KeyError:  # evicted meanwhile by another thread
             pass
         return entry
-    blocks = [triton.cdiv(t.numel(), L2_BLOCK) for t in tensors]
+    blocks = [cdiv(t.numel(), L2_BLOCK) for t in tensors]
     rows, first, offset = [], 0, 0
     for t, o, b in zip(tensors, partners, blocks):
         rows.append([t.data_ptr(), t.numel(), first, offset, o.data_ptr()])
