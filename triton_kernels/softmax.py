@@ -44,6 +44,7 @@ torch does; a NaN or +inf in a row makes the row NaN through the sum (inf - inf)
 from __future__ import annotations
 
 import collections
+import functools
 
 import torch
 import triton
@@ -246,12 +247,12 @@ def _kernel(fn, block_n: int) -> Kernel:
     return _KERNELS[key]
 
 
-def row_cap(dtype: torch.dtype, max_block_n: int | None = None) -> int:
-    """The widest row the single-block kernels take for ``dtype`` (at most MAX_BLOCK_N, or ``max_block_n``)."""
-    cap = min(MAX_BLOCK_N, ROW_ELEMENTS_FP64 if dtype == torch.float64 else ROW_ELEMENTS)
-    return cap if max_block_n is None else min(cap, max_block_n)
+def row_cap(dtype: torch.dtype) -> int:
+    """The widest row the single-block kernels take for ``dtype`` (at most MAX_BLOCK_N)."""
+    return min(MAX_BLOCK_N, ROW_ELEMENTS_FP64 if dtype == torch.float64 else ROW_ELEMENTS)
 
 
+@functools.lru_cache(maxsize=1024)
 def _plan(n_cols: int, cap: int, backward: bool):
     """(looped, BLOCK_N, EVEN_N) for rows of ``n_cols`` under the single-block cap ``cap``.
 
@@ -292,8 +293,10 @@ def _rows_layout(t: torch.Tensor, dim: int):
     return inner[0], outer[1], inner[1], t.stride(dim)
 
 
-def _as_rows(t: torch.Tensor, dim: int):
+def _as_rows(t: torch.Tensor, dim: int, n_cols: int, n_inner: int):
     """``t`` and its row strides; an explicit contiguous copy when its layout has no (outer, inner, col) form."""
+    if t.is_contiguous():  # the common case (every output): no stride walk
+        return t, (n_cols * n_inner, 1, n_inner)
     layout = _rows_layout(t, dim)
     if layout is None:
         t = t.contiguous()
@@ -311,63 +314,63 @@ def _geometry(t: torch.Tensor, dim: int):
 
 
 # ----------------------------------------------------------------- launchers
-def _launch(tensors, outputs, dim: int, is_log: bool, max_block_n: int | None, backward: bool):
+def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
     """Run the kernel the plan picks over ``tensors`` (inputs then outputs, all of one shape)."""
     out = outputs[0]
     n_rows, n_cols, n_inner = _geometry(out, dim)
     rows, strides = [], []
     for t in tensors + outputs:
-        t, st = _as_rows(t, dim)
+        t, st = _as_rows(t, dim, n_cols, n_inner)
         rows.append(t)
         strides += st
-    cap = row_cap(out.dtype, max_block_n)
+    cap = row_cap(out.dtype)
     looped, block_n, even = _plan(n_cols, cap, backward)
     consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(out.dtype)}
     if backward:
-        consts["REREAD_DY"] = not (is_log or looped or 2 * block_n <= cap)
+        consts["REREAD_DY"] = reread = not (is_log or looped or 2 * block_n <= cap)
         fn = _softmax_bwd_looped_kernel if looped else _softmax_bwd_kernel
+        BRANCHES["bwd_looped" if looped else "bwd_reread" if reread else "bwd"] += 1
     else:
         fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
-    BRANCHES[("bwd" if backward else "fwd") + ("_looped" if looped else "_reread" if consts.get("REREAD_DY")
-                                                else "")] += 1
-    grid = (n_rows,) if looped else (lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),))
-    _kernel(fn, block_n)(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
+        BRANCHES["fwd_looped" if looped else "fwd"] += 1
+    kernel = _kernel(fn, block_n)
+    grid = (triton.cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
+    kernel(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
 
-def _forward(x: torch.Tensor, dim: int, is_log: bool, max_block_n: int | None) -> torch.Tensor:
+def _forward(x: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
     if x.dim() == 0:
-        return _forward(x.reshape(1), 0, is_log, max_block_n).reshape(())
+        return _forward(x.reshape(1), 0, is_log).reshape(())
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel():
-        _launch([x], [y], dim % x.dim(), is_log, max_block_n, backward=False)
+        _launch([x], [y], dim % x.dim(), is_log, backward=False)
     return y
 
 
-def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, is_log: bool, max_block_n: int | None) -> torch.Tensor:
+def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
     if y.dim() == 0:
-        return _backward(y.reshape(1), dy.reshape(1), 0, is_log, max_block_n).reshape(())
+        return _backward(y.reshape(1), dy.reshape(1), 0, is_log).reshape(())
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if dx.numel():
-        _launch([y, dy], [dx], dim % y.dim(), is_log, max_block_n, backward=True)
+        _launch([y, dy], [dx], dim % y.dim(), is_log, backward=True)
     return dx
 
 
-# The launchers take the reference's arguments; ``max_block_n`` (default: the dtype's cap) is for tests and
-# benchmarks that want to force the looped kernels, or the softmax backward's dY re-read, on short rows.
-def softmax_fwd(x: torch.Tensor, dim: int, max_block_n: int | None = None) -> torch.Tensor:
-    return _forward(x, dim, False, max_block_n)
+# The launchers take the reference's arguments (tests lower MAX_BLOCK_N to force the other kernels on short rows).
+def softmax_fwd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return _forward(x, dim, False)
 
 
-def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, max_block_n: int | None = None) -> torch.Tensor:
-    return _backward(y, dy, dim, False, max_block_n)
+def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    return _backward(y, dy, dim, False)
 
 
-def log_softmax_fwd(x: torch.Tensor, dim: int, max_block_n: int | None = None) -> torch.Tensor:
-    return _forward(x, dim, True, max_block_n)
+def log_softmax_fwd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return _forward(x, dim, True)
 
 
-def log_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, max_block_n: int | None = None) -> torch.Tensor:
-    return _backward(y, dy, dim, True, max_block_n)
+def log_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    return _backward(y, dy, dim, True)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
