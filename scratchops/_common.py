@@ -110,6 +110,31 @@ def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
+def class_loss_denominator(x, target, weight, ignore_index: int, reduction: int, cd) -> list[torch.Tensor]:
+    """A class loss's mean denominator: [D for the forward, D for the backward] for logits x (N, C, S) and
+    targets (N, S) indices or (N, C, S) probabilities. D = Σ w_t over active rows (indices), N·S (probabilities),
+    1 (sum, none); the backward's is 1 when every row is ignored (every dZ row is 0 then, as torch's gradient)."""
+    one = torch.ones((), dtype=cd, device=x.device)
+    if reduction != Reduction.MEAN:
+        return [one, one]
+    if target.is_floating_point():
+        c = target.shape[1]
+        d = torch.full((), target.shape[0] * target.shape[2] if c else float("nan"), dtype=cd, device=x.device)
+        return [d, d]
+    active = target != ignore_index
+    tc = torch.where(active, target, torch.zeros_like(target))
+    wt = weight.to(cd)[tc] if weight is not None and weight.numel() else torch.ones(target.shape, dtype=cd,
+                                                                                   device=x.device)
+    d = (wt * active).sum()
+    return [d, torch.where(active.any(), d, one)]
+
+
+def reduce_rows(loss: torch.Tensor, denom: torch.Tensor, reduction: int) -> torch.Tensor:
+    """Per-row losses reduced: as they are (none), their sum over ``denom`` (mean), their sum."""
+    return loss if reduction == Reduction.NONE else (loss.sum() / denom if reduction == Reduction.MEAN
+                                                     else loss.sum())
+
+
 def check_tensor(fn: str, value, arg: str = "input", position: int = 1) -> None:
     """torch's TypeError when ``value`` is not a tensor."""
     if not isinstance(value, torch.Tensor):

@@ -37,7 +37,8 @@ from typing import List, Optional
 import torch
 
 from scratchops._backend import backend_op, choose_backend
-from scratchops._common import REDUCTIONS, Reduction, check_class_targets, compute_dtype, type_name
+from scratchops._common import (REDUCTIONS, Reduction, check_class_targets, class_loss_denominator, compute_dtype,
+                                reduce_rows, type_name)
 
 KERNELS = "linear_cross_entropy"
 REFERENCE_CHUNK = 1 << 16  # logits elements per reference chunk (R = REFERENCE_CHUNK // C rows)
@@ -79,29 +80,6 @@ def _eps(label_smoothing: float, c: int) -> float:
 def _chunks(n: int, c: int):
     step = max(1, REFERENCE_CHUNK // max(c, 1))
     return [slice(r, min(r + step, n)) for r in range(0, n, step)]
-
-
-def denominator(x, target, weight, ignore_index: int, reduction: int, cd) -> List[torch.Tensor]:
-    """[D for the forward, D for the backward]: D = Σ w_t (active) / N·S / 1; the backward's is 1 when
-    every row is ignored (every dZ row is 0 then, as torch's gradient)."""
-    one = torch.ones((), dtype=cd, device=x.device)
-    if reduction != Reduction.MEAN:
-        return [one, one]
-    if target.is_floating_point():
-        c = target.shape[1]
-        d = torch.full((), target.shape[0] * target.shape[2] if c else float("nan"), dtype=cd, device=x.device)
-        return [d, d]
-    active = target != ignore_index
-    tc = torch.where(active, target, torch.zeros_like(target))
-    wt = weight.to(cd)[tc] if weight is not None and weight.numel() else torch.ones(target.shape, dtype=cd,
-                                                                                   device=x.device)
-    d = (wt * active).sum()
-    return [d, torch.where(active.any(), d, one)]
-
-
-def reduce_rows(loss: torch.Tensor, denom: torch.Tensor, reduction: int) -> torch.Tensor:
-    return loss if reduction == Reduction.NONE else (loss.sum() / denom if reduction == Reduction.MEAN
-                                                     else loss.sum())
 
 
 def _no_autocast(fn):
@@ -148,7 +126,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch
                 ell = torch.where(active, ell, torch.zeros_like(ell))
             loss[rows, s] = ell
             stats[0, rows, s], stats[1, rows, s], stats[2, rows, s] = m, log_s, sum_a
-    d_fwd, d_bwd = denominator(x, target, weight, ignore_index, reduction, cd)
+    d_fwd, d_bwd = class_loss_denominator(x, target, weight, ignore_index, reduction, cd)
     return [reduce_rows(loss, d_fwd, reduction), d_bwd, stats]
 
 

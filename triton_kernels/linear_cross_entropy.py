@@ -27,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check_class_targets
-from ..linear_cross_entropy import denominator, reduce_rows
+from .._common import check_class_targets, class_loss_denominator, reduce_rows
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma, tile_ids
-from ._launch import Kernel, acc_dtype, config, tiles
+from ._launch import Kernel, acc_dtype, cdiv, config, tiles
 
 CHUNK_MIN = 512  # V_c >= this many classes (and >= H): dZ chunk about the size of x
 ROW_FIELDS = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "GROUP")
@@ -301,13 +300,13 @@ def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
         ts, stride_tn, stride_tv = _target_strides(target, s)
         bs = b[:, s] if b is not None else ws
         ls, ss = loss[:, s], stats[:, :, s]
-        _fwd(lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),),
+        _fwd(lambda meta: (cdiv(n, meta["BLOCK_N"]),),
              x, ws, bs, ts, weight if weight is not None else ws, ls, ss,
              n, c, h,
              x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), bs.stride(0), stride_tn, stride_tv, ls.stride(0),
              ss.stride(0), ss.stride(1),
              ignore_index, eps, cls=cls, **consts)
-    d_fwd, d_bwd = denominator(x, target, weight, ignore_index, reduction, cd)
+    d_fwd, d_bwd = class_loss_denominator(x, target, weight, ignore_index, reduction, cd)
     return [reduce_rows(loss, d_fwd, reduction), d_bwd, stats]
 
 
@@ -315,7 +314,7 @@ def _gemm_launch(a, b, c_out, rs, cls, *, product: bool, accumulate: bool, row_s
     (m, k), ncols = a.shape, c_out.shape[1] if product else 1
     if not (product or row_sum) or m == 0 or ncols == 0:
         return
-    _gemm(lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(ncols, meta["BLOCK_N"]),),
+    _gemm(lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(ncols, meta["BLOCK_N"]),),
           a, b, c_out, rs, m, ncols, k,
           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_out.stride(0), c_out.stride(1), rs.stride(0),
           cls=cls, PRODUCT=product, ACCUMULATE=accumulate, ROW_SUM=row_sum, ACC=acc_dtype(a.dtype),
@@ -349,7 +348,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
             wd = min(width, c - v0)
             dzc = dz[:, :wd]
             if n:
-                grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(wd, meta["BLOCK_V"]),)  # noqa: E731
+                grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(wd, meta["BLOCK_V"]),)  # noqa: E731
                 _dlogits(grid, x, ws, bs, ts, weight if weight is not None else ws, ss, gs, denom,
                          dzc, dqs, dcw if need_weight else ss,
                          n, c, h, v0, wd,
