@@ -50,16 +50,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config
 
-# The widest row a single-block program holds (see the module docstring).
-ROW_ELEMENTS, ROW_ELEMENTS_FP64 = 32768, 8192
+ROW_ELEMENTS, ROW_ELEMENTS_FP64 = 32768, 8192  # the widest row a single-block program holds (module docstring)
 MAX_BLOCK_N = ROW_ELEMENTS  # tests lower it to force the other kernels on short rows
-MIN_BLOCK_N, BLOCK_N_STEP = 64, 4
+MIN_BLOCK_N, BLOCK_N_STEP, LOOP_BLOCK_N = 64, 4, 4096  # the BLOCK_N ladder; the looped kernels' step
 TILE = 2048  # elements per program on short rows: BLOCK_M = TILE // BLOCK_N rows
-LOOP_BLOCK_N = 4096
-ELEMENTS_PER_WARP = 256
-MIN_WARPS, MAX_WARPS = 4, 32
+ELEMENTS_PER_WARP, MIN_WARPS, MAX_WARPS = 256, 4, 32
 
 # How many times each kernel variant was launched: tests read it to prove every branch ran.
 BRANCHES: collections.Counter = collections.Counter()
@@ -334,7 +331,7 @@ def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
         fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
         BRANCHES["fwd_looped" if looped else "fwd"] += 1
     kernel = _kernel(fn, block_n)
-    grid = (triton.cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
+    grid = (cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
     kernel(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
 
