@@ -11,6 +11,7 @@ Torch only, no Triton: importing it never starts Triton. One owner per fact:
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import warnings
 
@@ -133,6 +134,23 @@ def reduce_rows(loss: torch.Tensor, denom: torch.Tensor, reduction: int) -> torc
     """Per-row losses reduced: as they are (none), their sum over ``denom`` (mean), their sum."""
     return loss if reduction == Reduction.NONE else (loss.sum() / denom if reduction == Reduction.MEAN
                                                      else loss.sum())
+
+
+def no_autocast(t: torch.Tensor):
+    """A context where autocast is off for ``t``'s device: reference formulas run in the dtypes they name."""
+    on = t.device.type in ("cpu", "cuda")
+    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
+
+
+def autocast_lower(*tensors) -> tuple:
+    """As torch's autocast for its lower-precision ops (linear, conv2d, ...): where autocast is on for the first
+    operand's device, floating operands other than float64 go to its dtype (a differentiable cast); None stays."""
+    device_type = tensors[0].device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def check_tensor(fn: str, value, arg: str = "input", position: int = 1) -> None:

@@ -28,14 +28,13 @@ Every backward is built from differentiable Functions on the same kernels (see "
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 from typing import Optional
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend
-from scratchops._common import check_tensor, compute_dtype, conv_output_size, type_name
+from scratchops._backend import Function, backend_op, choose_backend
+from scratchops._common import autocast_lower, check_tensor, compute_dtype, conv_output_size, no_autocast, type_name
 
 KERNELS = "conv2d"  # the forward launcher's family; the gradients' is "conv2d_bwd"
 SPATIAL_DIMS = 2
@@ -48,12 +47,6 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_complex:
         return dtype
     return compute_dtype(dtype) if dtype.is_floating_point else torch.int64
-
-
-def _no_autocast(t: torch.Tensor):
-    """The reference formulas run in the dtypes they name, even when called under autocast."""
-    on = t.device.type in ("cpu", "cuda")
-    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def _new_4d(shape, like, dtype, channels_last: bool):
@@ -78,7 +71,7 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], s
     P = conv_output_size(H, R, stride[0], padding[0], padding[1], dilation[0])
     Q = conv_output_size(W, S, stride[1], padding[2], padding[3], dilation[1])
     ct = _compute(x.dtype)
-    with _no_autocast(x):
+    with no_autocast(x):
         patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
         y = torch.einsum("ngcpqrs,gkcrs->ngkpq", patches, w.to(ct).reshape(groups, K // groups, C_G, R, S))
         y = y.reshape(N, K, P, Q)
@@ -95,7 +88,7 @@ def conv2d_bwd_input(dy: torch.Tensor, w: torch.Tensor, input_size: list[int], s
     K, C_G, R, S = w.shape
     P, Q = dy.shape[2], dy.shape[3]
     ct = _compute(dy.dtype)
-    with _no_autocast(dy):
+    with no_autocast(dy):
         dyg = dy.to(ct).reshape(N, groups, K // groups, P, Q)
         wg = w.to(ct).conj().reshape(groups, K // groups, C_G, R, S)  # complex: dy · conj(w), as autograd wants
         dxp = dy.new_zeros((N, groups, C_G, H + padding[0] + padding[1], W + padding[2] + padding[3]), dtype=ct)
@@ -116,7 +109,7 @@ def conv2d_bwd_weight(dy: torch.Tensor, x: torch.Tensor, weight_size: list[int],
     K, C_G, R, S = weight_size
     P, Q = dy.shape[2], dy.shape[3]
     ct = _compute(x.dtype)
-    with _no_autocast(x):
+    with no_autocast(x):
         xc = x.to(ct).conj()  # complex: dy · conj(x), as autograd wants
         patches = _patches(xc, (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
         dw = torch.einsum("ngcpqrs,ngkpq->gkcrs", patches, dy.to(ct).reshape(N, groups, K // groups, P, Q))
@@ -125,7 +118,7 @@ def conv2d_bwd_weight(dy: torch.Tensor, x: torch.Tensor, weight_size: list[int],
 
 def conv2d_bwd_bias(dy: torch.Tensor) -> torch.Tensor:
     # db[k] = Σ_{n,p,q} dy[n,k,p,q]
-    with _no_autocast(dy):
+    with no_autocast(dy):
         return dy.to(_compute(dy.dtype)).sum(dim=(0, 2, 3)).to(dy.dtype)
 
 
@@ -161,7 +154,7 @@ def _grad(function, spec, *args):
     return function.apply(*args, *spec) if torch.is_grad_enabled() else function.op(spec[-1], *args, *spec[:-1])
 
 
-class Conv2dFunction(torch.autograd.Function):
+class Conv2dFunction(Function):
     """y = conv(x, w) + b; dx = dgrad(dy, w), dw = wgrad(dy, x), db = Σ_{n,p,q} dy."""
 
     @staticmethod
@@ -186,7 +179,7 @@ class Conv2dFunction(torch.autograd.Function):
                 None, None, None, None, None, None)  # stride, padding, dilation, groups, channels_last, backend
 
 
-class _BilinearGradFunction(torch.autograd.Function):
+class _BilinearGradFunction(Function):
     """g = op(dy, t, size, *spec), bilinear in (dy, t): dgrad (t = w) or wgrad (t = x). The backward needs dy
     for ∂/∂t and t for ∂/∂dy: each is saved only when that gradient is wanted."""
 
@@ -231,7 +224,7 @@ class Conv2dWeightGradFunction(_BilinearGradFunction):
         return g_dy, g_x, None, None, None, None, None, None, None
 
 
-class Conv2dBiasGradFunction(torch.autograd.Function):
+class Conv2dBiasGradFunction(Function):
     """db = Σ_{n,p,q} dy; backward: ∂/∂dy = ggb broadcast over (n, p, q)."""
     op = staticmethod(conv2d_bwd_bias_op)  # the backend op, run directly when no graph is built
 
@@ -248,7 +241,7 @@ class Conv2dBiasGradFunction(torch.autograd.Function):
         return Conv2dBiasBroadcastFunction.apply(ggb, ctx.shape, ctx.backend), None  # backend
 
 
-class Conv2dBiasBroadcastFunction(torch.autograd.Function):
+class Conv2dBiasBroadcastFunction(Function):
     """g[n,k,p,q] = ggb[k] (a zero-stride view); backward: Σ_{n,p,q} of its gradient, the bias gradient kernel."""
 
     @staticmethod
@@ -364,17 +357,6 @@ def _check_devices(x, w, bias) -> None:
             raise RuntimeError(f"Input type ({x.type()}) and {name} type ({t.type()}) should be the same")
 
 
-def _autocast(*tensors):
-    """As torch's autocast, which lists conv2d among its lower-precision ops on CPU and CUDA: where it is on
-    for the input's device, floating operands other than float64 go to its dtype (a differentiable cast)."""
-    device_type = tensors[0].device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
-
-
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
     check_tensor("conv2d", input)
@@ -389,7 +371,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if weight.dim() != 4:
         raise RuntimeError(f"weight of conv2d should be 4-D, but got weight of size {list(weight.shape)}")
     pads = _resolve_padding(padding, stride, dilation, weight)
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias = autocast_lower(input, weight, bias)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     _check(x, weight, bias, stride, pads, dilation, groups)

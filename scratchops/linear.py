@@ -17,13 +17,12 @@ raise (the activations' limit); without one any order works. Nothing more is sav
 Forward mode: below. The reference formulas use ``torch.matmul`` for the plain products (the building block;
 the linear op, its bias, activation and gradients are written out here).
 """
-import contextlib
 import functools
 
 import torch
 
 from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
-from scratchops._common import check_same_device, check_tensor, compute_dtype, type_name
+from scratchops._common import autocast_lower, check_same_device, check_tensor, compute_dtype, no_autocast, type_name
 from scratchops import activations
 from scratchops.activations import (ActivationGradFunction, ActivationGradJvpFunction, ActivationGradYFunction,
                                     activate, activation_grad)
@@ -34,12 +33,6 @@ ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
 
 
 # ----------------------------------------------------------------- reference math
-def _no_autocast(t: torch.Tensor):
-    """The reference formulas run in the dtypes they name, even when called under autocast."""
-    on = t.device.type in ("cpu", "cuda")
-    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
-
-
 def _compute(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in: fp32/fp64 for floating types, the dtype itself for integers and complex."""
     return compute_dtype(dtype) if dtype.is_floating_point else dtype
@@ -53,7 +46,7 @@ def _grad_z(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.
 
 def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str) -> torch.Tensor:
     cd = _compute(x.dtype)
-    with _no_autocast(x):
+    with no_autocast(x):
         z = torch.matmul(x.to(cd), w.to(cd).t())
         if b is not None:
             z = z + b.to(cd)
@@ -62,7 +55,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
 
 
 def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
-    with _no_autocast(dy):
+    with no_autocast(dy):
         dz = _grad_z(dy, y, activation).to(w.dtype)  # rounded as torch's activation backward rounds it
         cd = _compute(w.dtype)
         return torch.matmul(dz.to(cd), w.to(cd).conj()).to(w.dtype)  # complex: dZ · conj(W), as torch
@@ -71,7 +64,7 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
 def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, activation: str,
                       with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW, db); db is empty (shape (0,)) unless ``with_bias``."""
-    with _no_autocast(dy):
+    with no_autocast(dy):
         dz = _grad_z(dy, y, activation)
         cd = _compute(x.dtype)
         dw = torch.matmul(dz.to(x.dtype).to(cd).t(), x.to(cd).conj()).to(x.dtype)  # complex: dZᵀ · conj(X)
@@ -80,7 +73,7 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
 
 
 def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
-    with _no_autocast(dy):
+    with no_autocast(dy):
         return _grad_z(dy, y, activation).sum(0).to(dy.dtype)
 
 
@@ -323,17 +316,6 @@ for _f, _fj in _JVP.items():
 
 
 # ----------------------------------------------------------------- functional
-def _autocast(input, weight, bias):
-    """As torch's autocast: where it is on for the input's device, floating operands other than float64
-    (autocast leaves those alone) go to its dtype."""
-    device_type = input.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return input, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in (input, weight, bias))
-
-
 def _check(input, weight, bias) -> None:
     """Torch's errors, raised before anything runs (the bias's shape is checked by :func:`_bias_rows`)."""
     if input.dim() == 0 or weight.dim() == 0:
@@ -384,7 +366,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         check_tensor("linear", bias, "bias", 3)
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias = autocast_lower(input, weight, bias)
     _check(input, weight, bias)
     if activation is not None and not input.is_floating_point():
         return getattr(activations, activation)(linear(input, weight, bias))

@@ -36,9 +36,9 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend
-from scratchops._common import (REDUCTIONS, Reduction, check_class_targets, class_loss_denominator, compute_dtype,
-                                reduce_rows, type_name)
+from scratchops._backend import Function, backend_op, choose_backend
+from scratchops._common import (REDUCTIONS, Reduction, autocast_lower, check_class_targets, class_loss_denominator,
+                                compute_dtype, reduce_rows, type_name)
 
 KERNELS = "linear_cross_entropy"
 REFERENCE_CHUNK = 1 << 16  # logits elements per reference chunk (R = REFERENCE_CHUNK // C rows)
@@ -195,7 +195,7 @@ DOUBLE_BACKWARD = (b"scratchops.linear_cross_entropy: double backward (create_gr
                    b"its backward is not itself differentiable")
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class LinearCrossEntropyFunction(Function):
     """(x, W, b, target, weight, ignore_index, label_smoothing, reduction, backend) -> (loss, D, stats)."""
 
     @staticmethod
@@ -241,13 +241,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------- functional
 def _autocast(*tensors):
-    """As torch's autocast for the linear: floating operands other than float64 go to its dtype."""
+    """As torch's autocast for the linear (its lower-precision list), and whether it applied."""
     device_type = tensors[0].device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
-        return tensors, False
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors), True
+    applied = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    return autocast_lower(*tensors), applied
 
 
 def _check_linear(input, linear_weight, linear_bias) -> None:

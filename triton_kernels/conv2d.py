@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .._common import conv_output_size
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma
-from ._launch import Kernel, acc_dtype, config, tiles
+from ._launch import Kernel, acc_dtype, cdiv, config, tiles
 
 
 # ----------------------------------------------------------------- index algebra (the one place)
@@ -167,7 +167,7 @@ def class_constexprs(cls: str) -> dict:
 def gemm_launch(kernel: Kernel, rows: int, cols: int, planes: int, dtype: torch.dtype, **args) -> None:
     """Launch a conv GEMM kernel over a (rows / BLOCK_M, cols / BLOCK_N, planes) grid, configs by dtype class."""
     cls = precision_class(dtype)
-    kernel(lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), planes),
+    kernel(lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes),
            cls=cls, INPUT_PRECISION=input_precision(cls), ACC=acc_dtype(dtype), **args)
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import mma
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, config, flat_offsets
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, flat_offsets
 from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, LAYOUTS, WGRAD_IEEE_TILES, WGRAD_TILES,
                      _in_coord, _out_coord, _position_tile, _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs,
                      gemm_launch, geometry, new_4d, strides, unit_strides)
@@ -190,7 +190,7 @@ def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, chann
 def _split_k(tiles: int, npq: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), npq // MIN_SPLIT_CHUNK))
+    return max(1, min(cdiv(TARGET_PROGRAMS, tiles), npq // MIN_SPLIT_CHUNK))
 
 
 def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last):
@@ -204,7 +204,7 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
     if not N * P * Q:  # an empty reduction: zeros (one fill, no launch)
         return dw.zero_()
     tile_m, tile_n = WGRAD_TILES[0][0], WGRAD_TILES[0][1]
-    tiles = groups * R * S * triton.cdiv(K_G, tile_m) * triton.cdiv(C_G, tile_n)
+    tiles = groups * R * S * cdiv(K_G, tile_m) * cdiv(C_G, tile_n)
     batches = batch_chunks(N, P * Q)
     splits = [_split_k(tiles, (b.stop - b.start) * P * Q, x.device) for b in batches]
     planes = sum(splits)
@@ -215,7 +215,7 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
     for batch, split in zip(batches, splits):
         dys, xs = dy[batch], x[batch]
         npq = xs.shape[0] * P * Q
-        chunk = triton.cdiv(triton.cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
+        chunk = cdiv(cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
         gemm_launch(_wgrad, K_G, C_G, groups * R * S * split, x.dtype,
                     dy_ptr=dys, x_ptr=xs, dw_ptr=out, NPQ=npq, C_G=C_G, H=H, W=W, K_G=K_G, P=P, Q=Q, R=R, S=S,
                     SPLIT=split, CHUNK=chunk, PLANE0=plane0, **strides("dy", dys, "nkpq"),
@@ -223,7 +223,7 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
         plane0 += split
     if planes > 1:
         n = dw.numel()
-        _sum_planes(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), out, dw, n, planes, C_G, R, S,
+        _sum_planes(lambda meta: (cdiv(n, meta["BLOCK"]),), out, dw, n, planes, C_G, R, S,
                     *dw.stride(), ACC=acc_dtype(dw.dtype))
     return dw
 
