@@ -44,13 +44,12 @@ symmetric, so Ẏ = Y ⊙ (Ẋ - Σ Ẋ⊙Y) is the backward applied to Ẋ; for
 dim moved to the front, ``dim`` shifted past it), so the Functions use ``generate_vmap_rule``
 and ``torch.func.vmap`` / ``vjp`` / ``jacrev`` / ``jacfwd`` work.
 """
-import inspect
 import operator
 import warnings
 
 import torch
 
-from scratchops._backend import backend_op, choose_backend
+from scratchops._backend import Function, backend_op, choose_backend
 from scratchops._common import compute_dtype, type_name
 
 KERNELS, KERNELS_BWD2 = "softmax", "softmax_bwd2"
@@ -187,14 +186,11 @@ log_softmax_bwd_jvp_op = _row_op("log_softmax_bwd_jvp", log_softmax_bwd_jvp, KER
 # ----------------------------------------------------------------- autograd
 def _function(name: str, forward, setup_context, backward, jvp=None, doc: str = ""):
     """An autograd.Function (setup_context form, vmap rule generated) from these staticmethods."""
-    # Function.apply binds the arguments with inspect.signature(forward) on every call: a precomputed
-    # __signature__ makes that a lookup (it was about a third of the forward's host time).
-    forward.__signature__ = inspect.signature(forward)
     methods = {"__doc__": doc, "generate_vmap_rule": True, "forward": staticmethod(forward),
                "setup_context": staticmethod(setup_context), "backward": staticmethod(backward)}
     if jvp is not None:
         methods["jvp"] = staticmethod(jvp)
-    return type(name, (torch.autograd.Function,), methods)
+    return type(name, (Function,), methods)
 
 
 def _second_function(name: str, bwd2_op):
