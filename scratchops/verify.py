@@ -105,6 +105,11 @@ CASES: list[Case] = [
     Case("cross_entropy", "(4, 6) probabilities", lambda x, q: SF.cross_entropy(x, q, label_smoothing=0.2),
          lambda x, q: TF.cross_entropy(x, q, label_smoothing=0.2),
          lambda g: (_randn(g, 4, 6), _randn(g, 4, 6, grad=False).softmax(1).requires_grad_())),
+    Case("cross_entropy", "(3, 5) probabilities, learned w, mean", lambda x, q, w: SF.cross_entropy(x, q, weight=w),
+         lambda x, q, w: TF.cross_entropy(x, q, weight=w),
+         lambda g: (_randn(g, 3, 5), _randn(g, 3, 5, grad=False).softmax(1),
+                    _randn(g, 5, grad=False).abs().requires_grad_()),
+         gradgradcheck=False),  # double backward through a learned class weight raises (tested in its test file)
     Case("conv2d", "(2,4,7,6)*(6,2,3,3) s2 p1 d2 g2", SF.conv2d, TF.conv2d,
          lambda g: (_randn(g, 2, 4, 7, 6), _randn(g, 6, 2, 3, 3), _randn(g, 6)),
          kwargs={"stride": 2, "padding": 1, "dilation": 2, "groups": 2}, gradcheck_kwargs={"fast_mode": True}),
