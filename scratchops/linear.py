@@ -342,9 +342,15 @@ def _check(input, weight, bias) -> None:
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({m}x{k_in} and {k_w}x{n})")
 
 
-def _bias_rows(bias, lead, n):
+def _bias_rows(bias, lead, n, input_contiguous=True):
     """The bias as the kernels read it: (N,) if it varies along the features only, else (M, N), broadcast as
     torch does against the output (*lead, N) (torch's error if it cannot). A dynamic batch stays symbolic."""
+    # A 1-D input: torch adds the bias in place to the (N,) product (a 2-D bias does not fit), except on its
+    # fused path (contiguous input and bias of shape (1, N), N > 1), which broadcasts the bias as one row
+    fused = input_contiguous and bias.is_contiguous() and tuple(bias.shape) == (1, n) and n != 1
+    if not len(lead) and bias.dim() > 1 and not fused:
+        shape = torch.broadcast_shapes(bias.shape, (n,))  # torch's error when they do not broadcast at all
+        raise RuntimeError(f"output with shape [{n}] doesn't match the broadcast shape {list(shape)}")
     rows = tuple(lead) if len(lead) else (1,)  # a 1-D input is one row
     if bias.dim() <= len(rows) + 1 and all(s == 1 for s in bias.shape[:-1]):
         last = bias.shape[-1] if bias.dim() else 1
@@ -373,7 +379,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     w2 = weight if weight.dim() == 2 else weight.unsqueeze(0)  # a 1-D weight is one output feature, dropped after
     n, k = w2.shape
     lead = input.shape[:-1]
-    b = None if bias is None else _bias_rows(bias, lead, n)
+    b = None if bias is None else _bias_rows(bias, lead, n, input.is_contiguous())
     # (M, K): reshape(-1, K) keeps a dynamic batch symbolic; K = 0 needs explicit sizes
     x2 = input.reshape(-1, k) if k != 0 else input.reshape(input.shape[:-1].numel(), 0)
     y = (_JVP[LinearFunction] if forward_mode() else LinearFunction).apply(x2, w2, b, activation or "none",

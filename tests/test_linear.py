@@ -376,6 +376,11 @@ BAD = {
     "input_not_tensor": lambda: ([1.0, 2.0], make((5, 2)), None),
     "weight_not_tensor": lambda: (make((3, 4)), "w", None),
     "bias_not_tensor": lambda: (make((3, 4)), make((5, 4)), 3),
+    # issue 16 fuzz: a 1-D input adds its bias in place to the (N,) product: a 2-D bias does not fit
+    "input_1d_bias_2d": lambda: (make((4,)), make((5, 4)), make((1, 1))),
+    "input_1d_strided_bias_2d": lambda: (make((8,))[::2], make((5, 4)), make((1, 5))),
+    "input_1d_bias_2d_strided": lambda: (make((4,)), make((5, 4)), make((1, 10))[:, ::2]),
+    "input_1d_bias_2d_one": lambda: (make((0,)), make((1, 0)), make((1, 1))),
 }
 MATCH = {"k_mismatch": r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 3x5\)",
          "k_mismatch_3d": r"mat1 and mat2 shapes cannot be multiplied \(6x4 and 3x5\)",
@@ -387,12 +392,22 @@ MATCH = {"k_mismatch": r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 3x5
          "bias_too_many_dims": "the number of sizes provided",
          "weight_dtype": "same dtype", "input_dtype": "same dtype", "bias_dtype": "same dtype",
          "input_not_tensor": "must be Tensor", "weight_not_tensor": "must be Tensor",
-         "bias_not_tensor": "must be Tensor"}
+         "bias_not_tensor": "must be Tensor",
+         "input_1d_bias_2d": r"output with shape \[5\] doesn't match the broadcast shape \[1, 5\]",
+         "input_1d_strided_bias_2d": r"output with shape \[5\] doesn't match the broadcast shape \[1, 5\]",
+         "input_1d_bias_2d_strided": r"output with shape \[5\] doesn't match the broadcast shape \[1, 5\]",
+         "input_1d_bias_2d_one": r"output with shape \[1\] doesn't match the broadcast shape \[1, 1\]"}
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_inputs(backend, name):
     check_same_error(ours, torch_linear, *BAD[name](), match=MATCH.get(name))
+
+
+def test_input_1d_contiguous_bias_one_row(backend):
+    # issue 16 fuzz: torch's fused path takes a contiguous (1, N) bias (N > 1) for a contiguous 1-D input
+    x, w, b = make((4,), requires_grad=True), make((5, 4), requires_grad=True), make((1, 5), requires_grad=True)
+    check_parity(ours, torch_linear, x, w, b)
 
 
 def test_bad_bias_raises_before_any_kernel(backend):
