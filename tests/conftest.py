@@ -15,6 +15,16 @@ import pytest  # noqa: E402
 
 from tests.helpers import BACKENDS, DEVICE, backend_skip_reason  # noqa: E402
 
+try:  # hypothesis profiles for tests/test_fuzz.py: "ci" (the default) or --hypothesis-profile=long
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, max_examples=15, deadline=None, database=None,
+                                          print_blob=True)
+    _hypothesis_settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+    _hypothesis_settings.load_profile("ci")
+except ImportError:  # a dev extra; test_fuzz.py skips without it
+    pass
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
