@@ -106,6 +106,11 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_a
 
 def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
     """torch's IndexError for a class index outside [0, classes) that is not ``ignore_index``."""
+    if not target.numel():
+        return
+    low, high = torch.aminmax(target)  # one reduction and one read-back in the common case: all in range
+    if int(low) >= 0 and int(high) < classes:
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
