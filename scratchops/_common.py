@@ -108,8 +108,8 @@ def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -
     """torch's IndexError for a class index outside [0, classes) that is not ``ignore_index``."""
     if not target.numel():
         return
-    low, high = torch.aminmax(target)  # one reduction and one read-back in the common case: all in range
-    if int(low) >= 0 and int(high) < classes:
+    low, high = torch.stack(torch.aminmax(target)).tolist()  # common case (all in range): two kernels, one read-back
+    if low >= 0 and high < classes:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bool(bad.any()):
