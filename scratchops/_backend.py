@@ -82,10 +82,34 @@ def _check_name(name: str) -> str:
     return name
 
 
+# os.environ's own mapping, read without its per-call key encoding (about 1 µs a read on the hot path);
+# os.environ[...] = ... and monkeypatch.setenv write it, so a change at run time is still seen.
+_ENVIRON = os.environ
+_ENV_DATA = getattr(_ENVIRON, "_data", None)
+
+
+def _env_reader(name: str):
+    """A function returning ``os.environ.get(name)`` (str or None), as cheaply as this platform allows."""
+    if not isinstance(_ENV_DATA, dict) or not hasattr(_ENVIRON, "encodekey"):
+        return lambda: _ENVIRON.get(name)
+    key, get, decode = _ENVIRON.encodekey(name), _ENV_DATA.get, _ENVIRON.decodevalue
+
+    def read():
+        raw = get(key)
+        return None if raw is None else decode(raw)
+    return read
+
+
+_read_backend_env = _env_reader(ENV_VAR)
+_read_interpret_env = _env_reader("TRITON_INTERPRET")
+
+
 def env_backend() -> str:
     """``$SCRATCHOPS_BACKEND`` (default ``auto``), checked."""
-    value = os.environ.get(ENV_VAR)
-    return "auto" if value is None else _check_name(value.strip().lower() or "auto")
+    value = _read_backend_env()
+    if value is None or value == "auto":
+        return "auto"
+    return _check_name(value.strip().lower() or "auto")
 
 
 def current_backend() -> str:
@@ -110,7 +134,7 @@ def use_backend(name: str):
 
 def interpreter_mode() -> bool:
     """True when Triton kernels run on CPU tensors through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _read_interpret_env() == "1"
 
 
 # Looked up once, without importing triton (TRITON_INTERPRET must be set before that import).
@@ -140,7 +164,12 @@ def choose_backend(tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> str:
     requested = stack[-1] if stack else env_backend()
     if requested == "reference":
         return "reference"
-    reason = triton_unavailable_reason(tensor.device, tensor.dtype, dtypes)
+    dtype = tensor.dtype
+    # the common cases first, without building a device object: exactly where the reason below is None
+    if TRITON_INSTALLED and dtype in dtypes and (
+            tensor.is_cuda or (tensor.is_cpu and dtype is not torch.bfloat16 and interpreter_mode())):
+        return "triton"
+    reason = triton_unavailable_reason(tensor.device, dtype, dtypes)
     if reason is None:
         return "triton"
     if requested == "triton":
@@ -172,25 +201,39 @@ def eager_plain(args) -> bool:
     return True
 
 
+_grad_enabled = torch.is_grad_enabled
+_FUNCTION_C_APPLY = torch._C._FunctionBase.__dict__["apply"]  # autograd's C++ apply (a classmethod descriptor)
+
+
 class Function(torch.autograd.Function):
     """Base of every scratchops autograd.Function: ``apply`` without torch's Python toll in plain eager mode.
 
     torch's ``Function.apply`` binds default arguments through ``inspect.signature`` on every call (about half
     the host time of a small op) before autograd's C++ apply; scratchops' forwards take no defaults, so in
-    eager mode with no torch.func transform the C++ apply is called directly. Under dynamo and functorch
-    transforms ``apply`` is torch's own.
+    eager mode with no torch.func transform the C++ apply is called directly (bound once per class). Under
+    dynamo and functorch transforms ``apply`` is torch's own.
+
+    ``fresh_outputs = True`` declares that ``forward`` returns only new tensors (never an input, nothing marked
+    dirty): then, where autograd records nothing (grad mode off, eager, no torch.func transform, no forward-AD
+    level; a backward run without ``create_graph``), ``apply`` calls ``forward`` itself, which gives the same
+    tensors without autograd's per-call node (several µs of host time).
     """
+
+    fresh_outputs = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._c_apply = _FUNCTION_C_APPLY.__get__(None, cls)
 
     @classmethod
     def apply(cls, *args):
         if _is_compiling() or _functorch_active():
             return super().apply(*args)
         # as torch's apply does outside transforms: a tensor a finished transform left wrapped is unwrapped
-        return _c_apply(cls, *[_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args])
-
-
-def _c_apply(cls, *args):
-    return super(torch.autograd.Function, cls).apply(*args)
+        args = [_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
+        if cls.fresh_outputs and forward_ad._current_level < 0 and not _grad_enabled():
+            return cls.forward(*args)
+        return cls._c_apply(*args)
 
 
 def forward_mode() -> bool:
@@ -238,7 +281,8 @@ def backend_op(name: str, reference, family: str, *, mutates_args=(), fake=None)
             _recording.calls.append((name, backend, args))
         if not eager_plain(args):
             return overload(backend, *args)
-        out = run(backend, *args)
+        LAUNCHES[name, backend] += 1  # run(backend, *args), inlined (host time)
+        out = (impls.get(backend) or impl(backend))(*args)
         for i in mutated:  # as the custom op would: autograd must see the write
             torch.autograd.graph.increment_version(args[i])
         return out

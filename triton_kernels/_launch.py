@@ -71,20 +71,24 @@ class Kernel:
         self.interpreter = interpreter or next(iter(self.configs.values()))[0]
         self.key = list(key)
         self._tuned = {}
+        # per launch, the keyword arguments that never change: the interpreter config's constexprs; a single
+        # config's constexprs with its warps and stages
+        self._interpreter_meta = dict(self.interpreter.kwargs)
+        self._single = {name: {**c[0].kwargs, "num_warps": c[0].num_warps, "num_stages": c[0].num_stages}
+                        for name, c in self.configs.items() if len(c) == 1}
 
     def __call__(self, grid, *args, cls: str = "default", **consts):
         """Launch over ``grid`` (a tuple, or a function of the chosen config's constexprs)."""
         configs = self.configs[cls]
         if _INTERPRETING:
-            meta = self.interpreter.kwargs
+            meta = self._interpreter_meta
+            # fn.run(..., grid=, warmup=False) is what fn[grid](...) calls (without its per-call proxy)
             with _INTERPRETER_LOCK:
-                self.fn[grid(meta) if callable(grid) else grid](*args, **consts, **meta)
+                self.fn.run(*args, grid=grid(meta) if callable(grid) else grid, warmup=False, **consts, **meta)
             return
         if len(configs) == 1:
-            chosen = configs[0]
-            meta = chosen.kwargs
-            self.fn[grid(meta) if callable(grid) else grid](*args, **consts, **meta, num_warps=chosen.num_warps,
-                                                             num_stages=chosen.num_stages)
+            meta = self._single[cls]
+            self.fn.run(*args, grid=grid(meta) if callable(grid) else grid, warmup=False, **consts, **meta)
             return
         tuned = self._tuned.get(cls)
         if tuned is None:
@@ -146,6 +150,8 @@ def type_name(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------- elementwise layouts
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t``'s elements fill one block of memory exactly (any dim order, no gaps or overlaps)."""
+    if t.is_contiguous() and t.numel():  # the common case, without sorting strides
+        return True
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
         if size == 1:
@@ -168,6 +174,8 @@ def same_layout(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     This is how non-contiguous, sliced and expanded (zero-stride) operands reach
     the flat 1-D elementwise kernels.
     """
+    if t.is_contiguous() and out.is_contiguous() and t.shape == out.shape:  # the common case: same flat order
+        return t
     if t.stride() == out.stride() and is_dense(t):
         return t
     return torch.empty_strided(out.shape, out.stride(), dtype=t.dtype, device=t.device).copy_(t)
