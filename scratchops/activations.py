@@ -164,6 +164,8 @@ class ActivationFunction(Function):
 class ActivationGradFunction(Function):
     """dx = dy · s(y) (the first backward); its backward: d(dy) = g · s(y), d(y) = g · dy · s'(y)."""
 
+    fresh_outputs = True  # a backward without create_graph calls forward directly (see _backend.Function)
+
     @staticmethod
     def forward(y, dy, activation, backend):
         return OPS[activation][1](backend, y, dy)
@@ -195,6 +197,8 @@ SECOND_DERIVATIVE_OF_S = {"sigmoid": -2.0, "tanh": -2.0, "relu": 0.0}  # s''(y):
 
 class ActivationGradYFunction(Function):
     """g · dy · s'(y), the second-derivative term (linear in g and dy); its own derivatives close the series."""
+
+    fresh_outputs = True
 
     @staticmethod
     def forward(y, dy, g, activation, backend):

@@ -122,83 +122,82 @@ _bwd_y = Kernel(_activation_bwd_y_kernel, ELEMENTWISE)
 
 
 # ----------------------------------------------------------------- launchers
-def _grid(n):
-    return lambda meta: (cdiv(n, meta["BLOCK"]),)
+BLOCK = ELEMENTWISE[0].kwargs["BLOCK"]  # the one config everywhere (interpreter too): grids are plain tuples
 
 
-def _forward(activation: Activation, x: torch.Tensor, y: torch.Tensor) -> None:
-    """y = act(x) for x and y of the same dense layout (x may be y: in place)."""
+def _forward(activation: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y = act(x) for x and y of the same dense layout (x may be y: in place); ``activation``: an int code."""
     n = y.numel()
     if n:
-        _fwd(_grid(n), x, y, n, ACTIVATION=activation.value, ACC=acc_dtype(y.dtype))
+        _fwd((cdiv(n, BLOCK),), x, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype))
 
 
-def _unary(activation: Activation, x: torch.Tensor) -> torch.Tensor:
+def _unary(activation: int, x: torch.Tensor) -> torch.Tensor:
     y = elementwise_out(x)
     _forward(activation, same_layout(x, y), y)
     return y
 
 
-def _backward(activation: Activation, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def _backward(activation: int, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     dx = elementwise_out(y, dtype=dy.dtype)
     n = dx.numel()
     if n:
-        _bwd(_grid(n), same_layout(y, dx), same_layout(dy, dx), dx, n, ACTIVATION=activation.value,
+        _bwd((cdiv(n, BLOCK),), same_layout(y, dx), same_layout(dy, dx), dx, n, ACTIVATION=activation,
              ACC=acc_dtype(dy.dtype))
     return dx
 
 
-def _second(activation: Activation, y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _second(activation: int, y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out = elementwise_out(y, dtype=g.dtype)
     n = out.numel()
     if n:
-        _bwd_y(_grid(n), same_layout(y, out), same_layout(dy, out), same_layout(g, out), out, n,
-               ACTIVATION=activation.value, ACC=acc_dtype(g.dtype))
+        _bwd_y((cdiv(n, BLOCK),), same_layout(y, out), same_layout(dy, out), same_layout(g, out), out, n,
+               ACTIVATION=activation, ACC=acc_dtype(g.dtype))
     return out
 
 
 def sigmoid_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(Activation.SIGMOID, x)
+    return _unary(SIGMOID.value, x)
 
 
 def sigmoid_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(Activation.SIGMOID, y, dy)
+    return _backward(SIGMOID.value, y, dy)
 
 
 def sigmoid_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(Activation.SIGMOID, y, dy, g)
+    return _second(SIGMOID.value, y, dy, g)
 
 
 def relu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(Activation.RELU, x)
+    return _unary(RELU.value, x)
 
 
 def relu_fwd_(x: torch.Tensor) -> None:
     """In place: y is written over x (through a dense copy, written back, when x has gaps)."""
     dense = x if is_dense(x) else x.contiguous()
-    _forward(Activation.RELU, dense, dense)
+    _forward(RELU.value, dense, dense)
     if dense is not x:
         x.copy_(dense)
 
 
 def relu_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(Activation.RELU, y, dy)
+    return _backward(RELU.value, y, dy)
 
 
 def relu_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(Activation.RELU, y, dy, g)
+    return _second(RELU.value, y, dy, g)
 
 
 def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(Activation.TANH, x)
+    return _unary(TANH.value, x)
 
 
 def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(Activation.TANH, y, dy)
+    return _backward(TANH.value, y, dy)
 
 
 def tanh_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(Activation.TANH, y, dy, g)
+    return _second(TANH.value, y, dy, g)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
