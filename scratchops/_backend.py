@@ -85,14 +85,18 @@ def _check_name(name: str) -> str:
 # os.environ's own mapping, read without its per-call key encoding (about 1 µs a read on the hot path);
 # os.environ[...] = ... and monkeypatch.setenv write it, so a change at run time is still seen.
 _ENVIRON = os.environ
-_ENV_DATA = getattr(_ENVIRON, "_data", None)
+_FAST_ENV = isinstance(getattr(_ENVIRON, "_data", None), dict) and hasattr(_ENVIRON, "encodekey")
 
 
-def _env_reader(name: str):
-    """A function returning ``os.environ.get(name)`` (str or None), as cheaply as this platform allows."""
-    if not isinstance(_ENV_DATA, dict) or not hasattr(_ENVIRON, "encodekey"):
-        return lambda: _ENVIRON.get(name)
-    key, get, decode = _ENVIRON.encodekey(name), _ENV_DATA.get, _ENVIRON.decodevalue
+def _env_reader(name: str, value: str | None = None):
+    """A function returning ``os.environ.get(name)``, or, given ``value``, whether that equals ``value``."""
+    if not _FAST_ENV:
+        return (lambda: _ENVIRON.get(name)) if value is None else (lambda: _ENVIRON.get(name) == value)
+    get, key = _ENVIRON._data.get, _ENVIRON.encodekey(name)
+    if value is not None:
+        raw_value = _ENVIRON.encodevalue(value)
+        return lambda: get(key) == raw_value
+    decode = _ENVIRON.decodevalue
 
     def read():
         raw = get(key)
@@ -100,13 +104,13 @@ def _env_reader(name: str):
     return read
 
 
-_read_backend_env = _env_reader(ENV_VAR)
-_read_interpret_env = _env_reader("TRITON_INTERPRET")
+_backend_env = _env_reader(ENV_VAR)
+_interpreting_env = _env_reader("TRITON_INTERPRET", "1")
 
 
 def env_backend() -> str:
     """``$SCRATCHOPS_BACKEND`` (default ``auto``), checked."""
-    value = _read_backend_env()
+    value = _backend_env()
     if value is None or value == "auto":
         return "auto"
     return _check_name(value.strip().lower() or "auto")
@@ -134,7 +138,7 @@ def use_backend(name: str):
 
 def interpreter_mode() -> bool:
     """True when Triton kernels run on CPU tensors through Triton's interpreter."""
-    return _read_interpret_env() == "1"
+    return _interpreting_env()
 
 
 # Looked up once, without importing triton (TRITON_INTERPRET must be set before that import).
@@ -185,18 +189,26 @@ _is_compiling = torch.compiler.is_compiling
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
+# argument types that need no further look (plain tensors, None, the scalars ops take): a set lookup each
+# (isinstance(x, torch.Tensor) is ~20x slower for a non-tensor than for a tensor)
+_SCALAR_TYPES = frozenset((type(None), bool, int, float, str, torch.dtype))
+_PLAIN_ARG_TYPES = _SCALAR_TYPES | {torch.Tensor, torch.nn.Parameter}
+
+
 def eager_plain(args) -> bool:
     """True when a direct call gives what the custom op would: eager mode, no dispatch mode (fake
     tensors, functionalization, export), no functorch transform, and every tensor a plain one."""
     if _is_compiling() or _dispatch_modes() or _functorch_active():
         return False
     for a in args:
-        if type(a) in _PLAIN_TYPES or a is None:
+        kind = type(a)
+        if kind in _PLAIN_ARG_TYPES:
             continue
-        if isinstance(a, torch.Tensor):
-            return False
-        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and type(t) not in _PLAIN_TYPES
-                                                for t in a):
+        if kind is list or kind is tuple or isinstance(a, (list, tuple)):
+            for t in a:
+                if type(t) not in _PLAIN_ARG_TYPES and isinstance(t, torch.Tensor):
+                    return False
+        elif isinstance(a, torch.Tensor):
             return False
     return True
 
@@ -230,7 +242,8 @@ class Function(torch.autograd.Function):
         if _is_compiling() or _functorch_active():
             return super().apply(*args)
         # as torch's apply does outside transforms: a tensor a finished transform left wrapped is unwrapped
-        args = [_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
+        args = [a if type(a) in _SCALAR_TYPES else _unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
+                for a in args]
         if cls.fresh_outputs and forward_ad._current_level < 0 and not _grad_enabled():
             return cls.forward(*args)
         return cls._c_apply(*args)

@@ -89,6 +89,8 @@ class Activation(enum.IntEnum):
 
 ACTIVATIONS = {"none": Activation.NONE, "relu": Activation.RELU, "sigmoid": Activation.SIGMOID,
                "tanh": Activation.TANH}
+# the same as plain ints, for launchers (an enum member's .value is a Python property: host time per launch)
+ACTIVATION_CODES = {name: int(code) for name, code in ACTIVATIONS.items()}
 
 
 def dtype_groups(tensors) -> dict[torch.dtype, list[torch.Tensor]]:
@@ -147,9 +149,21 @@ def no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # one cheap check: no autocast on anywhere
+
+
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """``torch.is_autocast_enabled(t.device.type)``, answered without the device when no autocast is on."""
+    if _any_autocast is not None and not _any_autocast():
+        return False
+    return torch.is_autocast_enabled(t.device.type)
+
+
 def autocast_lower(*tensors) -> tuple:
     """As torch's autocast for its lower-precision ops (linear, conv2d, ...): where autocast is on for the first
     operand's device, floating operands other than float64 go to its dtype (a differentiable cast); None stays."""
+    if _any_autocast is not None and not _any_autocast():
+        return tensors
     device_type = tensors[0].device.type
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
