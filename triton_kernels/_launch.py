@@ -40,6 +40,22 @@ INT_TYPES = ("i8", "u8", "i16", "i32", "i64")
 _INTERPRETER_LOCK = threading.RLock() if _INTERPRETING else contextlib.nullcontext()
 
 
+# Compiled launches past Triton's per-launch Python (Kernel._launch_compiled): only on the Triton versions whose
+# JITFunction.run it mirrors (3.6, 3.7 and 3.9: the same binder, cache key inputs and launcher call), and not
+# under the interpreter. Any other version takes JITFunction.run every launch.
+_DIRECT_LAUNCH = not _INTERPRETING and tuple(int(v) for v in triton.__version__.split(".")[:2]) in ((3, 6), (3, 7),
+                                                                                                   (3, 9))
+if _DIRECT_LAUNCH:
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+
+
+def _knob_state() -> tuple:
+    """The knobs JITFunction.run folds into every launch's options (so into its cache key)."""
+    compilation = _knobs.compilation
+    return _knobs.runtime.debug, compilation.instrumentation_mode, getattr(compilation, "fpsan_homomorphic_casts", None)
+
+
 def interpreting() -> bool:
     """True when kernels run on CPU tensors in Triton's interpreter."""
     return _INTERPRETING
@@ -76,6 +92,7 @@ class Kernel:
         self._interpreter_meta = dict(self.interpreter.kwargs)
         self._single = {name: {**c[0].kwargs, "num_warps": c[0].num_warps, "num_stages": c[0].num_stages}
                         for name, c in self.configs.items() if len(c) == 1}
+        self._compiled = {}  # compiled launches: specialization key -> CompiledKernel (_launch_compiled)
 
     def __call__(self, grid, *args, cls: str = "default", **consts):
         """Launch over ``grid`` (a tuple, or a function of the chosen config's constexprs)."""
@@ -88,12 +105,48 @@ class Kernel:
             return
         if len(configs) == 1:
             meta = self._single[cls]
-            self.fn.run(*args, grid=grid(meta) if callable(grid) else grid, warmup=False, **consts, **meta)
+            grid = grid(meta) if callable(grid) else grid
+            if _DIRECT_LAUNCH and not self.fn.pre_run_hooks:
+                self._launch_compiled(cls, grid, args, {**consts, **meta})
+            else:
+                self.fn.run(*args, grid=grid, warmup=False, **consts, **meta)
             return
         tuned = self._tuned.get(cls)
         if tuned is None:
             tuned = self._tuned[cls] = triton.autotune(configs=configs, key=self.key)(self.fn)
         tuned[grid](*args, **consts)
+
+    def _launch_compiled(self, cls: str, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """``fn.run(*args, grid=grid, warmup=False, **kwargs)`` with its per-launch Python trimmed.
+
+        The first launch of a specialization takes Triton's own path (binding, cache key, compile, launch) and
+        keeps the CompiledKernel it returns, keyed by the specialization Triton's binder computes (argument
+        types, alignments, values of 1, divisibility, constexprs) and by what else keys Triton's cache here
+        (device, config class, debug and instrumentation knobs). A later launch with the same key binds the
+        arguments with the same binder and calls the CompiledKernel's launcher as ``JITFunction.run`` does,
+        skipping the string cache key, the options parsing and the globals check.
+        """
+        fn, active = self.fn, _driver.active
+        device = active.get_current_device()
+        bound, specialization, _ = fn.device_caches[device][4](*args, **kwargs)
+        try:
+            key = (device, cls, tuple(specialization), *_knob_state())
+            kernel = self._compiled.get(key)
+        except TypeError:  # an unhashable specialization value: Triton's path, uncached
+            key = kernel = None
+        if getattr(_knobs.runtime, "add_stages_inspection_hook", None) is not None:  # it keys compiles per call
+            key = kernel = None
+        if kernel is None:
+            kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
+            if key is not None and kernel is not None:
+                self._compiled[key] = kernel
+            return
+        stream = active.get_current_stream(device)
+        values = bound.values()
+        size = len(grid)
+        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, kernel.function,
+                   kernel.packed_metadata, kernel.launch_metadata(grid, stream, *values),
+                   _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *values)
 
     def aot(self, types, constexprs: dict | None = None, *, cls: str = "default", ints: dict | None = None,
             pointers: dict | None = None):
