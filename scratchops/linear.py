@@ -345,6 +345,8 @@ def _check(input, weight, bias) -> None:
 def _bias_rows(bias, lead, n, input_contiguous=True):
     """The bias as the kernels read it: (N,) if it varies along the features only, else (M, N), broadcast as
     torch does against the output (*lead, N) (torch's error if it cannot). A dynamic batch stays symbolic."""
+    if bias.dim() == 1 and bias.shape[0] == n:  # the common (N,) bias, as it is (no view nodes in the graph)
+        return bias
     # A 1-D input: torch adds the bias in place to the (N,) product (a 2-D bias does not fit), except on its
     # fused path (contiguous input and bias of shape (1, N), N > 1), which broadcasts the bias as one row
     fused = input_contiguous and bias.is_contiguous() and tuple(bias.shape) == (1, n) and n != 1
@@ -381,7 +383,11 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     lead = input.shape[:-1]
     b = None if bias is None else _bias_rows(bias, lead, n, input.is_contiguous())
     # (M, K): reshape(-1, K) keeps a dynamic batch symbolic; K = 0 needs explicit sizes
-    x2 = input.reshape(-1, k) if k != 0 else input.reshape(input.shape[:-1].numel(), 0)
+    # a 2-D input and weight as they are: no view nodes in the autograd graph (host time in the backward)
+    plain = input.dim() == 2 and weight.dim() == 2
+    x2 = input if plain else input.reshape(-1, k) if k != 0 else input.reshape(input.shape[:-1].numel(), 0)
     y = (_JVP[LinearFunction] if forward_mode() else LinearFunction).apply(x2, w2, b, activation or "none",
                                                                           choose_backend(x2))
+    if plain:
+        return y
     return y.reshape(*lead, n) if weight.dim() == 2 else y.reshape(lead)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import ACTIVATIONS, Activation
+from .._common import ACTIVATION_CODES, Activation
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma, tile_ids, tile_safe
 from ._launch import Kernel, acc_dtype, cdiv, config, tiles
 from .activations import activate
@@ -56,10 +56,18 @@ def gemm_kernel(fn, configs) -> Kernel:
     return Kernel(fn, configs, interpreter=INTERPRETER, key=AUTOTUNE_KEY)
 
 
+_LAUNCH_CLASSES: dict = {}
+
+
 def launch_class(dtype: torch.dtype) -> tuple[str, dict]:
-    """The config list (dtype class) of a GEMM on ``dtype`` and the constexprs that go with it."""
-    cls = dtype_class(dtype, torch.backends.cuda.matmul.allow_tf32)
-    return cls, {"INPUT_PRECISION": input_precision(cls), "ACC": acc_dtype(dtype)}
+    """The config list (dtype class) of a GEMM on ``dtype`` and the constexprs that go with it (built once per
+    dtype and TF32 setting; callers unpack the dict, never change it)."""
+    key = dtype, torch.backends.cuda.matmul.allow_tf32
+    hit = _LAUNCH_CLASSES.get(key)
+    if hit is None:
+        cls = dtype_class(*key)
+        hit = _LAUNCH_CLASSES[key] = cls, {"INPUT_PRECISION": input_precision(cls), "ACC": acc_dtype(dtype)}
+    return hit
 
 
 def gemm_aot(kernel: Kernel, constexprs: dict, unit_strides=()):
@@ -123,7 +131,7 @@ _fwd = gemm_kernel(_linear_fwd_kernel, FWD_CONFIGS)
 def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str) -> torch.Tensor:
     """y = act(x Wᵀ + b); b is None, (N,) or (M, N) (any strides, zero included)."""
     (M, K), N = x.shape, w.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = x.new_empty((M, N))  # x's dtype and device (cheaper on the host than torch.empty(..., dtype, device))
     if M == 0 or N == 0:
         return y
     x, w = tile_safe(x), tile_safe(w)
@@ -136,7 +144,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
     cls, consts = launch_class(x.dtype)
     _fwd(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),),
          x, w, bias, y, M, N, K, *x.stride(), *w.stride(), stride_bm, stride_bn, *y.stride(),
-         cls=cls, BIAS=mode.value, ACTIVATION=ACTIVATIONS[activation].value, **consts)
+         cls=cls, BIAS=mode.value, ACTIVATION=ACTIVATION_CODES[activation], **consts)
     return y
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import ACTIVATIONS, Activation
+from .._common import ACTIVATION_CODES, Activation
 from ._gemm import mma, tile_ids, tile_safe
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, tiles
 from .activations import NONE, activation_grad
@@ -180,7 +180,7 @@ def _grad_z_args(dy, y, activation):
 
 def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
     (M, N), K = dy.shape, w.shape[1]
-    dx = torch.empty((M, K), dtype=w.dtype, device=w.device)
+    dx = w.new_empty((M, K))
     if M == 0 or K == 0:
         return dx
     (dy, y), strides = _grad_z_args(dy, y, activation)
@@ -188,18 +188,18 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
     cls, consts = launch_class(w.dtype)
     _input(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),),
            dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride(),
-           cls=cls, ACTIVATION=ACTIVATIONS[activation].value, **consts)
+           cls=cls, ACTIVATION=ACTIVATION_CODES[activation], **consts)
     return dx
 
 
 def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
     M, N = dy.shape
-    db = torch.empty((N,), dtype=dy.dtype, device=dy.device)
+    db = dy.new_empty((N,))
     if N == 0:
         return db
     (dy, y), strides = _grad_z_args(dy, y, activation)
     _bias(lambda meta: (cdiv(N, meta["BLOCK_N"]),), dy, y, db, M, N, *strides,
-          ACTIVATION=ACTIVATIONS[activation].value, ACC=acc_dtype(dy.dtype))
+          ACTIVATION=ACTIVATION_CODES[activation], ACC=acc_dtype(dy.dtype))
     return db
 
 
@@ -207,8 +207,8 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
                       with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW, db); db is empty (shape (0,)) unless ``with_bias``."""
     (M, N), K = dy.shape, x.shape[1]
-    dw = torch.empty((N, K), dtype=x.dtype, device=x.device)
-    db = torch.empty((N if with_bias else 0,), dtype=dy.dtype, device=dy.device)
+    dw = x.new_empty((N, K))
+    db = dy.new_empty((N if with_bias else 0,))
     if N == 0:
         return dw, db
     if M == 0 or K == 0:  # no products to take: dW is all zeros; db needs its own reduction
@@ -218,7 +218,7 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     cls, consts = launch_class(x.dtype)
     _weight(lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),),
             dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride(),
-            cls=cls, ACTIVATION=ACTIVATIONS[activation].value, WITH_BIAS=with_bias, **consts)
+            cls=cls, ACTIVATION=ACTIVATION_CODES[activation], WITH_BIAS=with_bias, **consts)
     return dw, db
 
 
