@@ -261,6 +261,8 @@ class Conv2dBiasBroadcastFunction(Function):
 def _int(name: str, value) -> int:
     """An int argument as torch's parser takes it: any integer (numpy's, a 0-d int tensor), but no bool or
     float (TypeError)."""
+    if type(value) is int:  # the common case, first
+        return value
     if isinstance(value, (bool, float)) or not hasattr(type(value), "__index__"):
         raise TypeError(f"conv2d(): argument '{name}' must be int or tuple of ints, not {type(value).__name__}")
     return operator.index(value)
@@ -268,6 +270,8 @@ def _int(name: str, value) -> int:
 
 def _pair(name: str, value) -> list[int]:
     """int or 1-/2-sequence → [h, w], with torch's error for a wrong length."""
+    if type(value) is int:  # the common case, first
+        return [value] * SPATIAL_DIMS
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     values = [_int(name, v) for v in values]
     if len(values) == 1:

@@ -164,11 +164,17 @@ def class_constexprs(cls: str) -> dict:
     return {"INPUT_PRECISION": input_precision(cls), "ACC": tl.float64 if cls == "fp64" else tl.float32}
 
 
+_CONSTS: dict = {}  # (dtype class, dtype) -> the constexprs that go with them, built once each
+
+
 def gemm_launch(kernel: Kernel, rows: int, cols: int, planes: int, dtype: torch.dtype, **args) -> None:
     """Launch a conv GEMM kernel over a (rows / BLOCK_M, cols / BLOCK_N, planes) grid, configs by dtype class."""
     cls = precision_class(dtype)
-    kernel(lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes),
-           cls=cls, INPUT_PRECISION=input_precision(cls), ACC=acc_dtype(dtype), **args)
+    consts = _CONSTS.get((cls, dtype))
+    if consts is None:
+        consts = _CONSTS[cls, dtype] = {"INPUT_PRECISION": input_precision(cls), "ACC": acc_dtype(dtype)}
+    kernel(lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes), cls=cls, **consts,
+           **args)
 
 
 LAYOUTS = ("nchw", "nhwc")  # the layouts launches specialize: unit stride along W (NCHW) or channels (NHWC)
@@ -199,6 +205,11 @@ def batch_chunks(n: int, positions_per_image: int):
     return [slice(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
+def batch_part(t: torch.Tensor, chunk: slice) -> torch.Tensor:
+    """``t[chunk]``; ``t`` itself when the chunk is the whole batch (the common case: no view made)."""
+    return t if chunk.start == 0 and chunk.stop == t.shape[0] else t[chunk]
+
+
 def output_hw(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
     """P, Q for padding (top, bottom, left, right)."""
     return (conv_output_size(h, r, stride[0], padding[0], padding[1], dilation[0]),
@@ -211,9 +222,15 @@ def new_4d(shape, like: torch.Tensor, channels_last: bool, dtype=None) -> torch.
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+_STRIDE_NAMES: dict = {}
+
+
 def strides(name: str, t: torch.Tensor, dims: str) -> dict:
     """The ``stride_<name><dim>`` keyword arguments of ``t`` (one dim letter per dimension)."""
-    return {f"stride_{name}{d}": s for d, s in zip(dims, t.stride())}
+    names = _STRIDE_NAMES.get((name, dims))
+    if names is None:
+        names = _STRIDE_NAMES[name, dims] = tuple(f"stride_{name}{d}" for d in dims)
+    return dict(zip(names, t.stride()))
 
 
 def geometry(stride, padding, dilation) -> dict:
@@ -236,7 +253,7 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
     if not y.numel():
         return y
     for chunk in batch_chunks(N, P * Q):
-        xs, ys = x[chunk], y[chunk]
+        xs, ys = batch_part(x, chunk), batch_part(y, chunk)
         gemm_launch(_fwd, xs.shape[0] * P * Q, K // groups, groups, x.dtype,
                     x_ptr=xs, w_ptr=w, b_ptr=ys if bias is None else bias, y_ptr=ys,
                     N=xs.shape[0], C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,

@@ -15,8 +15,8 @@ import triton.language as tl
 from ._gemm import mma
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, flat_offsets
 from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, LAYOUTS, WGRAD_IEEE_TILES, WGRAD_TILES,
-                     _in_coord, _out_coord, _position_tile, _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs,
-                     gemm_launch, geometry, new_4d, strides, unit_strides)
+                     _in_coord, _out_coord, _position_tile, _split3, _tap_step, batch_chunks, batch_part, gemm_aot,
+                     gemm_configs, gemm_launch, geometry, new_4d, strides, unit_strides)
 
 # wgrad splits its N·P·Q reduction over programs when the output tiles alone cannot fill the GPU.
 TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100)
@@ -179,7 +179,7 @@ def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, chann
     if not dx.numel():
         return dx
     for chunk in batch_chunks(N, H * W):
-        dys, dxs = dy[chunk], dx[chunk]
+        dys, dxs = batch_part(dy, chunk), batch_part(dx, chunk)
         gemm_launch(_dgrad, dxs.shape[0] * H * W, C_G, groups, dy.dtype,
                     dy_ptr=dys, w_ptr=w, dx_ptr=dxs, N=dxs.shape[0], C_G=C_G, H=H, W=W, K_G=K // groups,
                     P=P, Q=Q, R=R, S=S, **strides("dy", dys, "nkpq"), **strides("w", w, "kcrs"),
@@ -187,8 +187,8 @@ def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, chann
     return dx
 
 
-def _split_k(tiles: int, npq: int, device: torch.device) -> int:
-    if device.type != "cuda":
+def _split_k(tiles: int, npq: int, on_cuda: bool) -> int:
+    if not on_cuda:
         return 1
     return max(1, min(cdiv(TARGET_PROGRAMS, tiles), npq // MIN_SPLIT_CHUNK))
 
@@ -206,14 +206,14 @@ def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, cha
     tile_m, tile_n = WGRAD_TILES[0][0], WGRAD_TILES[0][1]
     tiles = groups * R * S * cdiv(K_G, tile_m) * cdiv(C_G, tile_n)
     batches = batch_chunks(N, P * Q)
-    splits = [_split_k(tiles, (b.stop - b.start) * P * Q, x.device) for b in batches]
+    splits = [_split_k(tiles, (b.stop - b.start) * P * Q, x.is_cuda) for b in batches]
     planes = sum(splits)
     # One plane: dw itself. Several: partial sums in the compute dtype, one plane per split, then summed.
     out = dw[None] if planes == 1 else torch.empty((planes, K, C_G, R, S), dtype=dw.dtype if dw.dtype ==
                                                    torch.float64 else torch.float32, device=x.device)
     plane0 = 0
     for batch, split in zip(batches, splits):
-        dys, xs = dy[batch], x[batch]
+        dys, xs = batch_part(dy, batch), batch_part(x, batch)
         npq = xs.shape[0] * P * Q
         chunk = cdiv(cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
         gemm_launch(_wgrad, K_G, C_G, groups * R * S * split, x.dtype,
