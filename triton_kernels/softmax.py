@@ -338,7 +338,7 @@ def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
 def _forward(x: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
     if x.dim() == 0:
         return _forward(x.reshape(1), 0, is_log).reshape(())
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)  # torch.empty(x.shape, ...): slower host path
     if y.numel():
         _launch([x], [y], dim % x.dim(), is_log, backward=False)
     return y
@@ -347,7 +347,7 @@ def _forward(x: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
 def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
     if y.dim() == 0:
         return _backward(y.reshape(1), dy.reshape(1), 0, is_log).reshape(())
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    dx = torch.empty_like(y, memory_format=torch.contiguous_format)
     if dx.numel():
         _launch([y, dy], [dx], dim % y.dim(), is_log, backward=True)
     return dx
