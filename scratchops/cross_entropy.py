@@ -36,8 +36,8 @@ from typing import List, Optional
 import torch
 
 from scratchops._backend import Function, backend_op, choose_backend
-from scratchops._common import Reduction, check_class_targets, check_same_device, check_tensor, compute_dtype, \
-    legacy_reduction, reduction_code, type_name
+from scratchops._common import Reduction, autocast_enabled, check_class_targets, check_same_device, check_tensor, \
+    compute_dtype, legacy_reduction, reduction_code, type_name
 
 KERNELS = "cross_entropy"
 SHIFT, LOG_S, COEF, LOSS, WEIGHT, ACTIVE = range(6)  # rows of the statistics
@@ -189,6 +189,8 @@ class CrossEntropyBackwardFunction(Function):
     (D depends on the weight only, which is not differentiated twice).
     """
 
+    fresh_outputs = True  # a backward without create_graph calls forward directly (see _backend.Function)
+
     @staticmethod
     def forward(x, target, weight, stats, denom, g, ignore_index, label_smoothing, need_dx, need_dt, backend):
         return tuple(cross_entropy_bwd_op(backend, x, target, weight, stats, denom, g, ignore_index,
@@ -327,7 +329,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         reduction = legacy_reduction(size_average, reduce)
     code = reduction_code(reduction)
     check_same_device(input, target, weight)
-    if torch.is_autocast_enabled(input.device.type):
+    if autocast_enabled(input):
         # torch's autocast runs cross_entropy in float32 (an fp32-policy op): 16-bit floats are cast up
         input, target, weight = (t.float() if t is not None and t.dtype in HALF else t for t in (input, target, weight))
     if input.dim() == 0:

@@ -75,6 +75,8 @@ class MSEBackwardFunction(Function):
         ∂/∂g = (u · 2 e w + v · e²) / D       (summed over the elements when g is a scalar)
     """
 
+    fresh_outputs = True  # a backward without create_graph calls forward directly (see _backend.Function)
+
     @staticmethod
     def forward(x, y, w, denom, g, need_w, backend):
         return tuple(mse_bwd_op(backend, x, y, w, denom, g, need_w))

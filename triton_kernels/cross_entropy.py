@@ -273,7 +273,7 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
     rows = n * s
     prob = target.is_floating_point()
     if not prob:
-        if x.device.type == "cpu":
+        if x.is_cpu:
             check_class_targets(target, c, ignore_index)
         if target.dtype != torch.int64:
             target = target.long()  # uint8 targets: one kernel signature for every index dtype (a rows-sized copy)
