@@ -308,7 +308,7 @@ def cross_entropy_bwd(x, target, weight, stats, denom, g, ignore_index, label_sm
     prob = target.is_floating_point()
     if not prob and target.dtype != torch.int64:
         target = target.long()
-    dx = torch.empty((n, c, s), dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)  # (n, c, s)
     dt = torch.empty((n, c, s), dtype=target.dtype, device=x.device) if need_dt else x.new_empty(0)
     g, stride_g = _row_grad(g, n * s)
     weight = None if weight is None else weight.contiguous()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 
 import torch
 import triton
@@ -303,10 +304,7 @@ def _as_rows(t: torch.Tensor, dim: int, n_cols: int, n_inner: int):
 
 def _geometry(t: torch.Tensor, dim: int):
     """(n_rows, n_cols, n_inner) of ``t`` seen as rows along ``dim``."""
-    n_cols = t.shape[dim]
-    n_inner = 1
-    for size in t.shape[dim + 1:]:
-        n_inner *= size
+    n_cols, n_inner = t.shape[dim], math.prod(t.shape[dim + 1:])
     return t.numel() // n_cols, n_cols, n_inner
 
 
@@ -315,24 +313,26 @@ def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
     """Run the kernel the plan picks over ``tensors`` (inputs then outputs, all of one shape)."""
     out = outputs[0]
     n_rows, n_cols, n_inner = _geometry(out, dim)
-    rows, strides = [], []
-    for t in tensors + outputs:
-        t, st = _as_rows(t, dim, n_cols, n_inner)
-        rows.append(t)
-        strides += st
-    cap = row_cap(out.dtype)
+    laid = [_as_rows(t, dim, n_cols, n_inner) for t in tensors + outputs]  # (tensor, its 3 row strides) each
+    rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
+    kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(out.dtype), out.dtype, is_log, backward)
+    BRANCHES[branch] += 1
+    kernel((cdiv(n_rows, block_m),), *rows, n_rows, n_cols, n_inner, *strides, **consts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_plan(n_cols: int, cap: int, dtype: torch.dtype, is_log: bool, backward: bool):
+    """(Kernel, BLOCK_M, branch name, constexprs) of a launch: built once per row length, cap, dtype and kind."""
     looped, block_n, even = _plan(n_cols, cap, backward)
-    consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(out.dtype)}
+    consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(dtype)}
     if backward:
         consts["REREAD_DY"] = reread = not (is_log or looped or 2 * block_n <= cap)
-        fn = _softmax_bwd_looped_kernel if looped else _softmax_bwd_kernel
-        BRANCHES["bwd_looped" if looped else "bwd_reread" if reread else "bwd"] += 1
+        fn, branch = (_softmax_bwd_looped_kernel, "bwd_looped") if looped else (_softmax_bwd_kernel, "bwd_reread"
+                                                                                 if reread else "bwd")
     else:
-        fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
-        BRANCHES["fwd_looped" if looped else "fwd"] += 1
+        fn, branch = (_softmax_fwd_looped_kernel, "fwd_looped") if looped else (_softmax_fwd_kernel, "fwd")
     kernel = _kernel(fn, block_n)
-    grid = (cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
-    kernel(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
+    return kernel, kernel.configs["default"][0].kwargs["BLOCK_M"], branch, consts
 
 
 def _forward(x: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
