@@ -20,24 +20,24 @@ Backward, with dy = ∂L/∂y:
 padding='same' pads dil·(R−1) in total, the odd one extra at the bottom/right (as torch); 'valid' pads
 nothing. The output (and dx) is channels_last when torch would suggest channels_last for the input or the
 weight, read from the strides as torch's ``suggest_memory_format`` does (size-1 and sliced dimensions
-included). The reference backend gathers patches from an explicitly padded copy with ``as_strided`` and
-contracts them with ``einsum``; dx accumulates the patch gradients tap by tap into a padded buffer. It also
+included). The reference backend walks the taps (r, s): for each, one ``einsum`` over the window of positions
+that tap reads inside the image (a padded position adds nothing, not 0·w: see ``_taps``). It also
 computes integer (in int64, wrapped to the storage type as torch's) and complex convolutions (CPU, as
 torch's); autocast casts the operands as torch's does (conv2d is a lower-precision op on CPU and CUDA).
 Every backward is built from differentiable Functions on the same kernels (see "autograd" below).
 """
 from __future__ import annotations
 
-import operator
+import functools
 from typing import Optional
 
 import torch
 
-from scratchops._backend import Function, backend_op, choose_backend
-from scratchops._common import autocast_lower, check_tensor, compute_dtype, conv_output_size, no_autocast, type_name
+from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
+from scratchops._common import autocast_lower, check_tensor, compute_dtype, conv_output_size, no_autocast
+from scratchops.conv2d_checks import as_int, check_devices, check_operands, pair, resolve_padding, suggests_channels_last
 
 KERNELS = "conv2d"  # the forward launcher's family; the gradients' is "conv2d_bwd"
-SPATIAL_DIMS = 2
 
 
 # ----------------------------------------------------------------- reference math
@@ -54,26 +54,35 @@ def _new_4d(shape, like, dtype, channels_last: bool):
     return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
 
 
-def _patches(x, r_s, stride, padding, dilation, out_hw):
-    """Zero-padded copy of x viewed as patches (N, C, P, Q, R, S): patch[n,c,p,q,r,s] = x[n,c,ih,iw]."""
-    N, C, H, W = x.shape
-    xp = x.new_zeros((N, C, H + padding[0] + padding[1], W + padding[2] + padding[3]))
-    xp[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W] = x
-    sn, sc, sh, sw = xp.stride()
-    return xp.as_strided((N, C, out_hw[0], out_hw[1], r_s[0], r_s[1]),
-                         (sn, sc, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1]))
+def _taps(R, S, out_hw, in_hw, stride, padding, dilation):
+    """Per tap (r, s): the output window (p, q) whose tap reads inside the image, and the input window it reads,
+    as slices (ih = p·stride − pad + r·dil). A padded position contributes nothing, not 0·w (NaN for an
+    infinite weight), as torch's oneDNN path (its im2col path multiplies: torch is not consistent)."""
+    def window(out_size, size, tap, i):
+        off = tap * dilation[i] - padding[2 * i]
+        lo, hi = max(0, -(off // stride[i])), min(out_size, (size - 1 - off) // stride[i] + 1)
+        if hi <= lo:
+            return slice(0, 0), slice(0, 0)
+        return slice(lo, hi), slice(lo * stride[i] + off, (hi - 1) * stride[i] + off + 1, stride[i])
+    for r in range(R):
+        for s in range(S):
+            (p, ih), (q, iw) = window(out_hw[0], in_hw[0], r, 0), window(out_hw[1], in_hw[1], s, 1)
+            yield r, s, (..., p, q), (..., ih, iw)
 
 
 def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
                padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
+    # y[n,k,p,q] = b[k] + Σ_{r,s} Σ_{c} x[n,c,ih,iw] · w[k,c,r,s], tap by tap over the positions it reaches
     N, C, H, W = x.shape
     K, C_G, R, S = w.shape
     P = conv_output_size(H, R, stride[0], padding[0], padding[1], dilation[0])
     Q = conv_output_size(W, S, stride[1], padding[2], padding[3], dilation[1])
     ct = _compute(x.dtype)
     with no_autocast(x):
-        patches = _patches(x.to(ct), (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
-        y = torch.einsum("ngcpqrs,gkcrs->ngkpq", patches, w.to(ct).reshape(groups, K // groups, C_G, R, S))
+        xg, wg = x.to(ct).reshape(N, groups, C_G, H, W), w.to(ct).reshape(groups, K // groups, C_G, R, S)
+        y = x.new_zeros((N, groups, K // groups, P, Q), dtype=ct)
+        for r, s, out, inp in _taps(R, S, (P, Q), (H, W), stride, padding, dilation):
+            y[out] += torch.einsum("ngchw,gkc->ngkhw", xg[inp], wg[..., r, s])
         y = y.reshape(N, K, P, Q)
         if bias is not None:
             y = y + bias.to(ct)[None, :, None, None]
@@ -82,8 +91,8 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], s
 
 def conv2d_bwd_input(dy: torch.Tensor, w: torch.Tensor, input_size: list[int], stride: list[int],
                      padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
-    # dx[n,c,h,w] = Σ_{r,s} Σ_{k∈g} dy[n,k,p,q] · w[k,c,r,s] at h = p·stride − pad + r·dil: for each tap,
-    # the patch gradients dy·w[:, :, r, s] are added into a padded buffer at rows r·dil + p·stride.
+    # dx[n,c,h,w] = Σ_{r,s} Σ_{k∈g} dy[n,k,p,q] · w[k,c,r,s] at h = p·stride − pad + r·dil: for each tap, the
+    # patch gradients dy·w[:, :, r, s] are added where that tap read
     N, C, H, W = input_size
     K, C_G, R, S = w.shape
     P, Q = dy.shape[2], dy.shape[3]
@@ -91,28 +100,25 @@ def conv2d_bwd_input(dy: torch.Tensor, w: torch.Tensor, input_size: list[int], s
     with no_autocast(dy):
         dyg = dy.to(ct).reshape(N, groups, K // groups, P, Q)
         wg = w.to(ct).conj().reshape(groups, K // groups, C_G, R, S)  # complex: dy · conj(w), as autograd wants
-        dxp = dy.new_zeros((N, groups, C_G, H + padding[0] + padding[1], W + padding[2] + padding[3]), dtype=ct)
-        for r in range(R):
-            for s in range(S):
-                h0, w0 = r * dilation[0], s * dilation[1]
-                rows = slice(h0, h0 + stride[0] * (P - 1) + 1, stride[0])
-                cols = slice(w0, w0 + stride[1] * (Q - 1) + 1, stride[1])
-                dxp[:, :, :, rows, cols] += torch.einsum("ngkpq,gkc->ngcpq", dyg, wg[:, :, :, r, s])
-        dx = dxp.reshape(N, C, dxp.shape[3], dxp.shape[4])[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W]
-        return _new_4d((N, C, H, W), dy, dy.dtype, channels_last).copy_(dx)
+        dx = dy.new_zeros((N, groups, C_G, H, W), dtype=ct)
+        for r, s, out, inp in _taps(R, S, (P, Q), (H, W), stride, padding, dilation):
+            dx[inp] += torch.einsum("ngkpq,gkc->ngcpq", dyg[out], wg[..., r, s])
+        return _new_4d((N, C, H, W), dy, dy.dtype, channels_last).copy_(dx.reshape(N, C, H, W))
 
 
 def conv2d_bwd_weight(dy: torch.Tensor, x: torch.Tensor, weight_size: list[int], stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, channels_last: bool) -> torch.Tensor:
-    # dw[k,c,r,s] = Σ_{n,p,q} dy[n,k,p,q] · patch[n, g·C/G + c, p, q, r, s]
+    # dw[k,c,r,s] = Σ_{n,p,q} dy[n,k,p,q] · x[n, g·C/G + c, ih, iw] over the positions tap (r, s) reaches
     N, C, H, W = x.shape
     K, C_G, R, S = weight_size
     P, Q = dy.shape[2], dy.shape[3]
     ct = _compute(x.dtype)
     with no_autocast(x):
-        xc = x.to(ct).conj()  # complex: dy · conj(x), as autograd wants
-        patches = _patches(xc, (R, S), stride, padding, dilation, (P, Q)).reshape(N, groups, C_G, P, Q, R, S)
-        dw = torch.einsum("ngcpqrs,ngkpq->gkcrs", patches, dy.to(ct).reshape(N, groups, K // groups, P, Q))
+        xg = x.to(ct).conj().reshape(N, groups, C_G, H, W)  # complex: dy · conj(x), as autograd wants
+        dyg = dy.to(ct).reshape(N, groups, K // groups, P, Q)
+        dw = x.new_zeros((groups, K // groups, C_G, R, S), dtype=ct)
+        for r, s, out, inp in _taps(R, S, (P, Q), (H, W), stride, padding, dilation):
+            dw[..., r, s] = torch.einsum("ngchw,ngkhw->gkc", xg[inp], dyg[out])
         return _new_4d((K, C_G, R, S), x, x.dtype, channels_last).copy_(dw.reshape(K, C_G, R, S))
 
 
@@ -145,13 +151,61 @@ conv2d_bwd_bias_op = backend_op("conv2d_bwd_bias", conv2d_bwd_bias, "conv2d_bwd"
 # (dy, w) with the same contraction as wgrad, hence wgrad(dy, ggx); likewise for wgrad.) The first backward
 # saves what it always did: x for dw, w for dx; each gradient Function saves its own operands only when a
 # graph is being built (create_graph=True), and without one the backend ops run directly.
+#
+# Forward mode (jvp: torch.func.jvp, jacfwd, hessian). Each map is linear in each operand, so its tangent is
+# the map with one operand replaced by its tangent, summed over the operands:
+#   y_t = conv(x_t, w) + conv(x, w_t) + b_t      dgrad_t = dgrad(dy_t, w) + dgrad(dy, w_t)   (wgrad alike)
+#   db_t = db(dy_t)                               broadcast_t = broadcast(ggb_t)
+# The jvp-carrying twins (_backend.with_jvp) run only in forward mode: dynamo cannot trace a Function with jvp.
+# vmap, a batch B on any operand: a batch of images alone (x of conv, dy of dgrad) folds into N; otherwise B
+# becomes more groups, images (B, N, C, H, W) -> (N, B·C, H, W), weights (B, K, ...) -> (B·K, ...), groups
+# B·G, and the output unfolds the same way. One launch either way.
+def _apply(function, *args):
+    return (_JVP[function] if forward_mode() else function).apply(*args)
+
+
 def _conv(spec, x, w):
-    return Conv2dFunction.apply(x, w, None, *spec)
+    return _apply(Conv2dFunction, x, w, None, *spec)
 
 
 def _grad(function, spec, *args):
-    """``function`` (differentiable) when a graph is being built, else its backend op directly."""
-    return function.apply(*args, *spec) if torch.is_grad_enabled() else function.op(spec[-1], *args, *spec[:-1])
+    """``function`` (differentiable) when a graph is built or a transform runs, else its backend op directly."""
+    if torch.is_grad_enabled() or forward_mode():
+        return _apply(function, *args, *spec)
+    return function.op(spec[-1], *args, *spec[:-1])
+
+
+def _tangent(function, spec, args, tangents):
+    """Σ_i function(args with args[i] replaced by its tangent) over the tangents given."""
+    terms = [_grad(function, spec, *args[:i], t, *args[i + 1:]) for i, t in enumerate(tangents) if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _fold(info, t, dim, image: bool):
+    """The vmap batch of ``t`` (moved first; an unbatched ``t`` expanded) as more groups (see above)."""
+    t = t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+    return t.transpose(0, 1).flatten(1, 2) if image else t.flatten(0, 1)
+
+
+def _unfold(t, batch: int, image: bool):
+    return (t.unflatten(1, (batch, -1)).transpose(0, 1) if image else t.unflatten(0, (batch, -1))), 0
+
+
+def _vmap(function, t_image, info, in_dims, a, t, third, stride, padding, dilation, groups, channels_last, backend):
+    """vmap of conv (a, t, third = x, w, bias), dgrad (dy, w, input_size) or wgrad (dy, x, weight_size)."""
+    batch, out_image, spec = info.batch_size, not t_image, (stride, padding, dilation)
+    if out_image and in_dims[1] is None and in_dims[2] is None:  # only the images batched: B·N of them
+        third = [batch * third[0], *third[1:]] if isinstance(third, list) else third
+        out = _apply(function, a.movedim(in_dims[0], 0).flatten(0, 1), t, third, *spec, groups, channels_last,
+                     backend)
+        return out.unflatten(0, (batch, -1)), 0
+    if isinstance(third, list):  # the output's size
+        third = [third[0], batch * third[1], *third[2:]] if out_image else [batch * third[0], *third[1:]]
+    elif third is not None:  # a bias
+        third = _fold(info, third, in_dims[2], False)
+    out = _apply(function, _fold(info, a, in_dims[0], True), _fold(info, t, in_dims[1], t_image), third, *spec,
+                 groups * batch, channels_last, backend)
+    return _unfold(out, batch, out_image)
 
 
 class Conv2dFunction(Function):
@@ -165,7 +219,10 @@ class Conv2dFunction(Function):
     def setup_context(ctx, inputs, output):
         x, w, _, *spec = inputs
         ctx.spec, ctx.input_size, ctx.weight_size = spec, list(x.shape), list(w.shape)
+        ctx.out_shape = list(output.shape)  # for the jvp of the bias
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        if forward_mode():
+            ctx.save_for_forward(x, w)
 
     @staticmethod
     def backward(ctx, dy):
@@ -179,49 +236,51 @@ class Conv2dFunction(Function):
                 None, None, None, None, None, None)  # stride, padding, dilation, groups, channels_last, backend
 
 
-class _BilinearGradFunction(Function):
-    """g = op(dy, t, size, *spec), bilinear in (dy, t): dgrad (t = w) or wgrad (t = x). The backward needs dy
-    for ∂/∂t and t for ∂/∂dy: each is saved only when that gradient is wanted."""
+def _conv_jvp(ctx, x_t, w_t, b_t, *_spec):
+    y_t = _tangent(Conv2dFunction, ctx.spec, (*ctx.saved_tensors, None), (x_t, w_t))
+    b_t = None if b_t is None else _apply(Conv2dBiasBroadcastFunction, b_t, ctx.out_shape, ctx.spec[-1])
+    return b_t if y_t is None else y_t if b_t is None else y_t + b_t
 
-    @staticmethod
+
+def _bilinear_grad_function(name: str, op, conv_operands, t_image: bool, doc: str):
+    """A gradient g = op(dy, t, size, *spec), bilinear in (dy, t): dgrad (t = w) or wgrad (t = x). Its backward
+    needs dy for ∂/∂t and t for ∂/∂dy, each saved only when that gradient is wanted: ∂/∂dy is the forward
+    conv(*conv_operands(gg, t)), ∂/∂t the other gradient Function (``other``)."""
+
+    def forward(dy, t, size, stride, padding, dilation, groups, channels_last, backend):
+        return op(backend, dy, t, size, stride, padding, dilation, groups, channels_last)
+
     def setup_context(ctx, inputs, output):
-        dy, t, _, *spec = inputs
+        dy, t, ctx.size, *spec = inputs
         ctx.spec, ctx.t_size = spec, list(t.shape)
         ctx.save_for_backward(dy if ctx.needs_input_grad[1] else None, t if ctx.needs_input_grad[0] else None)
+        if forward_mode():
+            ctx.save_for_forward(dy, t)
+
+    def backward(ctx, gg):
+        dy, t = ctx.saved_tensors
+        g_dy = _conv(ctx.spec, *conv_operands(gg, t)) if ctx.needs_input_grad[0] else None
+        g_t = _grad(function.other, ctx.spec, dy, gg, ctx.t_size) if ctx.needs_input_grad[1] else None
+        return g_dy, g_t, None, None, None, None, None, None, None  # size and spec: not differentiable
+
+    def jvp(ctx, dy_t, t_t, *_size_spec):
+        return _tangent(function, ctx.spec, (*ctx.saved_tensors, ctx.size), (dy_t, t_t))
+
+    function = type(name, (Function,), {
+        "__doc__": doc, "op": staticmethod(op), "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context), "backward": staticmethod(backward)})
+    function.vmap = staticmethod(functools.partial(_vmap, function, t_image))
+    _JVP[function] = with_jvp(function, jvp)
+    return function
 
 
-class Conv2dInputGradFunction(_BilinearGradFunction):
-    """dx = dgrad(dy, w); backward: ∂/∂dy = conv(ggx, w), ∂/∂w = wgrad(dy, ggx)."""
-    op = staticmethod(conv2d_bwd_input_op)  # the backend op, run directly when no graph is built
-
-    @staticmethod
-    def forward(dy, w, input_size, stride, padding, dilation, groups, channels_last, backend):
-        return conv2d_bwd_input_op(backend, dy, w, input_size, stride, padding, dilation, groups, channels_last)
-
-    @staticmethod
-    def backward(ctx, ggx):
-        dy, w = ctx.saved_tensors
-        g_dy = _conv(ctx.spec, ggx, w) if ctx.needs_input_grad[0] else None
-        g_w = _grad(Conv2dWeightGradFunction, ctx.spec, dy, ggx, ctx.t_size) if ctx.needs_input_grad[1] else None
-        # input_size, stride, padding, dilation, groups, channels_last, backend: not differentiable
-        return g_dy, g_w, None, None, None, None, None, None, None
-
-
-class Conv2dWeightGradFunction(_BilinearGradFunction):
-    """dw = wgrad(dy, x); backward: ∂/∂dy = conv(x, ggw), ∂/∂x = dgrad(dy, ggw)."""
-    op = staticmethod(conv2d_bwd_weight_op)  # the backend op, run directly when no graph is built
-
-    @staticmethod
-    def forward(dy, x, weight_size, stride, padding, dilation, groups, channels_last, backend):
-        return conv2d_bwd_weight_op(backend, dy, x, weight_size, stride, padding, dilation, groups, channels_last)
-
-    @staticmethod
-    def backward(ctx, ggw):
-        dy, x = ctx.saved_tensors
-        g_dy = _conv(ctx.spec, x, ggw) if ctx.needs_input_grad[0] else None
-        g_x = _grad(Conv2dInputGradFunction, ctx.spec, dy, ggw, ctx.t_size) if ctx.needs_input_grad[1] else None
-        # weight_size, stride, padding, dilation, groups, channels_last, backend: not differentiable
-        return g_dy, g_x, None, None, None, None, None, None, None
+_JVP = {}
+Conv2dInputGradFunction = _bilinear_grad_function(
+    "Conv2dInputGradFunction", conv2d_bwd_input_op, lambda ggx, w: (ggx, w), False,
+    "dx = dgrad(dy, w); backward: ∂/∂dy = conv(ggx, w), ∂/∂w = wgrad(dy, ggx).")
+Conv2dWeightGradFunction = _bilinear_grad_function(
+    "Conv2dWeightGradFunction", conv2d_bwd_weight_op, lambda ggw, x: (x, ggw), True,
+    "dw = wgrad(dy, x); backward: ∂/∂dy = conv(x, ggw), ∂/∂x = dgrad(dy, ggw).")
 
 
 class Conv2dBiasGradFunction(Function):
@@ -234,11 +293,16 @@ class Conv2dBiasGradFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.shape, ctx.backend = inputs[0].shape, inputs[1]
+        ctx.shape, ctx.backend = list(inputs[0].shape), inputs[1]
 
     @staticmethod
     def backward(ctx, ggb):
-        return Conv2dBiasBroadcastFunction.apply(ggb, ctx.shape, ctx.backend), None  # backend
+        return _apply(Conv2dBiasBroadcastFunction, ggb, ctx.shape, ctx.backend), None  # backend
+
+    @staticmethod
+    def vmap(info, in_dims, dy, backend):
+        return _unfold(_apply(Conv2dBiasGradFunction, _fold(info, dy, in_dims[0], True), backend), info.batch_size,
+                       False)
 
 
 class Conv2dBiasBroadcastFunction(Function):
@@ -250,135 +314,48 @@ class Conv2dBiasBroadcastFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.backend = inputs[2]
+        ctx.shape, ctx.backend = inputs[1:]
 
     @staticmethod
     def backward(ctx, g):
         return _grad(Conv2dBiasGradFunction, (ctx.backend,), g), None, None  # shape, backend
 
+    @staticmethod
+    def vmap(info, in_dims, ggb, shape, backend):
+        batch = info.batch_size
+        g = _apply(Conv2dBiasBroadcastFunction, _fold(info, ggb, in_dims[0], False),
+                   [shape[0], batch * shape[1], *shape[2:]], backend)
+        return _unfold(g, batch, True)
+
+
+_JVP[Conv2dFunction] = with_jvp(Conv2dFunction, _conv_jvp)
+_JVP[Conv2dBiasGradFunction] = with_jvp(Conv2dBiasGradFunction, lambda ctx, dy_t, _backend: _grad(
+    Conv2dBiasGradFunction, (ctx.backend,), dy_t))
+_JVP[Conv2dBiasBroadcastFunction] = with_jvp(Conv2dBiasBroadcastFunction, lambda ctx, ggb_t, _shape, _backend: _apply(
+    Conv2dBiasBroadcastFunction, ggb_t, ctx.shape, ctx.backend))
+Conv2dFunction.vmap = staticmethod(functools.partial(_vmap, Conv2dFunction, False))
+Conv2dInputGradFunction.other, Conv2dWeightGradFunction.other = Conv2dWeightGradFunction, Conv2dInputGradFunction
+
 
 # ----------------------------------------------------------------- functional
-def _int(name: str, value) -> int:
-    """An int argument as torch's parser takes it: any integer (numpy's, a 0-d int tensor), but no bool or
-    float (TypeError)."""
-    if type(value) is int:  # the common case, first
-        return value
-    if isinstance(value, (bool, float)) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"conv2d(): argument '{name}' must be int or tuple of ints, not {type(value).__name__}")
-    return operator.index(value)
-
-
-def _pair(name: str, value) -> list[int]:
-    """int or 1-/2-sequence → [h, w], with torch's error for a wrong length."""
-    if type(value) is int:  # the common case, first
-        return [value] * SPATIAL_DIMS
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    values = [_int(name, v) for v in values]
-    if len(values) == 1:
-        values = values * SPATIAL_DIMS
-    if len(values) != SPATIAL_DIMS:
-        raise RuntimeError(f"expected {name} to be a single integer value or a list of {SPATIAL_DIMS} values to "
-                           f"match the convolution dimensions, but got {name}={list(values)}")
-    return values
-
-
-def _suggests_channels_last(t: torch.Tensor) -> bool:
-    """torch's ``suggest_memory_format() == channels_last`` for a 4-D tensor: its strides order the
-    dimensions C, W, H, N from the innermost out (sliced and size-1 dimensions included); a zero-size
-    tensor, a zero channel stride, or an N111-like tie (N's stride equal to C's) stays contiguous."""
-    smallest = 0
-    for d in (1, 3, 2, 0):
-        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 1 and t.stride(1) == 0):
-            return False
-        if d == 0 and smallest == t.stride(1):
-            return False
-        smallest = t.stride(d) * max(t.shape[d], 1)
-    return True
-
-
-def _resolve_padding(padding, stride, dilation, w) -> list[int]:
-    """[top, bottom, left, right]; 'same' puts the odd one of dil·(R−1) at the bottom/right, as torch."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return [0, 0, 0, 0]
-        if padding != "same":
-            raise RuntimeError(f"Invalid padding string: '{padding}'")
-        if any(s != 1 for s in stride):
-            raise RuntimeError("padding='same' is not supported for strided convolutions")
-        out = []
-        for i in range(SPATIAL_DIMS):
-            total = dilation[i] * (w.shape[2 + i] - 1)
-            out += [total // 2, total - total // 2]
-        return out
-    ph, pw = _pair("padding", padding)
-    if ph < 0 or pw < 0:
-        raise RuntimeError("negative padding is not supported")
-    return [ph, ph, pw, pw]
-
-
-def _check(x, w, bias, stride, padding, dilation, groups):
-    if w.dim() != 4:
-        raise RuntimeError(f"weight of conv2d should be 4-D (out_channels, in_channels/groups, kH, kW), "
-                           f"but got weight of size {list(w.shape)}")
-    if any(s <= 0 for s in stride):
-        raise RuntimeError("non-positive stride is not supported")
-    if any(d <= 0 for d in dilation):
-        raise RuntimeError(f"dilation should be greater than zero, but got {dilation}")
-    if groups <= 0:
-        raise RuntimeError("non-positive groups is not supported")
-    if w.shape[0] == 0 or w.shape[0] % groups:
-        kind = "at least" if w.shape[0] == 0 else "divisible by"
-        raise RuntimeError(f"Given groups={groups}, expected weight to be {kind} {1 if w.shape[0] == 0 else groups} "
-                           f"at dimension 0, but got weight of size [{list(w.shape)}] instead")
-    if x.shape[1] != w.shape[1] * groups:
-        raise RuntimeError(f"Given groups={groups}, weight of size {list(w.shape)}, expected input{list(x.shape)} to "
-                           f"have {w.shape[1] * groups} channels, but got {x.shape[1]} channels instead")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[0]):
-        raise RuntimeError(f"Given weight of size {list(w.shape)}, expected bias to be 1-dimensional with "
-                           f"{w.shape[0]} elements, but got bias of size {list(bias.shape)} instead")
-    padded = [x.shape[2] + padding[0] + padding[1], x.shape[3] + padding[2] + padding[3]]
-    kernel = [dilation[i] * (w.shape[2 + i] - 1) + 1 for i in range(SPATIAL_DIMS)]
-    if any(k > p for k, p in zip(kernel, padded)):
-        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
-                           f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
-    if x.numel() == 0 and x.shape[0] and x.shape[1]:
-        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
-                           f"{list(x.shape)}")
-    if x.dtype == torch.bool:  # torch's kernels dispatch on the input's dtype first
-        raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for 'Bool'")
-    if w.dtype != x.dtype:
-        raise RuntimeError(f"Input type ({x.dtype}) and weight type ({w.dtype}) should be the same")
-    if bias is not None and bias.dtype != x.dtype:
-        raise RuntimeError(f"Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
-    if not (x.is_floating_point() or x.is_complex()) and x.device.type != "cpu":  # integers: torch's CPU op only
-        raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for '{type_name(x.dtype)}'")
-
-
-def _check_devices(x, w, bias) -> None:
-    """torch's RuntimeError for operands on different devices, before anything runs."""
-    for name, t in (("weight", w), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"Input type ({x.type()}) and {name} type ({t.type()}) should be the same")
-
-
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
     check_tensor("conv2d", input)
     check_tensor("conv2d", weight, "weight", 2)
     if bias is not None:
         check_tensor("conv2d", bias, "bias", 3)
-    _check_devices(input, weight, bias)
+    check_devices(input, weight, bias)
     if input.dim() not in (3, 4):
         raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
                            f"{list(input.shape)}")
-    stride, dilation, groups = _pair("stride", stride), _pair("dilation", dilation), _int("groups", groups)
+    stride, dilation, groups = pair("stride", stride), pair("dilation", dilation), as_int("groups", groups)
     if weight.dim() != 4:
         raise RuntimeError(f"weight of conv2d should be 4-D, but got weight of size {list(weight.shape)}")
-    pads = _resolve_padding(padding, stride, dilation, weight)
+    pads = resolve_padding(padding, stride, dilation, weight)
     input, weight, bias = autocast_lower(input, weight, bias)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    _check(x, weight, bias, stride, pads, dilation, groups)
-    channels_last = _suggests_channels_last(x) or _suggests_channels_last(weight)
-    y = Conv2dFunction.apply(x, weight, bias, stride, pads, dilation, groups, channels_last, choose_backend(x))
+    check_operands(x, weight, bias, stride, pads, dilation, groups)
+    channels_last = suggests_channels_last(x) or suggests_channels_last(weight)
+    y = _apply(Conv2dFunction, x, weight, bias, stride, pads, dilation, groups, channels_last, choose_backend(x))
     return y.squeeze(0) if unbatched else y

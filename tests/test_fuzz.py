@@ -25,6 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import scratchops.functional as SF  # noqa: E402
 from tests.helpers import DEVICE  # noqa: E402
+from tests.test_conv2d import conv2d_by_taps  # noqa: E402
 
 FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.data_too_large])
@@ -87,7 +88,7 @@ def _leaf(t, grad):
     return t.requires_grad_(grad and t.is_floating_point())
 
 
-def check_against_torch(ours, theirs, operands, *, grad=True, compare_values=True, padding_nan=False):
+def check_against_torch(ours, theirs, operands, *, grad=True, compare_values=True):
     """Run ``theirs`` and ``ours`` on copies of ``operands`` ((base, view) pairs or plain values).
 
     Each callable receives the operands with tensors already viewed."""
@@ -130,11 +131,6 @@ def check_against_torch(ours, theirs, operands, *, grad=True, compare_values=Tru
     assert isinstance(got, torch.Tensor)
     assert got.dtype == expected.dtype and got.shape == expected.shape and got.device == expected.device
     rtol, atol = TOL.get(expected.dtype, (0, 0))
-    if padding_nan:  # the known conv2d find (test_known_fuzz_finds): zero padding x inf weight gives nan
-        known = got.detach().isnan() & ~expected.detach().isnan()
-        if known.any():
-            got = torch.where(known, expected.detach(), got.detach())
-            grad = False  # its gradients carry the same nan
     if compare_values:
         torch.testing.assert_close(got.detach(), expected.detach(), rtol=rtol, atol=atol, equal_nan=True)
     if not (grad and expected.requires_grad and expected.is_floating_point()):
@@ -224,9 +220,8 @@ def test_conv2d(backend, data):
     padding = data.draw(st.sampled_from([0, 1, (0, 1), "valid", "same"]))
     dilation = data.draw(st.sampled_from([1, 2]))
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    padded = padding not in (0, "valid") and not all(torch.isfinite(t[0]).all() for t in operands if t is not None)
-    check_against_torch(lambda *a: SF.conv2d(*a, **kwargs), lambda *a: F.conv2d(*a, **kwargs), operands,
-                        padding_nan=padded)
+    # a tap that reads padding adds nothing (torch's oneDNN path; its im2col path gives 0·inf = NaN there)
+    check_against_torch(lambda *a: SF.conv2d(*a, **kwargs), lambda *a: conv2d_by_taps(*a, **kwargs), operands)
 
 
 @given(data=st.data())
@@ -376,9 +371,7 @@ def _l2_penalty_half_zero_decay():
 
 
 KNOWN = [
-    pytest.param(_conv2d_padding_times_inf, ("reference", "triton"), marks=pytest.mark.xfail(strict=True, reason=(
-        "conv2d multiplies the zero padding by an inf weight (nan); torch's CPU conv skips padded taps (finite)")),
-        id="conv2d_padding_times_inf"),
+    pytest.param(_conv2d_padding_times_inf, ("reference", "triton"), id="conv2d_padding_times_inf"),  # fixed
     pytest.param(_cross_entropy_prob_target_grad_overflow, ("reference", "triton"), marks=pytest.mark.xfail(
         strict=True, reason="cross_entropy's probability-target gradient forms w·log p before scaling by "
         "grad/N: inf where torch's is 1.2e38"), id="cross_entropy_prob_target_grad_overflow"),

@@ -119,7 +119,8 @@ def _conv2d_fwd_kernel(
                     + (c.to(tl.int64) * stride_xc)[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load((w_cols + r * stride_wr + s * stride_ws)[None, :] + (c.to(tl.int64) * stride_wc)[:, None],
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = mma(acc, a, b, INPUT_PRECISION)
+        # A row whose tap reads padding adds nothing, not 0·w (NaN for an infinite weight; torch's oneDNN path).
+        acc = tl.where(row_ok[:, None], mma(acc, a, b, INPUT_PRECISION), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k_out * stride_b, mask=n_ok, other=0.0).to(ACC)[None, :]
     y = (y_ptr + (n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq)[:, None]

@@ -109,9 +109,10 @@ def _conv2d_bwd_weight_kernel(
         ih = _in_coord(p, r, step_h, pad_h, dil_h)
         iw = _in_coord(q, s, step_w, pad_w, dil_w)
         j_ok = j < end
-        dy_cols = n.to(tl.int64) * stride_dyn + p.to(tl.int64) * stride_dyp + q.to(tl.int64) * stride_dyq
-        a = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
         x_ok = j_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        # a position where the tap reads padding adds nothing: its dy is masked too (not inf·0 = NaN)
+        dy_cols = n.to(tl.int64) * stride_dyn + p.to(tl.int64) * stride_dyp + q.to(tl.int64) * stride_dyq
+        a = tl.load(dy_rows[:, None] + dy_cols[None, :], mask=m_ok[:, None] & x_ok[None, :], other=0.0)
         x_rows = n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
         b = tl.load(x_cols[None, :] + x_rows[:, None], mask=x_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(acc, a, b, INPUT_PRECISION)
