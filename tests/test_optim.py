@@ -326,6 +326,10 @@ def test_aot_compile_sm90():
     assert {r["kernel"] for r in rows} == {"_sgd_step_kernel"}
     assert {r["constexprs"]["DTYPE"] for r in rows} == {"fp16", "bf16", "fp32", "fp64"}
     assert {r["constexprs"]["ALIGNED"] for r in rows} == {"True", "False"}
+    # parameters, gradients and buffers at 16-byte aligned addresses (allocations): full blocks in 128-bit accesses
+    aligned = [r for r in rows if r["constexprs"]["ALIGNED"] == "True"]
+    check_sass(aligned, vector128=("_sgd_step_kernel",))
+    assert all("128" in r["ldg"] and "128" in r["stg"] for r in aligned), aligned
 
 
 def test_backend_per_bucket():
