@@ -347,9 +347,9 @@ def test_l2_penalty(backend, data):
 
 def test_l2_penalty_half_sums_squares_in_float32(backend):
     """Issue 16's l2_penalty find, decided: float16 squares are summed in float32 and the result rounded once to
-    float16 (as torch's own float16 reductions accumulate), so λ·Σw² is the correctly rounded value where the float16
-    formula ``λ * (t * t).sum()`` overflows each square: 0 for λ = 0 (torch's formula: 0·inf = nan), 36000 for
-    λ = 1e-5 (inf). Gradients 2λw as torch's; an inf weight still gives nan for λ = 0 and inf for λ > 0."""
+    float16 (as torch's own float16 reductions accumulate), so λ·Σw² is the correctly rounded value where the
+    float16 formula ``λ * (t * t).sum()`` overflows each square: 0 for λ = 0 (torch's formula: 0·inf = nan), 36000
+    for λ = 1e-5 (inf). Gradients 2λw as torch's; an inf weight still gives nan for λ = 0 and inf for λ > 0."""
     w = torch.tensor([60000.0, 0.5], dtype=torch.float16, device=DEVICE)
     for decay, expected, formula in ((0.0, 0.0, math.nan), (1e-5, 36000.0, math.inf)):
         leaf = w.clone().requires_grad_()
