@@ -104,19 +104,6 @@ def test_dropout_determinism(backend):
     assert not torch.equal(a, b), "two calls must draw two masks"
 
 
-def test_backward_uses_forward_backend(backend):
-    other = {"triton": "reference", "reference": "triton"}[backend]
-    x, w = make((10,), requires_grad=True), make((4,), requires_grad=True)
-    y = SF.dropout(x, 0.5)
-    pen = SF.l2_penalty([w])
-    before = LAUNCHES["dropout_bwd", backend], LAUNCHES["l2_penalty_bwd", backend]
-    with scratchops.use_backend(other):
-        y.sum().backward()
-        pen.backward()
-    assert (LAUNCHES["dropout_bwd", backend], LAUNCHES["l2_penalty_bwd", backend]) == (before[0] + 1, before[1] + 1)
-    assert torch.equal(x.grad == 0, y == 0), "the backward regenerated the forward's mask"
-
-
 @pytest.mark.parametrize("shape", [(1,), (BLOCK - 1,), (BLOCK + 1,), (3, 1, 7), (2, 3, 5, 7), ()])
 def test_dropout_equals_x_times_dropped_ones(backend, shape):
     x = make(shape)
@@ -618,10 +605,10 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_opcheck(backend):
+    """What test_contract's opcheck does not reach: in place, a transposed layout, mixed dtypes, the dot product."""
     from scratchops import regularization as R
 
     x, seed = make((5, 6)), torch.tensor(1234, dtype=torch.int64, device=DEVICE)
-    torch.library.opcheck(R.dropout_fwd_op.custom, (backend, x, seed, 0.5, [6, 1]))
     torch.library.opcheck(R.dropout_fwd__op.custom, (backend, make((5, 6)), seed, 0.5, [6, 1]))
     torch.library.opcheck(R.dropout_bwd_op.custom, (backend, x, seed, 0.5, [1, 5]))
     ws = [make((3, 4)), make((5,), torch.float64), make(())]
