@@ -1,8 +1,7 @@
 r"""Stochastic gradient descent: ``scratchops.optim.SGD``, a drop-in for ``torch.optim.SGD``.
 
-For each parameter w with gradient ∇ (parameters whose ``.grad`` is None are
-skipped), learning rate η, weight decay λ, momentum μ, dampening τ and the
-momentum buffer b (``state[p]["momentum_buffer"]``, in w's dtype):
+For each parameter w with gradient ∇ (parameters whose ``.grad`` is None are skipped), learning rate η, weight decay
+λ, momentum μ, dampening τ and the momentum buffer b (``state[p]["momentum_buffer"]``, in w's dtype):
 
     g ← -∇ if maximize else ∇
     g ← g + λ w                                  (when λ ≠ 0)
@@ -10,50 +9,40 @@ momentum buffer b (``state[p]["momentum_buffer"]``, in w's dtype):
     g ← g + μ b if nesterov else b               (when μ ≠ 0)
     w ← w - η g
 
-exactly torch.optim.SGD's update, written in place into w (its version counter
-is bumped). Math runs in fp32 (fp64 for fp64 parameters); w and b are stored in
-w's dtype and the update uses b as stored.
+exactly torch.optim.SGD's update, written in place into w (its version counter is bumped). Math runs in fp32 (fp64
+for fp64 parameters); w and b are stored in w's dtype and the update uses b as stored.
 
-The optimizer subclasses ``torch.optim.SGD``: same constructor, validation,
-``param_groups`` defaults and ``state_dict`` format (it round-trips with
-torch's both ways); only ``step`` differs. On the Triton backend a step is one
-multi-tensor launch per parameter group and (device, dtype): see
-``triton_kernels/optim.py``. The reference backend runs the same formula with
-elementary torch ops, tensor by tensor.
+The optimizer subclasses ``torch.optim.SGD``: same constructor, validation, ``param_groups`` defaults and
+``state_dict`` format (it round-trips with torch's both ways); only ``step`` differs. On the Triton backend a step
+is one multi-tensor launch per parameter group and (device, dtype): see ``triton_kernels/optim.py``. The reference
+backend runs the same formula with elementary torch ops, tensor by tensor.
 
 Differences from torch.optim.SGD, by design:
 
-* ``foreach`` and ``fused`` are accepted and stored (for ``state_dict``
-  compatibility) but do not change the step, which is always the fused
-  multi-tensor kernel. With ``fused=True`` the optimizer does not take over
-  AMP's gradient unscaling (``GradScaler`` unscales before ``step``).
-* ``differentiable=True`` raises ``NotImplementedError``: the step is not
-  recorded by autograd.
-* Sparse gradients raise ``RuntimeError`` before anything is written, as
-  ``torch.optim.SGD(fused=True)`` does (the kernel updates dense tensors);
-  torch's default (for-loop and foreach) paths accept them when λ = 0.
-* The backend is chosen (``choose_backend``) once per (device, dtype) bucket of
-  a group, from its first parameter.
-* A tensor ``lr`` is read on the device (no ``.item()``, no host sync); a tensor
-  ``weight_decay``, ``momentum`` or ``dampening`` is read as a Python number.
-* A gradient of another dtype than its parameter (``grad_dtype=None``) is cast to
-  the parameter's dtype first; its momentum buffer has the parameter's dtype.
+* ``foreach`` and ``fused`` are accepted and stored (for ``state_dict`` compatibility) but do not change the step,
+  which is always the fused multi-tensor kernel. With ``fused=True`` the optimizer does not take over AMP's gradient
+  unscaling (``GradScaler`` unscales before ``step``).
+* ``differentiable=True`` raises ``NotImplementedError``: the step is not recorded by autograd.
+* Sparse gradients raise ``RuntimeError`` before anything is written, as ``torch.optim.SGD(fused=True)`` does (the
+  kernel updates dense tensors); torch's default (for-loop and foreach) paths accept them when λ = 0.
+* The backend is chosen (``choose_backend``) once per (device, dtype) bucket of a group, from its first parameter.
+* A tensor ``lr`` is read on the device (no ``.item()``, no host sync); a tensor ``weight_decay``, ``momentum`` or
+  ``dampening`` is read as a Python number.
+* A gradient of another dtype than its parameter (``grad_dtype=None``) is cast to the parameter's dtype first; its
+  momentum buffer has the parameter's dtype.
+* DTensor parameters (FSDP2, tensor parallel) are stepped on each rank's shards; momentum buffers are DTensors.
 
-Host cost. A step's Python work is per group, not per parameter: after a step, each group
-whose parameters run on the Triton backend (plain, contiguous tensors in eager mode) keeps a
-plan (:class:`_GroupPlan`): its buckets, their launch tables (``StepPlan``) and the objects the
-step read. The next step checks, with C-level passes over the group (``map``, no Python loop
-per parameter), that it would read the same: the same parameters and state, gradients that
-are the same objects or new ones of the same dtypes and layouts (``zero_grad`` then backward),
-the same momentum buffer objects, the same addresses (``.data`` assignments move them); then it
-launches with the kept tables (uploaded again only if an address moved) and bumps the version
-counters. Anything else (a new group, a loaded state dict, a gradient swapped for another of
-another layout, a parameter losing its gradient, a backend request, ``torch.compile``) takes the
-general path, which goes through the ``sgd_step`` custom op and builds a new plan.
-``python -m benchmarks.bench_host --ops sgd_step`` measures it (1000 parameters of 8x8, momentum and
-weight decay, CPU tensors, kernel executions stubbed, interleaved with ``torch.optim.SGD(fused=True)``):
-0.82-0.84x torch's fused step on a loaded 2-core machine (about 1300 µs against 1550 µs). With new
-gradient tensors at new addresses every step the gradients' table column is rebuilt: about 1.05x.
+Host cost. A step's Python work is per group, not per parameter: after a step, a group whose parameters run on the
+Triton backend (plain, contiguous tensors in eager mode) keeps a plan (:class:`_GroupPlan`): its buckets, their
+launch tables (``StepPlan``) and the objects the step read. The next step checks with C-level passes (``map``, no
+Python loop per parameter) that it would read the same (parameters, state, gradients of the same dtypes and layouts,
+buffer objects, addresses) and launches with the kept tables (uploaded again only if an address moved). Anything
+else (a new group, a loaded state dict, another gradient layout, a lost gradient, a backend request,
+``torch.compile``, DTensors) takes the general path through the ``sgd_step`` custom op, which builds a new plan.
+``python -m benchmarks.bench_host --ops sgd_step`` measures it (1000 parameters of 8x8, momentum and weight decay,
+CPU tensors, kernel executions stubbed, interleaved with ``torch.optim.SGD(fused=True)``): 0.82-0.84x torch's fused
+step on a loaded 2-core machine (about 1300 µs against 1550 µs); about 1.05x with new gradient tensors at new
+addresses every step (the gradients' table column is rebuilt).
 """
 import collections
 import functools
@@ -80,10 +69,7 @@ def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buf
     """
     for i, p in enumerate(params):
         acc = p.dtype if p.is_complex() else compute_dtype(p.dtype)
-        w = p.to(acc)
-        g = grads[i].to(acc)
-        if maximize:
-            g = -g
+        w, g = p.to(acc), (-grads[i] if maximize else grads[i]).to(acc)  # g ← ±∇
         if weight_decay != 0:
             g = g + weight_decay * w
         if momentum != 0:
@@ -138,7 +124,6 @@ _CONTIGUOUS = torch.Tensor.is_contiguous
 _DETACH = torch.Tensor.detach
 _PLAIN = {torch.Tensor, torch.nn.Parameter}
 
-
 _CHANGES = [0]  # bumped by every change to an optimizer's state or to one of its entries
 
 
@@ -149,38 +134,62 @@ def _counted(method):
     return change
 
 
+_MUTATORS = ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault")
+
+
 class _Entry(dict):
     """One parameter's state (``{"momentum_buffer": b}``) that counts its changes in ``_CHANGES``."""
-
-    __setitem__ = _counted(dict.__setitem__)
-    __delitem__ = _counted(dict.__delitem__)
-    pop = _counted(dict.pop)
-    popitem = _counted(dict.popitem)
-    clear = _counted(dict.clear)
-    update = _counted(dict.update)
-    setdefault = _counted(dict.setdefault)
 
 
 class _State(collections.defaultdict):
     """The optimizer's ``state``, torch's ``defaultdict(dict)`` with :class:`_Entry` entries, counting its
-    changes: a kept plan knows that no entry was added, replaced, removed or edited (a buffer assigned)
-    by comparing one number, without looking each parameter up."""
+    changes (``__missing__`` inserts through ``__setitem__``): a kept plan knows that no entry was added,
+    replaced, removed or edited (a buffer assigned) by comparing one number, without looking each parameter up."""
 
     def __init__(self, entries=()):
         super().__init__(_Entry)
         for key, value in dict(entries).items():
             self[key] = value if isinstance(value, _Entry) else _Entry(value)
 
-    __setitem__ = _counted(collections.defaultdict.__setitem__)  # __missing__ inserts through it too
-    __delitem__ = _counted(collections.defaultdict.__delitem__)
-    pop = _counted(collections.defaultdict.pop)
-    popitem = _counted(collections.defaultdict.popitem)
-    clear = _counted(collections.defaultdict.clear)
-    update = _counted(collections.defaultdict.update)
-    setdefault = _counted(collections.defaultdict.setdefault)
-
     def __reduce__(self):
         return _State, (dict(self),)
+
+
+for _name in _MUTATORS:
+    setattr(_Entry, _name, _counted(getattr(dict, _name)))
+    setattr(_State, _name, _counted(getattr(collections.defaultdict, _name)))
+
+
+@functools.cache
+def _dtensor_type():
+    """torch's DTensor class (FSDP2's sharded parameters), or () where torch.distributed is not built."""
+    try:
+        return importlib.import_module("torch.distributed.tensor").DTensor
+    except (ImportError, AttributeError):
+        return ()
+
+
+def _local_shards(params, grads, buffers):
+    """What a step updates: for a DTensor parameter (FSDP2, tensor parallel) this rank's shards of it, its
+    gradient and its momentum buffer (the update is elementwise: stepping the shards steps the tensor).
+    A gradient placed otherwise is redistributed first, as DTensor arithmetic would; a buffer must match."""
+    dtensor = _dtensor_type()
+    if not any(isinstance(p, dtensor) for p in params):
+        return params, grads, buffers
+
+    def local(t, p, what):
+        if not isinstance(p, dtensor):
+            return t
+        layout = (p.device_mesh, p.placements)
+        if what == "gradient" and isinstance(t, dtensor) and (t.device_mesh, t.placements) != layout:
+            t = t.redistribute(*layout)
+        if not isinstance(t, dtensor) or (t.device_mesh, t.placements) != layout:
+            raise RuntimeError(f"scratchops.optim.SGD: the {what} of a DTensor parameter must be a DTensor on its "
+                               f"mesh with its placements {p.placements}, got {type(t).__name__}")
+        return t.to_local()
+
+    return ([local(p, p, "parameter") for p in params], [local(g, p, "gradient") for g, p in zip(grads, params)],
+            [local(b, p, "momentum buffer") for b, p in zip(buffers, params)])
 
 
 def _picker(idx: list[int]):
@@ -317,9 +326,10 @@ class SGD(torch.optim.SGD):
                     fresh.append(buf is None)
                     # a new buffer is laid out as torch's (a clone of the gradient) and filled by the step
                     bufs.append(torch.empty_like(g, dtype=p.dtype) if buf is None else buf)
-            backend = choose_backend(params[0])
+            local = _local_shards(params, grads, bufs)  # DTensors' shards: the tensors the step writes
+            backend = choose_backend(local[0][0])
             backends.append(backend)
-            sgd_step_op(backend, params, grads, bufs, fresh, _lr(group["lr"], params[0].device),
+            sgd_step_op(backend, *local, fresh, _lr(group["lr"], local[0][0].device),
                         _number(group["weight_decay"]), momentum, _number(group["dampening"]),
                         bool(group["nesterov"]), bool(group["maximize"]))
             if any(fresh):

@@ -29,8 +29,10 @@ Second derivatives (double backward), each built from the same kernels:
 
 Sums of squares accumulate in fp32 (fp64 for fp64 tensors); the result has the
 dtype of torch's ``weight_decay * sum(w.pow(2).sum() for w in tensors)``. The
-gradients of one dtype group are written to one flat buffer (row-major per tensor) and
-returned as views; non-contiguous tensors are read through a contiguous copy.
+gradients of one dtype group are written to one flat buffer (row-major per tensor, each
+tensor's piece starting at a multiple of PIECE elements, the padding written 0: the kernels
+store in 16-byte vectors) and returned as views; non-contiguous tensors are read through a
+contiguous copy.
 """
 import struct
 
@@ -41,6 +43,12 @@ from scratchops._common import FLOAT_DTYPES, check_inplace, check_tensor, comput
 
 KERNELS = "regularization"
 SEED_HIGH = 2**63 - 1  # seeds are drawn uniformly from [0, 2^63 - 1)
+PIECE = 16  # a tensor's piece of a flat gradient buffer starts at a multiple of PIECE elements (the kernels' too)
+
+
+def _padded(numel: int) -> int:
+    """The length of a tensor's piece of a flat gradient buffer: ``numel`` rounded up to a multiple of PIECE."""
+    return -(-numel // PIECE) * PIECE
 
 
 # ----------------------------------------------------------------- layouts
@@ -90,9 +98,9 @@ def dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int
 
 
 # ----------------------------------------------------------------- reference math: l2_penalty
-def _sum(tensors: list[torch.Tensor], others, weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """λ · Σ_t <a_t, b_t> (b = a when ``others`` is None), per dtype group in its compute dtype."""
-    others = tensors if others is None else others
+def l2_penalty_dot(tensors: list[torch.Tensor], others: list[torch.Tensor], weight_decay: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """λ · Σ_t <a_t, b_t>, per dtype group in its compute dtype (the forward passes ``others`` = ``tensors``)."""
     groups = dtype_groups(tensors)
     total_dtype = torch.float64 if torch.float64 in groups else torch.float32
     total = torch.zeros((), dtype=total_dtype, device=tensors[0].device)
@@ -105,12 +113,7 @@ def _sum(tensors: list[torch.Tensor], others, weight_decay: float, out_dtype: to
 
 
 def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
-    return _sum(tensors, None, weight_decay, out_dtype)
-
-
-def l2_penalty_dot(tensors: list[torch.Tensor], others: list[torch.Tensor], weight_decay: float,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    return _sum(tensors, others, weight_decay, out_dtype)
+    return l2_penalty_dot(tensors, tensors, weight_decay, out_dtype)  # λ Σ_t <w_t, w_t>
 
 
 def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay: float) -> list[torch.Tensor]:
@@ -118,13 +121,16 @@ def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay
     out = []
     for dtype, group in dtype_groups(tensors).items():
         acc = compute_dtype(dtype)
-        pieces = [(coef.to(acc) * w.reshape(-1).to(acc)).to(dtype) for w in group]  # row-major, as the kernels
+        pieces = []
+        for w in group:  # row-major, each piece padded with zeros to a multiple of PIECE, as the kernels
+            pieces.append((coef.to(acc) * w.reshape(-1).to(acc)).to(dtype))
+            pieces.append(torch.zeros(_padded(w.numel()) - w.numel(), dtype=dtype, device=grad.device))
         out.append(torch.cat(pieces))
     return out
 
 
 def _l2_penalty_bwd_fake(backend, tensors, grad, weight_decay):
-    return [torch.empty(sum(t.numel() for t in group), dtype=dtype, device=grad.device)
+    return [torch.empty(sum(_padded(t.numel()) for t in group), dtype=dtype, device=grad.device)
             for dtype, group in dtype_groups(tensors).items()]
 
 
@@ -222,7 +228,7 @@ def _carve(tensors, flats):
         offset = 0
         for w in group:
             pieces.setdefault(id(w), []).append(flat[offset:offset + w.numel()].view(w.shape))
-            offset += w.numel()
+            offset += _padded(w.numel())
     return [pieces[id(w)].pop(0) for w in tensors]  # a tensor listed twice gets one piece per entry
 
 

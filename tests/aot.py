@@ -99,8 +99,10 @@ def table(rows) -> str:
     128-bit global accesses / use HGMMA / cp.async (LDGSTS) / TMA (UTMALDG)."""
     groups: dict = {}
     for r in rows:
-        kind = "16-bit" if {"*fp16", "*bf16"} & set(r["dtypes"]) else ",".join(
-            d for d in r["dtypes"] if d in ("*fp32", "*fp64")) or ",".join(r["dtypes"])
+        # a kernel that takes its element type as a DTYPE constexpr (its tensors' addresses read from a table)
+        types = {"*" + r["constexprs"]["DTYPE"]} if "DTYPE" in r["constexprs"] else set(r["dtypes"])
+        kind = "16-bit" if {"*fp16", "*bf16"} & types else ",".join(
+            d for d in sorted(types) if d in ("*fp32", "*fp64")) or ",".join(r["dtypes"])
         groups.setdefault((r["kernel"], kind), []).append(r)
     lines = ["| kernel | dtypes | compiles | max regs | spilled | 128-bit | HGMMA | LDGSTS | UTMALDG |",
              "|---|---|---|---|---|---|---|---|---|"]

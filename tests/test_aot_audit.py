@@ -65,3 +65,14 @@ def test_as_launched_vectorizes():
     launched, plain = json.loads(run.stdout.splitlines()[-1])
     assert launched["vector128"] and launched["ldg"] == {"128": 1} and launched["stg"] == {"128": 1}, launched
     assert not plain["vector128"], plain
+
+
+def test_table_groups_by_element_type():
+    """A kernel whose element type is a DTYPE constexpr (SGD: addresses read from a table) is grouped by it."""
+    aot = pytest.importorskip("tests.aot")
+    base = {"kernel": "k", "dtypes": ["*fp64", "*i64"], "registers": 8, "stack": 0, "local": 0, "vector128": True,
+            "hgmma": 0, "ldgsts": 0, "utmaldg": 0}
+    rows = [{**base, "constexprs": {"DTYPE": t}} for t in ("fp16", "bf16", "fp32")]
+    lines = aot.table(rows).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["*fp32", "16-bit"]
+    assert lines[1].split(" | ")[2] == "2"

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 import scratchops
 import scratchops.functional as SF
-from scratchops._backend import LAUNCHES
+from scratchops._backend import LAUNCHES, triton_unavailable_reason
 from tests.helpers import tolerances
 
 WORLD = 2
@@ -167,3 +167,78 @@ def test_fsdp2_losses_and_gradients_equal_single_process(tmp_path):
     if not hasattr(torch.distributed.fsdp, "fully_shard"):
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     _spawn_and_compare(tmp_path, "fsdp2", ["reference"], ["mlp", "cnn"])
+
+
+# ----------------------------------------------------------------- scratchops.optim.SGD on FSDP2 (issue 15)
+SGD_OPTIONS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
+
+
+def _sgd_run(model, forward, x, y):
+    """STEPS steps of scratchops.optim.SGD (momentum, weight decay, Nesterov), the forward and backward on the
+    reference backend, the step on the Triton backend where it runs: the losses, final parameters and buffers."""
+    optimizer = scratchops.optim.SGD(model.parameters(), **SGD_OPTIONS)
+    step_backend = "reference" if triton_unavailable_reason(x.device, x.dtype) else "triton"
+    losses = []
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        with scratchops.use_backend("reference"):
+            loss = SF.mse_loss(forward(x), y)
+            loss.backward()
+        losses.append(loss.detach())
+        with scratchops.use_backend(step_backend):
+            optimizer.step()
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    return {"losses": losses, "params": [_full(p.detach()).clone() for p in model.parameters()],
+            "buffers": [_full(b).clone() for b in buffers], "step_backend": step_backend,
+            "sharded": all(hasattr(t, "full_tensor") for t in list(model.parameters()) + buffers)}
+
+
+def _fsdp2_sgd_worker(rank, port, path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = build("mlp")  # Linear(16, 3): uneven shards of 2 and 1 rows
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module)
+        fully_shard(model)
+        x, y = data("mlp")
+        half = BATCH // WORLD
+        result = _sgd_run(model, model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        for loss in result["losses"]:
+            dist.all_reduce(loss)
+            loss /= WORLD
+        if rank == 0:
+            torch.save(result, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_scratchops_sgd_equals_single_process(tmp_path):
+    """scratchops.optim.SGD steps FSDP2's sharded (DTensor) parameters shard by shard, momentum buffers as
+    DTensors: the losses, parameters and buffers of one process on the whole batch."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    path = str(tmp_path / "sgd.pt")
+    context = mp.start_processes(_fsdp2_sgd_worker, args=(_free_port(), path), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + JOIN_SECONDS
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"FSDP2 SGD workers did not finish within {JOIN_SECONDS} s")
+    got = torch.load(path)
+    model = build("mlp")
+    single = _sgd_run(model, model, *data("mlp"))
+    assert got["sharded"] and got["step_backend"] == single["step_backend"]
+    tol = tolerances(torch.float32, reduction_size=BATCH)
+    torch.testing.assert_close(torch.stack(got["losses"]), torch.stack(single["losses"]), **tol)
+    for kind in ("params", "buffers"):
+        for i, (a, b) in enumerate(zip(got[kind], single[kind])):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{kind} {i}: {m}")

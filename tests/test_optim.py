@@ -97,8 +97,7 @@ def test_sizes(backend, shapes):
     options = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
     opt_a, opt_b = SGD(ours, **options), torch.optim.SGD(theirs, **options)
     _run(opt_a, opt_b, ours, theirs, 3)
-    _assert_same(ours, theirs, 3)
-    _assert_same_state(opt_a, opt_b, 3)
+    _assert_pair(ours, theirs, opt_a, opt_b, 3)
 
 
 def test_layouts(backend):
@@ -120,8 +119,7 @@ def test_layouts(backend):
                 p.grad = q.grad = g
         opt_a.step()
         opt_b.step()
-    _assert_same(ours, theirs, 3)
-    _assert_same_state(opt_a, opt_b, 3)
+    _assert_pair(ours, theirs, opt_a, opt_b, 3)
 
 
 def test_fp64(backend):
@@ -129,8 +127,7 @@ def test_fp64(backend):
     options = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)
     opt_a, opt_b = SGD(ours, **options), torch.optim.SGD(theirs, **options)
     _run(opt_a, opt_b, ours, theirs, 30)
-    _assert_same(ours, theirs, 30)
-    _assert_same_state(opt_a, opt_b, 30)
+    _assert_pair(ours, theirs, opt_a, opt_b, 30)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
@@ -175,16 +172,14 @@ def test_groups_dtypes_and_missing_grads(backend, monkeypatch):
     _run(opt_a, opt_b, all_a, all_b, 2, skip=(3,))
     torch.testing.assert_close(all_a[3], untouched, rtol=0, atol=0)
     assert all_a[3] not in opt_a.state
-    _assert_same(all_a, all_b, 2)
-    _assert_same_state(opt_a, opt_b, 2)
+    _assert_pair(all_a, all_b, opt_a, opt_b, 2)
     # one op call (and launch) per group and dtype: group 0 holds two dtypes, the others one
     assert LAUNCHES["sgd_step", backend] - before == 2 * 4
     if backend == "triton":
         assert len(launches) == 2 * 4, launches
     # now all_a[3] gets a gradient: its new buffer starts as g while its neighbour's decays, in one launch
     _run(opt_a, opt_b, all_a, all_b, 2)
-    _assert_same(all_a, all_b, 4)
-    _assert_same_state(opt_a, opt_b, 4)
+    _assert_pair(all_a, all_b, opt_a, opt_b, 4)
 
 
 def test_state_dict_round_trip(backend):
@@ -206,8 +201,7 @@ def test_state_dict_round_trip(backend):
         for opt in (opt_a, opt_b, opt_a2, opt_b2):
             opt.step()
     for group in (ours2, theirs, theirs2):
-        _assert_same(ours, group, 6)
-    _assert_same_state(opt_a, opt_b2, 6)
+        _assert_pair(ours, group, opt_a, opt_b2, 6)
     _assert_same_state(opt_a2, opt_b, 6)
     assert type(opt_a2.state_dict()["state"][0]["momentum_buffer"]) is torch.Tensor
 
@@ -326,6 +320,10 @@ def test_aot_compile_sm90():
     assert {r["kernel"] for r in rows} == {"_sgd_step_kernel"}
     assert {r["constexprs"]["DTYPE"] for r in rows} == {"fp16", "bf16", "fp32", "fp64"}
     assert {r["constexprs"]["ALIGNED"] for r in rows} == {"True", "False"}
+    # parameters, gradients and buffers at 16-byte aligned addresses (allocations): full blocks in 128-bit accesses
+    aligned = [r for r in rows if r["constexprs"]["ALIGNED"] == "True"]
+    check_sass(aligned, vector128=("_sgd_step_kernel",))
+    assert all("128" in r["ldg"] and "128" in r["stg"] for r in aligned), aligned
 
 
 def test_backend_per_bucket():
@@ -358,16 +356,26 @@ def test_grad_of_another_dtype(backend):
 
 
 # ----------------------------------------------------------------- kept plans (issue 11): every change is seen
-def _pair(shapes=((4, 3), (7,), (BLOCK + 1,)), **options):
+def _pair(shapes=((4, 3), (7,), (BLOCK + 1,)), steps=0, **options):
+    """Our parameters and torch's, our optimizer and torch's, after ``steps`` steps of both."""
     ours, theirs = _params(list(shapes))
     options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, **options}
-    return ours, theirs, SGD(ours, **options), torch.optim.SGD(theirs, **options)
+    opt_a, opt_b = SGD(ours, **options), torch.optim.SGD(theirs, **options)
+    for seed in range(steps):
+        _step_both(opt_a, opt_b, ours, theirs, seed)
+    return ours, theirs, opt_a, opt_b
 
 
 def _step_both(opt_a, opt_b, ours, theirs, seed, skip=()):
     _set_grads(ours, theirs, seed, skip)
     opt_a.step()
     opt_b.step()
+
+
+def _assert_pair(ours, theirs, opt_a, opt_b, steps):
+    """Parameters and optimizer states agree after ``steps`` steps."""
+    _assert_same(ours, theirs, steps)
+    _assert_same_state(opt_a, opt_b, steps)
 
 
 def test_plan_kept_in_the_steady_state(backend, monkeypatch):
@@ -379,14 +387,11 @@ def test_plan_kept_in_the_steady_state(backend, monkeypatch):
     for seed in range(5):
         _step_both(opt_a, opt_b, ours, theirs, seed)
     assert len(general) == (1 if backend == "triton" else 5), general  # step 1 creates the buffers and the plan
-    _assert_same(ours, theirs, 5)
-    _assert_same_state(opt_a, opt_b, 5)
+    _assert_pair(ours, theirs, opt_a, opt_b, 5)
 
 
 def test_swapped_grad_tensors(backend):
-    ours, theirs, opt_a, opt_b = _pair()
-    for seed in range(3):
-        _step_both(opt_a, opt_b, ours, theirs, seed)
+    ours, theirs, opt_a, opt_b = _pair(steps=3)
     # another tensor, at another address
     g = make(ours[1].shape, seed=50)
     ours[1].grad, theirs[1].grad = g.clone(), g.clone()
@@ -399,8 +404,7 @@ def test_swapped_grad_tensors(backend):
     ours[2].grad.set_(g.clone())
     theirs[2].grad.set_(g.clone())
     opt_a.step(), opt_b.step()
-    _assert_same(ours, theirs, 6)
-    _assert_same_state(opt_a, opt_b, 6)
+    _assert_pair(ours, theirs, opt_a, opt_b, 6)
 
 
 def test_zero_grad_then_new_grads(backend):
@@ -418,28 +422,22 @@ def test_zero_grad_then_new_grads(backend):
             loss.backward()
             opt.step()
         assert (ours[0].grad is None) == (step == 3)
-    _assert_same(ours, theirs, 6)
-    _assert_same_state(opt_a, opt_b, 6)
+    _assert_pair(ours, theirs, opt_a, opt_b, 6)
 
 
 def test_add_param_group(backend):
-    ours, theirs, opt_a, opt_b = _pair()
-    for seed in range(3):
-        _step_both(opt_a, opt_b, ours, theirs, seed)
+    ours, theirs, opt_a, opt_b = _pair(steps=3)
     more_a, more_b = _params([(5,), (2, 3)], seed=20)
     opt_a.add_param_group({"params": more_a, "lr": 0.3, "momentum": 0.5})
     opt_b.add_param_group({"params": more_b, "lr": 0.3, "momentum": 0.5})
     all_a, all_b = ours + more_a, theirs + more_b
     for seed in range(3, 7):
         _step_both(opt_a, opt_b, all_a, all_b, seed)
-    _assert_same(all_a, all_b, 7)
-    _assert_same_state(opt_a, opt_b, 7)
+    _assert_pair(all_a, all_b, opt_a, opt_b, 7)
 
 
 def test_load_state_dict_mid_training(backend):
-    ours, theirs, opt_a, opt_b = _pair()
-    for seed in range(3):
-        _step_both(opt_a, opt_b, ours, theirs, seed)
+    ours, theirs, opt_a, opt_b = _pair(steps=3)
     saved = copy.deepcopy(opt_b.state_dict())
     for entry in saved["state"].values():
         entry["momentum_buffer"].mul_(-2)  # buffers unlike the ones the plan holds
@@ -448,15 +446,12 @@ def test_load_state_dict_mid_training(backend):
     opt_b.load_state_dict(copy.deepcopy(saved))
     for seed in range(3, 6):
         _step_both(opt_a, opt_b, ours, theirs, seed)
-    _assert_same(ours, theirs, 6)
-    _assert_same_state(opt_a, opt_b, 6)
+    _assert_pair(ours, theirs, opt_a, opt_b, 6)
 
 
 def test_replaced_data_buffers_and_state(backend):
     """Parameter memory replaced (.data =, transposed too), a momentum buffer replaced, the state cleared."""
-    ours, theirs, opt_a, opt_b = _pair()
-    for seed in range(3):
-        _step_both(opt_a, opt_b, ours, theirs, seed)
+    ours, theirs, opt_a, opt_b = _pair(steps=3)
     for a, b in zip(ours, theirs):
         a.data = a.data.clone()
         b.data = b.data.clone()
@@ -470,21 +465,17 @@ def test_replaced_data_buffers_and_state(backend):
     opt_b.state.clear()
     for seed in range(5, 7):
         _step_both(opt_a, opt_b, ours, theirs, seed)
-    _assert_same(ours, theirs, 7)
-    _assert_same_state(opt_a, opt_b, 7)
+    _assert_pair(ours, theirs, opt_a, opt_b, 7)
 
 
 def test_options_changed_between_steps(backend):
-    ours, theirs, opt_a, opt_b = _pair()
-    for seed in range(3):
-        _step_both(opt_a, opt_b, ours, theirs, seed)
+    ours, theirs, opt_a, opt_b = _pair(steps=3)
     for changes in ({"lr": 0.02}, {"weight_decay": 0.0}, {"nesterov": True, "dampening": 0.0}, {"momentum": 0.0},
                     {"momentum": 0.5, "maximize": True}):
         for opt in (opt_a, opt_b):
             opt.param_groups[0].update(changes)
         _step_both(opt_a, opt_b, ours, theirs, 10 + len(changes))
-    _assert_same(ours, theirs, 8)
-    _assert_same_state(opt_a, opt_b, 8)
+    _assert_pair(ours, theirs, opt_a, opt_b, 8)
 
 
 def test_tensor_lr_read_on_device(backend, monkeypatch):

@@ -249,3 +249,13 @@ def flat_offsets(n, BLOCK: tl.constexpr):
     """This program's BLOCK offsets into a flat tensor of n elements (int64), and their in-bounds mask."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     return offs, offs < n
+
+
+# ----------------------------------------------------------------- device tables
+ALIGN_BYTES = tl.constexpr(16)  # tables whose addresses are all multiples of this take the 128-bit kernel variants
+
+
+def table_columns(n: int) -> tuple:
+    """The column (or entry) indices 0..n-1 of a device-side table as constexprs, for kernels to read as globals:
+    ``COL_ADDR, COL_NUMEL = table_columns(2)``."""
+    return tuple(tl.constexpr(i) for i in range(n))

@@ -33,25 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, is_dense, same_layout
+from ._launch import (ALIGN_BYTES, FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, is_dense, same_layout,
+                      table_columns)
 
 # meta columns (each T long), then the work items
-COL_PARAM = tl.constexpr(0)
-COL_GRAD = tl.constexpr(1)
-COL_BUF = tl.constexpr(2)
-COL_NUMEL = tl.constexpr(3)
-COL_FRESH = tl.constexpr(4)
-COL_WORK = tl.constexpr(5)
+COL_PARAM, COL_GRAD, COL_BUF, COL_NUMEL, COL_FRESH, COL_WORK = table_columns(6)
 WORK_SHIFT = tl.constexpr(32)  # a work item is (tensor index << WORK_SHIFT) | chunk index
 WORK_CHUNK = tl.constexpr((1 << 32) - 1)  # its chunk-index bits
-ALIGN_BYTES = tl.constexpr(16)  # addresses all multiples of this take the vectorized variant of the kernel
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 # hyper entries
-HYPER_WEIGHT_DECAY = tl.constexpr(0)
-HYPER_MOMENTUM = tl.constexpr(1)
-HYPER_UNDAMPED = tl.constexpr(2)
-HYPER_SIGN = tl.constexpr(3)
+HYPER_WEIGHT_DECAY, HYPER_MOMENTUM, HYPER_UNDAMPED, HYPER_SIGN = table_columns(4)
 
 
 @triton.jit

@@ -29,16 +29,14 @@ import triton
 import triton.language as tl
 
 from .._common import compute_dtype, dtype_groups
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, is_dense, same_layout
+from ._launch import (ALIGN_BYTES, FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, is_dense, same_layout,
+                      table_columns)
 
 PHILOX_WORDS = tl.constexpr(4)  # 32-bit random words per Philox call: one per quarter of a block
 # Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer, partner's address).
+COL_ADDR, COL_NUMEL, COL_FIRST_BLOCK, COL_OFFSET, COL_OTHER = table_columns(5)
 TABLE_COLUMNS = tl.constexpr(5)
-COL_ADDR = tl.constexpr(0)
-COL_NUMEL = tl.constexpr(1)
-COL_FIRST_BLOCK = tl.constexpr(2)
-COL_OFFSET = tl.constexpr(3)
-COL_OTHER = tl.constexpr(4)
+PIECE = tl.constexpr(16)  # each tensor's piece of a flat gradient buffer starts at a multiple of PIECE elements
 TABLE_CACHE_SIZE = 64  # device tables kept per (device, addresses, sizes): params are reused every step
 
 
@@ -75,8 +73,16 @@ def _dropout_kernel(x_ptr, seed_ptr, y_ptr,  # pointers: input, 0-d int64 seed, 
                      ACC)
 
 
-_dropout = Kernel(_dropout_kernel, [config(num_warps=4, BLOCK=2048)])  # four quarters of 512: one Philox call a lane
-DROPOUT_BLOCK = _dropout.interpreter.kwargs["BLOCK"]  # its one config everywhere: the grid is a plain tuple
+# Four quarters of 512 elements: one Philox call a lane. A thread moves 16 bytes of a quarter at once: 4 x 32-bit
+# elements with 4 warps, 8 x 16-bit ones with 2 (the same BLOCK, so the same mask for every dtype).
+_dropout = Kernel(_dropout_kernel, {"default": [config(num_warps=4, BLOCK=2048)],
+                                    "half": [config(num_warps=2, BLOCK=2048)]})
+DROPOUT_BLOCK = _dropout.interpreter.kwargs["BLOCK"]  # one BLOCK for every config: the grid is a plain tuple
+
+
+def _width_class(dtype: torch.dtype) -> str:
+    """The config list for elements of ``dtype``: "half" for 16-bit ones (twice the elements per thread)."""
+    return "half" if dtype.itemsize == 2 else "default"
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,7 +102,7 @@ def _launch_dropout(src: torch.Tensor, seed: torch.Tensor, p: float, dst: torch.
     n = dst.numel()
     if n:
         _dropout((cdiv(n, DROPOUT_BLOCK),), src, seed, dst, n, p, _scale_bits(p, dst.dtype),
-                 ACC=acc_dtype(dst.dtype))
+                 ACC=acc_dtype(dst.dtype), cls=_width_class(dst.dtype))
 
 
 def dropout_fwd(x: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int]) -> torch.Tensor:
@@ -123,34 +129,64 @@ def dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int
 # ----------------------------------------------------------------- l2_penalty
 @triton.jit
 def _l2_locate(table_ptr, block_tensor_ptr, BLOCK: tl.constexpr):
-    """This program's table row and the offsets, mask and flat-buffer offset of its block."""
+    """This program's table row, the offsets of its block, the tensor's numel and flat-buffer offset, and
+    whether the block is full (no mask needed)."""
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * TABLE_COLUMNS
-    first_block = tl.load(row + COL_FIRST_BLOCK)
-    offs = (pid - first_block) * BLOCK + tl.arange(0, BLOCK)
-    return row, offs, offs < tl.load(row + COL_NUMEL), tl.load(row + COL_OFFSET)
+    block = pid - tl.load(row + COL_FIRST_BLOCK)
+    numel = tl.load(row + COL_NUMEL)
+    return row, block * BLOCK + tl.arange(0, BLOCK), numel, tl.load(row + COL_OFFSET), (block + 1) * BLOCK <= numel
+
+
+@triton.jit
+def _l2_load(row, column, like_ptr, offs, numel, ACC: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The block ``offs`` of the tensor whose address is in ``column`` of a table row, as ACC (MASKED: 0 past
+    numel). ALIGNED: the address is known 16-byte aligned, so an unmasked (full) block loads in 16-byte vectors."""
+    ptr = tl.load(row + column).to(like_ptr.dtype)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, ALIGN_BYTES)
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < numel, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(ACC)
+
+
+@triton.jit
+def _l2_block_sum(row, like_ptr, offs, numel, ACC: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr,
+                  MASKED: tl.constexpr):
+    a = _l2_load(row, COL_ADDR, like_ptr, offs, numel, ACC, ALIGNED, MASKED)
+    b = a
+    if DOT:
+        b = _l2_load(row, COL_OTHER, like_ptr, offs, numel, ACC, ALIGNED, MASKED)
+    return tl.sum(a * b, axis=0)
 
 
 @triton.jit
 def _l2_sum_kernel(table_ptr, block_tensor_ptr, like_ptr, partial_ptr,  # pointers (like_ptr: the group's type)
-                   ACC: tl.constexpr, DOT: tl.constexpr, BLOCK: tl.constexpr):
+                   ACC: tl.constexpr, DOT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     # partial[pid] = Σ_{i in block} w_i², or with DOT Σ a_i b_i (b: the row's partner); the host adds the partials
-    row, offs, mask, _ = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
-    a = tl.load(tl.load(row + COL_ADDR).to(like_ptr.dtype) + offs, mask=mask, other=0.0).to(ACC)
-    b = a
-    if DOT:
-        b = tl.load(tl.load(row + COL_OTHER).to(like_ptr.dtype) + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(a * b, axis=0))
+    row, offs, numel, _, full = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
+    if ALIGNED:  # a full block loads unmasked, in 16-byte vectors (an unknown numel in a mask cuts them to elements)
+        if full:
+            partial = _l2_block_sum(row, like_ptr, offs, numel, ACC, DOT, ALIGNED, False)
+        else:  # the tensor's last, partial block
+            partial = _l2_block_sum(row, like_ptr, offs, numel, ACC, DOT, ALIGNED, True)
+    else:
+        partial = _l2_block_sum(row, like_ptr, offs, numel, ACC, DOT, ALIGNED, True)
+    tl.store(partial_ptr + tl.program_id(0), partial)
 
 
 @triton.jit
 def _l2_scale_kernel(table_ptr, block_tensor_ptr, like_ptr, coef_ptr, dw_ptr,  # pointers (coef: fp64 0-d)
-                     ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # dw = coef·w (coef = 2λ·g), written at the tensor's offset in the group's flat buffer
-    row, offs, mask, start = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
-    w = tl.load(tl.load(row + COL_ADDR).to(like_ptr.dtype) + offs, mask=mask).to(ACC)
+                     ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    # dw = coef·w (coef = 2λ·g), written at the tensor's offset in the group's flat buffer; the piece's padding
+    # (up to a multiple of PIECE elements) is written 0
+    row, offs, numel, start, _ = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
+    w = _l2_load(row, COL_ADDR, like_ptr, offs, numel, ACC, ALIGNED, True)
     coef = tl.load(coef_ptr).to(ACC)
-    tl.store(dw_ptr + start + offs, (coef * w).to(dw_ptr.dtype.element_ty), mask=mask)
+    dw = tl.where(offs < numel, coef * w, 0.0).to(dw_ptr.dtype.element_ty)
+    tl.store(dw_ptr + tl.multiple_of(start, PIECE) + offs, dw, mask=offs < tl.cdiv(numel, PIECE) * PIECE)
 
 
 L2_CONFIGS = [config(num_warps=8, BLOCK=4096)]
@@ -161,8 +197,14 @@ L2_BLOCK = L2_CONFIGS[0].kwargs["BLOCK"]
 _tables: collections.OrderedDict = collections.OrderedDict()
 
 
+def padded(numel: int) -> int:
+    """The length of a tensor's piece of a flat gradient buffer: ``numel`` rounded up to a multiple of PIECE."""
+    return cdiv(numel, PIECE.value) * PIECE.value
+
+
 def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None):
-    """(table, block → tensor map, number of blocks) on the tensors' device, cached by addresses and sizes."""
+    """(table, block → tensor map, number of blocks, every address 16-byte aligned) on the tensors' device,
+    cached by addresses and sizes."""
     partners = others or tensors
     key = (tensors[0].device, tuple((t.data_ptr(), o.data_ptr(), t.numel()) for t, o in zip(tensors, partners)))
     entry = _tables.get(key)
@@ -173,14 +215,14 @@ def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None
             pass
         return entry
     blocks = [cdiv(t.numel(), L2_BLOCK) for t in tensors]
-    rows, first, offset = [], 0, 0
+    rows, first, offset, bits = [], 0, 0, 0
     for t, o, b in zip(tensors, partners, blocks):
         rows.append([t.data_ptr(), t.numel(), first, offset, o.data_ptr()])
-        first, offset = first + b, offset + t.numel()
+        first, offset, bits = first + b, offset + padded(t.numel()), bits | t.data_ptr() | o.data_ptr()
     table = torch.tensor(rows, dtype=torch.int64).to(tensors[0].device)
     block_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32),
                                            torch.tensor(blocks)).to(tensors[0].device)
-    entry = (table, block_tensor, first)
+    entry = (table, block_tensor, first, bits % ALIGN_BYTES.value == 0)
     _tables[key] = entry
     while len(_tables) > TABLE_CACHE_SIZE:
         try:
@@ -190,9 +232,11 @@ def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None
     return entry
 
 
-def _sum(tensors: list[torch.Tensor], others: list[torch.Tensor] | None, weight_decay: float,
-         out_dtype: torch.dtype) -> torch.Tensor:
-    """λ · Σ_t <a_t, b_t> (b = a without ``others``): one launch per dtype group, the partials added on the device."""
+def l2_penalty_dot(tensors: list[torch.Tensor], others: list[torch.Tensor], weight_decay: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """λ · Σ_t <a_t, b_t>: one launch per dtype group, the partials added on the device. ``others`` the same
+    list as ``tensors`` (the forward, Σ w²): each tensor is read once."""
+    square = others is tensors
     groups: dict = {}  # indices by dtype, as dtype_groups orders the tensors
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
@@ -204,10 +248,11 @@ def _sum(tensors: list[torch.Tensor], others: list[torch.Tensor] | None, weight_
         if not idx:
             continue
         dense = [tensors[i].contiguous() for i in idx]  # row-major, as the gradient views are
-        partners = [others[i].contiguous() for i in idx] if others is not None else None
-        table, block_tensor, n_blocks = _table(dense, partners)
+        partners = None if square else [others[i].contiguous() for i in idx]
+        table, block_tensor, n_blocks, aligned = _table(dense, partners)
         partial = torch.empty(n_blocks, dtype=compute_dtype(dtype), device=device)
-        _l2_sum((n_blocks,), table, block_tensor, dense[0], partial, ACC=acc_dtype(dtype), DOT=others is not None)
+        _l2_sum((n_blocks,), table, block_tensor, dense[0], partial, ACC=acc_dtype(dtype), DOT=not square,
+                ALIGNED=aligned)
         sums.append(partial.sum(dtype=total_dtype))
     if not sums:  # every tensor is empty
         return torch.zeros((), dtype=out_dtype, device=device)
@@ -216,12 +261,7 @@ def _sum(tensors: list[torch.Tensor], others: list[torch.Tensor] | None, weight_
 
 
 def l2_penalty_fwd(tensors: list[torch.Tensor], weight_decay: float, out_dtype: torch.dtype) -> torch.Tensor:
-    return _sum(tensors, None, weight_decay, out_dtype)
-
-
-def l2_penalty_dot(tensors: list[torch.Tensor], others: list[torch.Tensor], weight_decay: float,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    return _sum(tensors, others, weight_decay, out_dtype)
+    return l2_penalty_dot(tensors, tensors, weight_decay, out_dtype)  # Σ w²: one read of each tensor
 
 
 def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay: float) -> list[torch.Tensor]:
@@ -229,11 +269,11 @@ def l2_penalty_bwd(tensors: list[torch.Tensor], grad: torch.Tensor, weight_decay
     coef = grad.to(torch.float64) * (2.0 * weight_decay)
     out = []
     for dtype, group in dtype_groups(tensors).items():
-        dw = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=grad.device)
+        dw = torch.empty(sum(padded(t.numel()) for t in group), dtype=dtype, device=grad.device)
         dense = [t.contiguous() for t in group if t.numel()]
         if dense:
-            table, block_tensor, n_blocks = _table(dense)
-            _l2_scale((n_blocks,), table, block_tensor, dense[0], coef, dw, ACC=acc_dtype(dtype))
+            table, block_tensor, n_blocks, aligned = _table(dense)
+            _l2_scale((n_blocks,), table, block_tensor, dense[0], coef, dw, ACC=acc_dtype(dtype), ALIGNED=aligned)
         out.append(dw)
     return out
 
@@ -244,9 +284,11 @@ def aot_configs():
     for t in FLOAT_TYPES:
         acc = "fp64" if t == "fp64" else "fp32"
         consts = {"ACC": tl.float64 if t == "fp64" else tl.float32}
-        yield from _dropout.aot(t, consts, ints={"n": "i64", "p": "fp32", "scale_bits": "i64"},
-                                pointers={"seed_ptr": "i64"})
+        yield from _dropout.aot(t, consts, cls="half" if t in ("fp16", "bf16") else "default",
+                                ints={"n": "i64", "p": "fp32", "scale_bits": "i64"}, pointers={"seed_ptr": "i64"})
         tables = {"table_ptr": "i64", "block_tensor_ptr": "i32"}
-        for dot in (False, True):
-            yield from _l2_sum.aot(t, {**consts, "DOT": dot}, pointers={**tables, "partial_ptr": acc})
-        yield from _l2_scale.aot(t, consts, pointers={**tables, "coef_ptr": "fp64"})
+        for aligned in (False, True):  # tensors at 16-byte aligned addresses (allocations), or not (views)
+            for dot in (False, True):
+                yield from _l2_sum.aot(t, {**consts, "DOT": dot, "ALIGNED": aligned},
+                                       pointers={**tables, "partial_ptr": acc})
+            yield from _l2_scale.aot(t, {**consts, "ALIGNED": aligned}, pointers={**tables, "coef_ptr": "fp64"})
