@@ -153,3 +153,93 @@ def test_backward_uses_the_forward_backend(on_backend, case):
 def test_aot_compile_sm90(family):
     rows = check_aot(f"scratchops._kernels.{family}")
     assert all(r["registers"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------- dynamic leading dims (export, compile)
+def _one_case_per_op():
+    """The first case of every op (its batch positions are ``Case.batched``)."""
+    return sorted({c.op: name for name, c in reversed(list(CASES.items()))}.values())
+
+
+def _at_batch(case, n, grad=False):
+    """The case's float32 inputs with every batched input tiled (then cut) to ``n`` rows along dim 0: integer
+    targets stay in range, probability rows stay normalised. Fresh tensors (no view of a larger base)."""
+    out = []
+    for i, x in enumerate(verify._on(case.inputs(torch.Generator().manual_seed(0)), DEVICE, torch.float32)):
+        if isinstance(x, torch.Tensor):
+            need = grad and x.requires_grad
+            x = x.detach()
+            if i in case.batched:
+                x = torch.cat([x] * -(-n // x.shape[0]))[:n].clone()
+            x.requires_grad_(need)
+        out.append(x)
+    return out
+
+
+class _CaseModule(torch.nn.Module):
+    """A module whose forward calls the case's scratchops function (seeding stays outside, as a user's would)."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+
+    def forward(self, *inputs):
+        return verify._first(self.case.ours(*inputs, **self.case.kwargs))
+
+
+# batch sizes that equal no fixed dim of any case (duck sizing would tie them to it) and are not 0 or 1
+EXPORT_BATCH, RUN_BATCHES = 8, (10, 12)
+
+
+@pytest.mark.parametrize("case", _one_case_per_op())
+def test_export_with_a_dynamic_batch(case):
+    """torch.export with torch.export.Dim on every batched input's dim 0; the program at two other batch sizes
+    gives eager's values (random ops: the same seed)."""
+    case = CASES[case]
+    module = _CaseModule(case)
+    batch = torch.export.Dim("batch")
+    example = _at_batch(case, EXPORT_BATCH)
+    spec = tuple({0: batch} if i in case.batched else None for i in range(len(example)))
+    with use_backend("reference"):
+        program = torch.export.export(module, tuple(example), dynamic_shapes=(spec,))
+        for n in RUN_BATCHES:
+            inputs = _at_batch(case, n)
+            torch.manual_seed(0)
+            out = program.module()(*inputs)
+            torch.manual_seed(0)
+            torch.testing.assert_close(out, module(*inputs))
+            assert out.shape == module(*inputs).shape
+
+
+@pytest.mark.parametrize("case", _one_case_per_op())
+def test_compile_dynamic_compiles_once(case):
+    """torch.compile(dynamic=True): three batch sizes, with gradients and under no_grad, compile once per grad
+    mode; values and gradients equal eager's (random ops: only the shapes, their seeds are drawn elsewhere)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    case = CASES[case]
+    module = _CaseModule(case)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(module, backend=counter, dynamic=True, fullgraph=True)
+    first = None
+    with use_backend("reference"):
+        for n in (EXPORT_BATCH, *RUN_BATCHES):
+            a_in, b_in = _at_batch(case, n, grad=True), _at_batch(case, n, grad=True)
+            a, b = compiled(*a_in), module(*b_in)
+            with torch.no_grad():
+                c = compiled(*_at_batch(case, n))
+            first = counter.frame_count if first is None else first
+            assert a.shape == b.shape == c.shape
+            if case.reseed is not None:
+                continue
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(c, b.detach())
+            leaves = [(x, y) for x, y in zip(a_in, b_in) if isinstance(x, torch.Tensor) and x.requires_grad]
+            if a.requires_grad:
+                grad = torch.ones_like(a)
+                for ga, gb in zip(torch.autograd.grad(a, [x for x, _ in leaves], grad),
+                                  torch.autograd.grad(b, [y for _, y in leaves], grad)):
+                    torch.testing.assert_close(ga, gb)
+    assert counter.frame_count == first, f"recompiled: {first} frames after the first batch size, " \
+                                         f"{counter.frame_count} after three"
