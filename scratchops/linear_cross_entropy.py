@@ -327,6 +327,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ignore_index = -100 if ignore_index is None else ignore_index
     (input, linear_weight, linear_bias), autocast = _autocast(input, linear_weight, linear_bias)
+    if autocast:  # cross_entropy is an fp32-policy op: autocast casts its 16-bit class weight and probabilities up
+        target, weight = (t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+                          else t for t in (target, weight))
     _check_linear(input, linear_weight, linear_bias)
     # cross_entropy's argument parsing, then its checks
     if weight is not None and not isinstance(weight, torch.Tensor):

@@ -18,7 +18,7 @@ import torch
 
 from scratchops import verify
 from scratchops._backend import REGISTRY, record_calls, use_backend
-from tests.helpers import DEVICE, backend_skip_reason, check_aot
+from tests.helpers import DEVICE, backend_skip_reason, check_aot, tolerances
 
 CASES = {f"{c.op}: {c.label}": c for c in verify.CASES}
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
@@ -243,3 +243,62 @@ def test_compile_dynamic_compiles_once(case):
                     torch.testing.assert_close(ga, gb)
     assert counter.frame_count == first, f"recompiled: {first} frames after the first batch size, " \
                                          f"{counter.frame_count} after three"
+
+
+# ----------------------------------------------------------------- autocast (CPU, bfloat16) as torch's
+# The dtype torch's CPU autocast runs each op in: "lower" (its lower-precision list: operands cast to bfloat16),
+# "fp32" (its fp32 list: 16-bit operands cast up), "input" (on no list: the operands' own dtype), "linear+fp32"
+# (linear_cross_entropy: a lower-precision linear, then cross_entropy's fp32; the class weight and probabilities
+# are cast up). Checked against torch itself below, wherever one policy covers the whole op.
+AUTOCAST_CPU = {"linear": "lower", "conv2d": "lower", "relu": "input", "sigmoid": "input", "tanh": "input",
+                "softmax": "input", "log_softmax": "input", "dropout": "input", "l2_penalty": "input",
+                "mse_loss": "fp32", "cross_entropy": "fp32", "linear_cross_entropy": "linear+fp32"}
+# torch's weighted mse_loss is elementwise torch ops (pow, mul, sum), none on the CPU lists
+AUTOCAST_CPU_CASES = {"mse_loss: (7, 13) weighted sum": "input"}
+
+
+def test_autocast_table_names_every_op():
+    assert set(AUTOCAST_CPU) == {c.op for c in CASES.values()}
+
+
+def _policy_dtypes(policy, dtype):
+    return {"lower": {torch.bfloat16}, "fp32": {torch.float32}, "input": {dtype},
+            "linear+fp32": {torch.bfloat16, torch.float32}}[policy]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_autocast_cpu_bfloat16_as_torch(case, dtype):
+    """Under CPU autocast(bfloat16), float32 and bfloat16 inputs: scratchops returns torch's dtype, and the
+    operands its backend ops receive are in the dtype torch's autocast policy runs the op in (the table,
+    itself checked: torch's autocast result equals torch on inputs cast to that dtype, autocast off)."""
+    name, case = case, CASES[case]
+    policy = AUTOCAST_CPU_CASES.get(name, AUTOCAST_CPU[case.op])
+
+    def inputs(cast=None):
+        out = verify._on(case.inputs(torch.Generator().manual_seed(0)), "cpu", dtype)
+        return [x.detach().to(cast) if cast and isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                for x in out]
+
+    with use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with record_calls() as calls:
+            ours = verify._first(case.call(case.ours, *inputs()))
+        theirs = verify._first(case.call(case.theirs, *inputs()))
+    assert ours.dtype == theirs.dtype, f"scratchops returns {ours.dtype}, torch {theirs.dtype}"
+    computes = {t.dtype for _, _, args in calls for t in _flat(args) if t.is_floating_point()}
+    assert computes == _policy_dtypes(policy, dtype), f"scratchops computes in {computes}, torch's policy: {policy}"
+    if policy != "linear+fp32":
+        (cast,) = _policy_dtypes(policy, dtype)
+        with use_backend("reference"):  # the yardstick of dropout is scratchops' own mask (the same seed)
+            plain = verify._first(case.call(case.theirs, *inputs(cast)))
+        torch.testing.assert_close(plain.to(theirs.dtype), theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours, theirs, **tolerances(cast, 16))
+
+
+def _flat(args):
+    """The tensors among recorded backend-op arguments (lists of tensors included)."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        elif isinstance(a, torch.Tensor):
+            yield a
