@@ -129,9 +129,18 @@ def conv2d_bwd_bias(dy: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- backend ops
-conv2d_fwd_op = backend_op("conv2d_fwd", conv2d_fwd, KERNELS)
-conv2d_bwd_input_op = backend_op("conv2d_bwd_input", conv2d_bwd_input, "conv2d_bwd")
-conv2d_bwd_weight_op = backend_op("conv2d_bwd_weight", conv2d_bwd_weight, "conv2d_bwd")
+# Shape-only fakes: the reference formulas on symbolic sizes cost torch.compile(dynamic=True) ~100 s of sympy
+def _fwd_fake(backend, x, w, bias, stride, padding, dilation, groups, channels_last):
+    (N, _, H, W), (K, _, R, S) = x.shape, w.shape
+    return _new_4d((N, K, conv_output_size(H, R, stride[0], padding[0], padding[1], dilation[0]),
+                    conv_output_size(W, S, stride[1], padding[2], padding[3], dilation[1])), x, x.dtype, channels_last)
+
+
+conv2d_fwd_op = backend_op("conv2d_fwd", conv2d_fwd, KERNELS, fake=_fwd_fake)
+conv2d_bwd_input_op = backend_op("conv2d_bwd_input", conv2d_bwd_input, "conv2d_bwd", fake=lambda backend, dy, w, size,
+                                 *spec: _new_4d(tuple(size), dy, dy.dtype, spec[-1]))
+conv2d_bwd_weight_op = backend_op("conv2d_bwd_weight", conv2d_bwd_weight, "conv2d_bwd", fake=lambda backend, dy, x,
+                                  size, *spec: _new_4d(tuple(size), x, x.dtype, spec[-1]))
 conv2d_bwd_bias_op = backend_op("conv2d_bwd_bias", conv2d_bwd_bias, "conv2d_bwd")
 
 

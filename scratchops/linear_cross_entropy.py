@@ -184,10 +184,22 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch
             dq.to(target.dtype) if need_target else dq]
 
 
+def _bwd_fake(backend, x, w, b, target, weight, stats, denom, g, ignore_index, label_smoothing, need_x, need_w,
+              need_b, need_weight, need_target):
+    # shapes only: the reference's Python loop over row chunks would specialise a dynamic batch (torch.compile)
+    def skipped(dtype=x.dtype):
+        return x.new_empty((0,), dtype=dtype)  # one tensor per output: outputs never alias each other
+    return [x.new_empty(x.shape) if need_x else skipped(), w.new_empty(w.shape) if need_w else skipped(w.dtype),
+            x.new_empty((w.shape[0], w.shape[1])) if need_b else skipped(),
+            weight.new_empty(weight.shape) if need_weight else skipped(),
+            target.new_empty(target.shape) if need_target else skipped()]
+
+
 # ----------------------------------------------------------------- backend ops
 linear_cross_entropy_fwd_op = backend_op("linear_cross_entropy_fwd", linear_cross_entropy_fwd, KERNELS,
                                          fake=_fwd_fake)
-linear_cross_entropy_bwd_op = backend_op("linear_cross_entropy_bwd", linear_cross_entropy_bwd, KERNELS)
+linear_cross_entropy_bwd_op = backend_op("linear_cross_entropy_bwd", linear_cross_entropy_bwd, KERNELS,
+                                         fake=_bwd_fake)
 
 
 # ----------------------------------------------------------------- autograd
@@ -315,6 +327,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ignore_index = -100 if ignore_index is None else ignore_index
     (input, linear_weight, linear_bias), autocast = _autocast(input, linear_weight, linear_bias)
+    if autocast:  # cross_entropy is an fp32-policy op: autocast casts its 16-bit class weight and probabilities up
+        target, weight = (t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+                          else t for t in (target, weight))
     _check_linear(input, linear_weight, linear_bias)
     # cross_entropy's argument parsing, then its checks
     if weight is not None and not isinstance(weight, torch.Tensor):

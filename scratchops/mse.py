@@ -171,8 +171,11 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: Optional[b
             raise ValueError(f"Invalid reduction mode: {reduction}. Expected one of 'none', 'mean', 'sum'.")
         dtype = torch.promote_types(dtype, weight.dtype)
     code = reduction_code(reduction)
-    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
-        dtype = torch.float32  # torch's autocast runs mse_loss in float32 (an fp32-policy op)
+    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type) and (
+            weight is None or input.device.type == "cuda"):
+        # torch's autocast runs mse_loss in float32 (an fp32-policy op); its weighted form is elementwise torch
+        # ops, whose pow is fp32-policy on CUDA only (on CPU it runs, and returns, the input's dtype)
+        dtype = torch.float32
     if not dtype.is_floating_point:
         raise NotImplementedError(f"\"mse_cpu\" not implemented for '{type_name(dtype)}'")
     x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))

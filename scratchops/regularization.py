@@ -222,14 +222,17 @@ class DropoutInplaceFunction(DropoutFunction):
 
 # ----------------------------------------------------------------- autograd: l2_penalty
 def _carve(tensors, flats):
-    """Per tensor, in the caller's order, its row-major piece of its dtype group's flat buffer (a view)."""
-    pieces: dict = {}
-    for (dtype, group), flat in zip(dtype_groups(tensors).items(), flats):
-        offset = 0
-        for w in group:
-            pieces.setdefault(id(w), []).append(flat[offset:offset + w.numel()].view(w.shape))
-            offset += _padded(w.numel())
-    return [pieces[id(w)].pop(0) for w in tensors]  # a tensor listed twice gets one piece per entry
+    """Per tensor, in the caller's order, its row-major piece of its dtype group's flat buffer (a view).
+
+    Walked by position, never keyed by ``id(w)``: torch.compile guards on the identity of a tensor whose id is
+    taken, which recompiled per call (a tensor listed twice gets one piece per entry)."""
+    slots = {dtype: [flat, 0] for dtype, flat in zip(dtype_groups(tensors), flats)}
+    out = []
+    for w in tensors:
+        slot = slots[w.dtype]
+        out.append(slot[0][slot[1]:slot[1] + w.numel()].view(w.shape))
+        slot[1] += _padded(w.numel())  # each piece starts 16-byte aligned
+    return out
 
 
 def _scaled(needed, tensors, grad, weight_decay, backend):
@@ -393,5 +396,9 @@ def l2_penalty(tensors, weight_decay: float = 1.0) -> torch.Tensor:
     # One backend for all: the first tensor the kernels cannot take decides (an explicit request then raises).
     blocker = next((t for t in tensors if triton_unavailable_reason(t.device, t.dtype, FLOAT_DTYPES)), tensors[0])
     backend = choose_backend(blocker)
+    if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        # Dynamo passes ctx to a setup_context Function whose forward takes *args when nothing needs a gradient
+        # (AttributeError 'AutogradFunctionContextVariable' ... 'proxy'): the forward op itself, as apply would
+        return l2_penalty_fwd_op(backend, tensors, float(weight_decay), out_dtype)
     return L2PenaltyFunction.apply(float(weight_decay), out_dtype, backend, *tensors)
 

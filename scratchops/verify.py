@@ -22,8 +22,9 @@ with ``inputs(generator) -> tuple`` of float64 CPU tensors (integer tensors, suc
 as class indices, are passed through unchanged). Keyword options: ``kwargs``
 (passed to both functions), ``tolerance`` (float32 parity bound), ``reseed``
 (``torch.manual_seed(reseed)`` before every call, for random ops such as dropout),
-``gradcheck_kwargs`` and ``gradcheck=False``/``parity=False`` where a check
-cannot apply (say why in the label).
+``gradcheck_kwargs``, ``gradcheck=False``/``parity=False`` where a check
+cannot apply (say why in the label), and ``batched`` (the positions of the inputs
+whose dim 0 is the batch: the contract test exports and compiles with it dynamic).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Case:
     gradgradcheck: bool = True  # second derivatives (torch.autograd.gradgradcheck, float64)
     parity: bool = True
     gradcheck_kwargs: dict = dataclasses.field(default_factory=dict)
+    batched: tuple = (0,)  # the inputs whose dim 0 is the batch (the contract test makes it dynamic)
 
     def call(self, fn, *inputs):
         if self.reseed is not None:
@@ -91,24 +93,28 @@ CASES: list[Case] = [
     Case("linear", "(5, 11)·(7, 11)ᵀ + b, W frozen, tanh", lambda x, w, b: SF.linear(x, w, b, activation="tanh"),
          lambda x, w, b: torch.tanh(TF.linear(x, w, b)),
          lambda g: (_randn(g, 5, 11), _randn(g, 7, 11, grad=False), _randn(g, 7)), gradcheck_kwargs={"fast_mode": True}),
-    Case("mse_loss", "(7, 13) mean", SF.mse_loss, TF.mse_loss, lambda g: (_randn(g, 7, 13), _randn(g, 7, 13))),
+    Case("mse_loss", "(7, 13) mean", SF.mse_loss, TF.mse_loss, lambda g: (_randn(g, 7, 13), _randn(g, 7, 13)),
+         batched=(0, 1)),
     Case("mse_loss", "(7, 13) weighted sum", lambda x, y, w: SF.mse_loss(x, y, reduction="sum", weight=w),
          lambda x, y, w: TF.mse_loss(x, y, reduction="sum", weight=w),
-         lambda g: (_randn(g, 7, 13), _randn(g, 7, 13), _randn(g, 7, 13).detach().abs().requires_grad_())),
+         lambda g: (_randn(g, 7, 13), _randn(g, 7, 13), _randn(g, 7, 13).detach().abs().requires_grad_()),
+         batched=(0, 1, 2)),
     Case("cross_entropy", "(6, 9) w, ignore 2, smooth 0.1", lambda x, t, w: SF.cross_entropy(
          x, t, weight=w, ignore_index=2, label_smoothing=0.1), lambda x, t, w: TF.cross_entropy(
          x, t, weight=w, ignore_index=2, label_smoothing=0.1),
-         lambda g: (_randn(g, 6, 9), torch.tensor([2, 0, 8, 2, 5, 1]), _randn(g, 9, grad=False).abs())),
+         lambda g: (_randn(g, 6, 9), torch.tensor([2, 0, 8, 2, 5, 1]), _randn(g, 9, grad=False).abs()),
+         batched=(0, 1)),
     Case("cross_entropy", "(2, 5, 3) K-dim, none", lambda x, t: SF.cross_entropy(x, t, reduction="none"),
          lambda x, t: TF.cross_entropy(x, t, reduction="none"),
-         lambda g: (_randn(g, 2, 5, 3), torch.tensor([[0, 4, 1], [3, 3, 2]]))),
+         lambda g: (_randn(g, 2, 5, 3), torch.tensor([[0, 4, 1], [3, 3, 2]])), batched=(0, 1)),
     Case("cross_entropy", "(4, 6) probabilities", lambda x, q: SF.cross_entropy(x, q, label_smoothing=0.2),
          lambda x, q: TF.cross_entropy(x, q, label_smoothing=0.2),
-         lambda g: (_randn(g, 4, 6), _randn(g, 4, 6, grad=False).softmax(1).requires_grad_())),
+         lambda g: (_randn(g, 4, 6), _randn(g, 4, 6, grad=False).softmax(1).requires_grad_()), batched=(0, 1)),
     Case("cross_entropy", "(3, 5) probabilities, learned w, mean", lambda x, q, w: SF.cross_entropy(x, q, weight=w),
          lambda x, q, w: TF.cross_entropy(x, q, weight=w),
          lambda g: (_randn(g, 3, 5), _randn(g, 3, 5, grad=False).softmax(1),
                     _randn(g, 5, grad=False).abs().requires_grad_()),
+         batched=(0, 1),
          gradgradcheck=False),  # double backward through a learned class weight raises (tested in its test file)
     Case("conv2d", "(2,4,7,6)*(6,2,3,3) s2 p1 d2 g2", SF.conv2d, TF.conv2d,
          lambda g: (_randn(g, 2, 4, 7, 6), _randn(g, 6, 2, 3, 3), _randn(g, 6)),
@@ -127,12 +133,14 @@ CASES: list[Case] = [
                                                         label_smoothing=0.1),
          lambda g: (_randn(g, 6, 5), _randn(g, 9, 5), _randn(g, 9), torch.tensor([2, 0, 8, 2, 5, 1]),
                     _randn(g, 9, grad=False).abs()),
+         batched=(0, 3),
          gradgradcheck=False),  # no double backward yet: create_graph=True raises (tested in its test file)
     Case("linear_cross_entropy", "(4, 5)·(7, 5)ᵀ probabilities, w, smooth 0.2, sum",
          lambda x, w, q, cw: SF.linear_cross_entropy(x, w, q, weight=cw, label_smoothing=0.2, reduction="sum"),
          lambda x, w, q, cw: TF.linear_cross_entropy(x, w, q, weight=cw, label_smoothing=0.2, reduction="sum"),
          lambda g: (_randn(g, 4, 5), _randn(g, 7, 5), _randn(g, 4, 7, grad=False).softmax(1).requires_grad_(),
                     _randn(g, 7, grad=False).abs().requires_grad_()),
+         batched=(0, 2),
          gradgradcheck=False),  # no double backward yet: create_graph=True raises (tested in its test file)
     # Later op families add their cases here.
 ]
