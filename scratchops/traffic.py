@@ -242,7 +242,31 @@ def _cases() -> dict:
     cases["l2_penalty"] = Case(lambda: ([_rand(16, 1024)], lambda w: F.l2_penalty([w], 1e-4)),
                                {"fwd": p * e + e, "fwd+bwd": 3 * p * e + 2 * e})  # w | w, dw (+ out, its grad)
     cases["sgd_step"] = Case(_sgd, {"step": 5 * 16 * 64 * 64 * e}, ("step",))  # w, g, buf read; w, buf written
+    cases.update(_linear_cross_entropy_case(e))
     return cases
+
+
+def _linear_cross_entropy_case(e: int) -> dict:
+    """Fused linear + cross-entropy (issue 14), N tokens, H features, C classes, bias, index targets, mean.
+
+    Compulsory, per pass: read X (N·H), W (C·H), b (C), the targets (N·8) once; write the loss (fwd) /
+    also read g and write dX, dW, db (bwd): fwd = (NH + CH + C)e + 8N + e; bwd = that + e + (NH + CH + C)e.
+    What the design re-reads on top (BN, BV: the row kernels' row and class tile; a GEMM's tiles): the forward
+    reads W once per row block and X once per class tile (W·N/BN + X·C/BV); the backward recomputes the logits
+    the same way, writes dZ (N·C, in N·V_c chunks) and reads it back for dX += dZ W_c, dW_c = dZᵀX and db
+    (each GEMM re-reading its operands per output tile). The N·C logits are never held, but dZ goes through
+    memory: the fused backward's floor is about 3·N·C·e (write dZ, read it for dX and dW), not the
+    compulsory figure; the ratio is dominated by it and by the interpreter's small tiles (BN 16, BV 32)."""
+    import scratchops.functional as F
+
+    n, h, c = 32, 32, 512
+    target = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(0))
+    once = (n * h + c * h + c) * e + n * 8
+    return {f"linear_cross_entropy_{n}x{h}x{c}": Case(
+        lambda: ([_rand(n, h), _rand(c, h, seed=1), _rand(c, seed=2)],
+                 lambda x, w, b: F.linear_cross_entropy(x, w, target, linear_bias=b)),
+        {"fwd": once + e, "fwd+bwd": 2 * once + 2 * e + (n * h + c * h + c) * e, "nograd": once + e},
+        ("fwd", "fwd+bwd", "nograd"))}
 
 
 def _sgd():

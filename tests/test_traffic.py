@@ -29,6 +29,11 @@ CONV2D = {"fwd": 3.51, "fwd+bwd": 7.03}
 CONV2D_GLUE_KERNELS = 0  # the backward runs no torch glue kernel
 L2_PENALTY = {"fwd": 1.00, "fwd+bwd": 1.00}
 SGD_STEP = {"step": 1.00}
+# Fused linear + cross-entropy (issue 14): the GEMM re-reads (forward: W per row block, X per class tile), and
+# the backward's logits recompute plus its dZ chunks through memory (see traffic._linear_cross_entropy_case).
+# Glue: the target check and the mean's denominator, 13 small torch kernels (16 with the backward's zeros).
+LINEAR_CROSS_ENTROPY = {"fwd": 2.84, "fwd+bwd": 4.13, "nograd": 2.84}
+LINEAR_CROSS_ENTROPY_GLUE_KERNELS = 16
 
 BOUNDS = {
     "relu": ELEMENTWISE, "sigmoid": ELEMENTWISE, "tanh": ELEMENTWISE, "dropout": ELEMENTWISE, "mse_loss": ELEMENTWISE,
@@ -36,10 +41,12 @@ BOUNDS = {
     "softmax_8x32768": SOFTMAX_8x32768, "log_softmax_8x32768": LOG_SOFTMAX_8x32768,
     "cross_entropy_64x8192": CROSS_ENTROPY, "linear_64x256x128": LINEAR, "conv2d_1x8x16x16_k16r3": CONV2D,
     "l2_penalty": L2_PENALTY, "sgd_step": SGD_STEP,
+    "linear_cross_entropy_32x32x512": LINEAR_CROSS_ENTROPY,
 }
 GLUE_KERNELS = {"cross_entropy_64x8192": CROSS_ENTROPY_GLUE_KERNELS, "conv2d_1x8x16x16_k16r3": CONV2D_GLUE_KERNELS,
                 "dropout": 1, "l2_penalty": 7,  # dropout: its seed; l2_penalty: index and scale tensors
                 "sgd_step": 1}  # a torch.cat of the gradients' address column, every step (same gradients)
+GLUE_KERNELS["linear_cross_entropy_32x32x512"] = LINEAR_CROSS_ENTROPY_GLUE_KERNELS
 SYNCS = {"cross_entropy_64x8192": CROSS_ENTROPY_SYNCS}
 
 
