@@ -323,21 +323,19 @@ def _prepare(name: str, input, dim, dtype):
     return x, dim
 
 
-def softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
+def _entry(name: str, input, dim, stacklevel: int, dtype, function, traced):
+    """The functional op ``name``: torch's validation, then ``function`` (``traced`` under torch.compile)."""
     if dim is None and isinstance(input, torch.Tensor):
-        dim = _implicit_dim("softmax", input.dim(), _stacklevel)
-    x, dim = _prepare("softmax", input, dim, dtype)
+        dim = _implicit_dim(name, input.dim(), stacklevel + 1)
+    x, dim = _prepare(name, input, dim, dtype)
     if not x.is_floating_point():  # empty integer input: torch returns it unchanged (as a new tensor)
         return x.clone(memory_format=torch.contiguous_format)
-    function = _SoftmaxTraced if torch.compiler.is_compiling() else SoftmaxFunction
-    return function.apply(x, dim, choose_backend(x))
+    return (traced if torch.compiler.is_compiling() else function).apply(x, dim, choose_backend(x))
+
+
+def softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
+    return _entry("softmax", input, dim, _stacklevel, dtype, SoftmaxFunction, _SoftmaxTraced)
 
 
 def log_softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
-    if dim is None and isinstance(input, torch.Tensor):
-        dim = _implicit_dim("log_softmax", input.dim(), _stacklevel)
-    x, dim = _prepare("log_softmax", input, dim, dtype)
-    if not x.is_floating_point():  # empty integer input: torch returns it unchanged (as a new tensor)
-        return x.clone(memory_format=torch.contiguous_format)
-    function = _LogSoftmaxTraced if torch.compiler.is_compiling() else LogSoftmaxFunction
-    return function.apply(x, dim, choose_backend(x))
+    return _entry("log_softmax", input, dim, _stacklevel, dtype, LogSoftmaxFunction, _LogSoftmaxTraced)

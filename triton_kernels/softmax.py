@@ -8,9 +8,10 @@ needs no copy as long as the dims before ``dim`` form one arithmetic progression
 after it; otherwise the launcher copies that operand contiguous explicitly (``_as_rows``). Outputs
 are contiguous, as torch's. ``IS_LOG`` picks log-softmax.
 
-Kernels, chosen by the host (:func:`_plan`) from the row length and the dtype:
+Two kernels, ``_softmax_fwd_kernel`` and ``_softmax_bwd_kernel``, each with two bodies picked by the
+``LOOPED`` constexpr, which the host (:func:`_plan`) chooses from the row length and the dtype:
 
-* single block (``_softmax_fwd_kernel`` / ``_softmax_bwd_kernel``): a program holds BLOCK_M whole rows
+* single block (``LOOPED=False``): a program holds BLOCK_M whole rows
   in registers, BLOCK_N = the first of 64, 256, 1024, 4096, 16384 that holds N, or the cap: 32768
   columns (fp32, 16-bit: 32 values a thread at 32 warps), 8192 (fp64). Each operand is read once:
 
@@ -27,14 +28,14 @@ Kernels, chosen by the host (:func:`_plan`) from the row length and the dtype:
   there take the looped kernel. 65536 columns cannot be held: a 65536-column fp32 row is the whole
   register file, and 16-bit rows are widened to fp32 in registers (both spill on sm_90).
 
-* looped (``_softmax_fwd_looped_kernel`` / ``_softmax_bwd_looped_kernel``): one row per program,
+* looped (``LOOPED=True``): one row per program,
   LOOP_BLOCK_N columns a step, for longer rows. The forward keeps a running max m (from -inf) and a
   running sum s = Σ e^{x - m} (from 0), rescaled by e^{m_old - m_new} when the max grows (online
   softmax), then writes the row in a second sweep; the backward sums in a first sweep. They read
   their inputs twice.
 
 Launch shapes come from one place, :func:`launch_config` (a ``triton.Config`` per BLOCK_N), wrapped
-in one :class:`Kernel` per (kernel, BLOCK_N): the host picks the shape; the interpreter and a GPU run
+in one :class:`Kernel` per (kernel, LOOPED, BLOCK_N): the host picks the shape; the interpreter and a GPU run
 the same one. ``aot_configs()`` lists exactly the shapes the default plan launches.
 
 Special values, as torch: while the running max is -inf the shift is 0, so -inf entries add 0 (no
@@ -74,28 +75,54 @@ def _softmax_fwd_kernel(
         x_ptr, y_ptr,  # pointers
         n_rows, n_cols, n_inner,  # sizes
         stride_xo, stride_xi, stride_xn, stride_yo, stride_yi, stride_yn,  # strides
-        IS_LOG: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+        IS_LOG: tl.constexpr, LOOPED: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    if EVEN_N:  # n_cols == BLOCK_N
-        mask = row_mask[:, None]
-    else:
-        mask = row_mask[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(x_ptr + _row_start(rows, n_inner, stride_xo, stride_xi)[:, None] + cols[None, :] * stride_xn,
-                mask=mask, other=-float("inf"))
-    # m = max x (exact in any dtype); z = x - m; s = Σ e^z; softmax y = e^z / s, log-softmax y = z - log s.
-    # Rows past the end get m = 0 and s = 1: nothing is stored for them, no 0/0 or log 0 is computed.
-    m = tl.where(row_mask, tl.max(x, axis=1).to(ACC), 0.0)
-    s = tl.where(row_mask, tl.sum(tl.exp(x.to(ACC) - m[:, None]), axis=1), 1.0)
-    z = x.to(ACC) - m[:, None]
-    if IS_LOG:
-        y = z - tl.log(s)[:, None]
-    else:
-        y = tl.exp(z) * (1.0 / s)[:, None]
-    y_offs = _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols[None, :] * stride_yn
-    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if LOOPED:  # one row a program, BLOCK_N columns a step (module docstring)
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + _row_start(row, n_inner, stride_xo, stride_xi)
+        y_row = y_ptr + _row_start(row, n_inner, stride_yo, stride_yi)
+        # Running max m (from -inf) and running sum s = Σ e^{x - m} (from 0), in ACC.
+        m = tl.full((), -float("inf"), ACC)
+        s = tl.full((), 0.0, ACC)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+            x = tl.load(x_row + cols * stride_xn, mask=cols < n_cols, other=-float("inf")).to(ACC)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - (-inf) while the row is all -inf so far
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+            m = m_new
+        log_s = tl.log(s)
+        inv_s = 1.0 / s
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask = cols < n_cols
+            z = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(ACC) - m
+            if IS_LOG:
+                y = z - log_s
+            else:
+                y = tl.exp(z) * inv_s
+            tl.store(y_row + cols * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # BLOCK_M whole rows a program
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        row_mask = rows < n_rows
+        if EVEN_N:  # n_cols == BLOCK_N
+            mask = row_mask[:, None]
+        else:
+            mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + _row_start(rows, n_inner, stride_xo, stride_xi)[:, None] + cols[None, :] * stride_xn,
+                    mask=mask, other=-float("inf"))
+        # m = max x (exact in any dtype); z = x - m; s = Σ e^z; softmax y = e^z / s, log-softmax y = z - log s.
+        # Rows past the end get m = 0 and s = 1: nothing is stored for them, no 0/0 or log 0 is computed.
+        m = tl.where(row_mask, tl.max(x, axis=1).to(ACC), 0.0)
+        s = tl.where(row_mask, tl.sum(tl.exp(x.to(ACC) - m[:, None]), axis=1), 1.0)
+        z = x.to(ACC) - m[:, None]
+        if IS_LOG:
+            y = z - tl.log(s)[:, None]
+        else:
+            y = tl.exp(z) * (1.0 / s)[:, None]
+        y_offs = _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols[None, :] * stride_yn
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -104,123 +131,82 @@ def _softmax_bwd_kernel(
         n_rows, n_cols, n_inner,  # sizes
         stride_yo, stride_yi, stride_yn, stride_dyo, stride_dyi, stride_dyn, stride_dxo, stride_dxi,
         stride_dxn,  # strides
-        IS_LOG: tl.constexpr, REREAD_DY: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr,
+        IS_LOG: tl.constexpr, LOOPED: tl.constexpr, REREAD_DY: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The row is handled as two halves (a, b) of BLOCK_N // 2 columns, so that what is streamed in after
-    # the sum (Y for log-softmax, dY again for softmax with REREAD_DY) is live one half at a time.
-    HALF: tl.constexpr = BLOCK_N // 2
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_a = tl.arange(0, HALF)
-    cols_b = HALF + tl.arange(0, HALF)
-    row_mask = (rows < n_rows)[:, None]
-    if EVEN_N:  # n_cols == BLOCK_N: no column mask (per-element predicates would cost a 32K row its registers)
-        mask_a = row_mask
-        mask_b = row_mask
-    else:
-        mask_a = row_mask & (cols_a < n_cols)[None, :]
-        mask_b = row_mask & (cols_b < n_cols)[None, :]
-    y_a = y_ptr + _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols_a[None, :] * stride_yn
-    y_b = y_ptr + _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols_b[None, :] * stride_yn
-    dy_a = dy_ptr + _row_start(rows, n_inner, stride_dyo, stride_dyi)[:, None] + cols_a[None, :] * stride_dyn
-    dy_b = dy_ptr + _row_start(rows, n_inner, stride_dyo, stride_dyi)[:, None] + cols_b[None, :] * stride_dyn
-    dx_a = dx_ptr + _row_start(rows, n_inner, stride_dxo, stride_dxi)[:, None] + cols_a[None, :] * stride_dxn
-    dx_b = dx_ptr + _row_start(rows, n_inner, stride_dxo, stride_dxi)[:, None] + cols_b[None, :] * stride_dxn
-    if IS_LOG:
-        # dX = dY - e^Y · Σ dY: dY held, Y read after the sum, one half at a time
-        g_a = tl.load(dy_a, mask=mask_a, other=0.0)
-        g_b = tl.load(dy_b, mask=mask_b, other=0.0)
-        total = (tl.sum(g_a.to(ACC), axis=1) + tl.sum(g_b.to(ACC), axis=1))[:, None]
-        p_a = tl.exp(tl.load(y_a, mask=mask_a, other=0.0).to(ACC))
-        tl.store(dx_a, (g_a.to(ACC) - p_a * total).to(dx_ptr.dtype.element_ty), mask=mask_a)
-        p_b = tl.exp(tl.load(y_b, mask=mask_b, other=0.0).to(ACC))
-        tl.store(dx_b, (g_b.to(ACC) - p_b * total).to(dx_ptr.dtype.element_ty), mask=mask_b)
-    else:
-        # dX = Y ⊙ (dY - Σ dY⊙Y)
-        p_a = tl.load(y_a, mask=mask_a, other=0.0)
-        p_b = tl.load(y_b, mask=mask_b, other=0.0)
-        if REREAD_DY:  # Y held; dY read for the sum, then again for dX, one half at a time
-            total = tl.sum(tl.load(dy_a, mask=mask_a, other=0.0, eviction_policy="evict_last").to(ACC)
-                           * p_a.to(ACC), axis=1)
-            total += tl.sum(tl.load(dy_b, mask=mask_b, other=0.0, eviction_policy="evict_last").to(ACC)
-                            * p_b.to(ACC), axis=1)
-            g_a = tl.load(dy_a, mask=mask_a, other=0.0, eviction_policy="evict_first")
-            tl.store(dx_a, (p_a.to(ACC) * (g_a.to(ACC) - total[:, None])).to(dx_ptr.dtype.element_ty), mask=mask_a)
-            g_b = tl.load(dy_b, mask=mask_b, other=0.0, eviction_policy="evict_first")
-            tl.store(dx_b, (p_b.to(ACC) * (g_b.to(ACC) - total[:, None])).to(dx_ptr.dtype.element_ty), mask=mask_b)
+    if LOOPED:  # one row a program, BLOCK_N columns a step (module docstring)
+        row = tl.program_id(0).to(tl.int64)
+        y_row = y_ptr + _row_start(row, n_inner, stride_yo, stride_yi)
+        dy_row = dy_ptr + _row_start(row, n_inner, stride_dyo, stride_dyi)
+        dx_row = dx_ptr + _row_start(row, n_inner, stride_dxo, stride_dxi)
+        # First sweep: per-lane partial sums of Σ dY⊙Y (softmax) or Σ dY (log-softmax), from 0 (masked lanes add 0).
+        acc = tl.zeros([BLOCK_N], ACC)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask = cols < n_cols
+            dy = tl.load(dy_row + cols * stride_dyn, mask=mask, other=0.0).to(ACC)
+            if IS_LOG:
+                acc += dy
+            else:
+                acc += dy * tl.load(y_row + cols * stride_yn, mask=mask, other=0.0).to(ACC)
+        total = tl.sum(acc, axis=0)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask = cols < n_cols
+            y = tl.load(y_row + cols * stride_yn, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_row + cols * stride_dyn, mask=mask, other=0.0).to(ACC)
+            if IS_LOG:
+                dx = dy - tl.exp(y) * total  # dX = dY - e^Y · Σ dY
+            else:
+                dx = y * (dy - total)  # dX = Y ⊙ (dY - Σ dY⊙Y)
+            tl.store(dx_row + cols * stride_dxn, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:  # BLOCK_M whole rows a program
+        # The row is handled as two halves (a, b) of BLOCK_N // 2 columns, so that what is streamed in after
+        # the sum (Y for log-softmax, dY again for softmax with REREAD_DY) is live one half at a time.
+        HALF: tl.constexpr = BLOCK_N // 2
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols_a = tl.arange(0, HALF)
+        cols_b = HALF + tl.arange(0, HALF)
+        row_mask = (rows < n_rows)[:, None]
+        if EVEN_N:  # n_cols == BLOCK_N: no column mask (per-element predicates would cost a 32K row its registers)
+            mask_a = row_mask
+            mask_b = row_mask
         else:
+            mask_a = row_mask & (cols_a < n_cols)[None, :]
+            mask_b = row_mask & (cols_b < n_cols)[None, :]
+        y_a = y_ptr + _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols_a[None, :] * stride_yn
+        y_b = y_ptr + _row_start(rows, n_inner, stride_yo, stride_yi)[:, None] + cols_b[None, :] * stride_yn
+        dy_a = dy_ptr + _row_start(rows, n_inner, stride_dyo, stride_dyi)[:, None] + cols_a[None, :] * stride_dyn
+        dy_b = dy_ptr + _row_start(rows, n_inner, stride_dyo, stride_dyi)[:, None] + cols_b[None, :] * stride_dyn
+        dx_a = dx_ptr + _row_start(rows, n_inner, stride_dxo, stride_dxi)[:, None] + cols_a[None, :] * stride_dxn
+        dx_b = dx_ptr + _row_start(rows, n_inner, stride_dxo, stride_dxi)[:, None] + cols_b[None, :] * stride_dxn
+        if IS_LOG:
+            # dX = dY - e^Y · Σ dY: dY held, Y read after the sum, one half at a time
             g_a = tl.load(dy_a, mask=mask_a, other=0.0)
             g_b = tl.load(dy_b, mask=mask_b, other=0.0)
-            total = (tl.sum(g_a.to(ACC) * p_a.to(ACC), axis=1) + tl.sum(g_b.to(ACC) * p_b.to(ACC), axis=1))[:, None]
-            tl.store(dx_a, (p_a.to(ACC) * (g_a.to(ACC) - total)).to(dx_ptr.dtype.element_ty), mask=mask_a)
-            tl.store(dx_b, (p_b.to(ACC) * (g_b.to(ACC) - total)).to(dx_ptr.dtype.element_ty), mask=mask_b)
-
-
-@triton.jit
-def _softmax_fwd_looped_kernel(
-        x_ptr, y_ptr,  # pointers
-        n_rows, n_cols, n_inner,  # sizes
-        stride_xo, stride_xi, stride_xn, stride_yo, stride_yi, stride_yn,  # strides
-        IS_LOG: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + _row_start(row, n_inner, stride_xo, stride_xi)
-    y_row = y_ptr + _row_start(row, n_inner, stride_yo, stride_yi)
-    # Running max m (from -inf) and running sum s = Σ e^{x - m} (from 0), in ACC.
-    m = tl.full((), -float("inf"), ACC)
-    s = tl.full((), 0.0, ACC)
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        x = tl.load(x_row + cols * stride_xn, mask=cols < n_cols, other=-float("inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - (-inf) while the row is all -inf so far
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = m_new
-    log_s = tl.log(s)
-    inv_s = 1.0 / s
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        z = tl.load(x_row + cols * stride_xn, mask=mask, other=0.0).to(ACC) - m
-        if IS_LOG:
-            y = z - log_s
+            total = (tl.sum(g_a.to(ACC), axis=1) + tl.sum(g_b.to(ACC), axis=1))[:, None]
+            p_a = tl.exp(tl.load(y_a, mask=mask_a, other=0.0).to(ACC))
+            tl.store(dx_a, (g_a.to(ACC) - p_a * total).to(dx_ptr.dtype.element_ty), mask=mask_a)
+            p_b = tl.exp(tl.load(y_b, mask=mask_b, other=0.0).to(ACC))
+            tl.store(dx_b, (g_b.to(ACC) - p_b * total).to(dx_ptr.dtype.element_ty), mask=mask_b)
         else:
-            y = tl.exp(z) * inv_s
-        tl.store(y_row + cols * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _softmax_bwd_looped_kernel(
-        y_ptr, dy_ptr, dx_ptr,  # pointers
-        n_rows, n_cols, n_inner,  # sizes
-        stride_yo, stride_yi, stride_yn, stride_dyo, stride_dyi, stride_dyn, stride_dxo, stride_dxi,
-        stride_dxn,  # strides
-        IS_LOG: tl.constexpr, REREAD_DY: tl.constexpr, EVEN_N: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    y_row = y_ptr + _row_start(row, n_inner, stride_yo, stride_yi)
-    dy_row = dy_ptr + _row_start(row, n_inner, stride_dyo, stride_dyi)
-    dx_row = dx_ptr + _row_start(row, n_inner, stride_dxo, stride_dxi)
-    # First sweep: per-lane partial sums of Σ dY⊙Y (softmax) or Σ dY (log-softmax), from 0 (masked lanes add 0).
-    acc = tl.zeros([BLOCK_N], ACC)
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        dy = tl.load(dy_row + cols * stride_dyn, mask=mask, other=0.0).to(ACC)
-        if IS_LOG:
-            acc += dy
-        else:
-            acc += dy * tl.load(y_row + cols * stride_yn, mask=mask, other=0.0).to(ACC)
-    total = tl.sum(acc, axis=0)
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        y = tl.load(y_row + cols * stride_yn, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_row + cols * stride_dyn, mask=mask, other=0.0).to(ACC)
-        if IS_LOG:
-            dx = dy - tl.exp(y) * total  # dX = dY - e^Y · Σ dY
-        else:
-            dx = y * (dy - total)  # dX = Y ⊙ (dY - Σ dY⊙Y)
-        tl.store(dx_row + cols * stride_dxn, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            # dX = Y ⊙ (dY - Σ dY⊙Y)
+            p_a = tl.load(y_a, mask=mask_a, other=0.0)
+            p_b = tl.load(y_b, mask=mask_b, other=0.0)
+            if REREAD_DY:  # Y held; dY read for the sum, then again for dX, one half at a time
+                total = tl.sum(tl.load(dy_a, mask=mask_a, other=0.0, eviction_policy="evict_last").to(ACC)
+                               * p_a.to(ACC), axis=1)
+                total += tl.sum(tl.load(dy_b, mask=mask_b, other=0.0, eviction_policy="evict_last").to(ACC)
+                                * p_b.to(ACC), axis=1)
+                g_a = tl.load(dy_a, mask=mask_a, other=0.0, eviction_policy="evict_first")
+                tl.store(dx_a, (p_a.to(ACC) * (g_a.to(ACC) - total[:, None])).to(dx_ptr.dtype.element_ty), mask=mask_a)
+                g_b = tl.load(dy_b, mask=mask_b, other=0.0, eviction_policy="evict_first")
+                tl.store(dx_b, (p_b.to(ACC) * (g_b.to(ACC) - total[:, None])).to(dx_ptr.dtype.element_ty), mask=mask_b)
+            else:
+                g_a = tl.load(dy_a, mask=mask_a, other=0.0)
+                g_b = tl.load(dy_b, mask=mask_b, other=0.0)
+                total = (tl.sum(g_a.to(ACC) * p_a.to(ACC), axis=1) + tl.sum(g_b.to(ACC) * p_b.to(ACC), axis=1))[:, None]
+                tl.store(dx_a, (p_a.to(ACC) * (g_a.to(ACC) - total)).to(dx_ptr.dtype.element_ty), mask=mask_a)
+                tl.store(dx_b, (p_b.to(ACC) * (g_b.to(ACC) - total)).to(dx_ptr.dtype.element_ty), mask=mask_b)
 
 
 # ----------------------------------------------------------------- launch policy (one place)
@@ -235,11 +221,11 @@ def launch_config(block_n: int, looped: bool) -> triton.Config:
 _KERNELS: dict = {}
 
 
-def _kernel(fn, block_n: int) -> Kernel:
-    """The Kernel of ``fn`` at this BLOCK_N (one config: the host has chosen the shape)."""
-    key = fn, block_n
+def _kernel(backward: bool, looped: bool, block_n: int) -> Kernel:
+    """The Kernel of the forward or backward at this shape (one config: the host has chosen it)."""
+    key = backward, looped, block_n
     if key not in _KERNELS:
-        looped = fn in (_softmax_fwd_looped_kernel, _softmax_bwd_looped_kernel)
+        fn = _softmax_bwd_kernel if backward else _softmax_fwd_kernel
         _KERNELS[key] = Kernel(fn, [launch_config(block_n, looped)])
     return _KERNELS[key]
 
@@ -265,6 +251,14 @@ def _plan(n_cols: int, cap: int, backward: bool):
     if block_n > cap or (backward and 2 * block_n > cap and not even):
         return True, min(cap, LOOP_BLOCK_N), False
     return False, block_n, even
+
+
+def _constexprs(is_log: bool, looped: bool, even: bool, backward: bool, block_n: int, cap: int, dtype) -> dict:
+    """The kernel's constexprs for a plan; the backward re-reads dY when a softmax row holds over cap / 2."""
+    consts = {"IS_LOG": is_log, "LOOPED": looped, "EVEN_N": even, "ACC": acc_dtype(dtype)}
+    if backward:
+        consts["REREAD_DY"] = not (is_log or looped or 2 * block_n <= cap)
+    return consts
 
 
 # ----------------------------------------------------------------- row geometry
@@ -322,15 +316,10 @@ def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
         strides += st
     cap = row_cap(out.dtype)
     looped, block_n, even = _plan(n_cols, cap, backward)
-    consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(out.dtype)}
-    if backward:
-        consts["REREAD_DY"] = reread = not (is_log or looped or 2 * block_n <= cap)
-        fn = _softmax_bwd_looped_kernel if looped else _softmax_bwd_kernel
-        BRANCHES["bwd_looped" if looped else "bwd_reread" if reread else "bwd"] += 1
-    else:
-        fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
-        BRANCHES["fwd_looped" if looped else "fwd"] += 1
-    kernel = _kernel(fn, block_n)
+    consts = _constexprs(is_log, looped, even, backward, block_n, cap, out.dtype)
+    variant = "_looped" if looped else "_reread" if consts.get("REREAD_DY") else ""
+    BRANCHES[("bwd" if backward else "fwd") + variant] += 1
+    kernel = _kernel(backward, looped, block_n)
     grid = (cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
     kernel(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
@@ -388,12 +377,6 @@ def aot_configs():
         plans = {(backward, *_plan(n, cap, backward)) for backward in (False, True) for n in cols}
         for backward, looped, block_n, even in sorted(plans):
             for is_log in (False, True):
-                consts = {"IS_LOG": is_log, "EVEN_N": even, "ACC": acc_dtype(dtype)}
-                if backward:
-                    consts["REREAD_DY"] = not (is_log or looped or 2 * block_n <= cap)
-                    fn = _softmax_bwd_looped_kernel if looped else _softmax_bwd_kernel
-                    units = ("stride_yn", "stride_dyn", "stride_dxn")
-                else:
-                    fn = _softmax_fwd_looped_kernel if looped else _softmax_fwd_kernel
-                    units = ("stride_xn", "stride_yn")
-                yield from _kernel(fn, block_n).aot(t, {**consts, **{u: 1 for u in units}})
+                consts = _constexprs(is_log, looped, even, backward, block_n, cap, dtype)
+                units = ("stride_yn", "stride_dyn", "stride_dxn") if backward else ("stride_xn", "stride_yn")
+                yield from _kernel(backward, looped, block_n).aot(t, {**consts, **{u: 1 for u in units}})
