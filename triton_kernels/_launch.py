@@ -51,9 +51,10 @@ def acc_dtype(dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------- configs
-def config(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
-    """One launch configuration: constexpr values (``BLOCK=1024``) plus warps and pipeline stages."""
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def config(num_warps: int = 4, num_stages: int = 3, num_ctas: int = 1, **meta) -> triton.Config:
+    """One launch configuration: constexpr values (``BLOCK=1024``) plus warps, pipeline stages and CTAs per
+    program (``num_ctas`` > 1: a thread-block cluster shares each program's tensors, sm_90+)."""
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas)
 
 
 def tiles(fields: tuple[str, ...], *rows: tuple) -> list[triton.Config]:
@@ -84,7 +85,7 @@ class Kernel:
             chosen = configs[0]
             meta = chosen.kwargs
             self.fn[grid(meta) if callable(grid) else grid](*args, **consts, **meta, num_warps=chosen.num_warps,
-                                                             num_stages=chosen.num_stages)
+                                                             num_stages=chosen.num_stages, num_ctas=chosen.num_ctas)
             return
         tuned = self._tuned.get(cls)
         if tuned is None:
@@ -97,7 +98,7 @@ class Kernel:
         for dtype in ([types] if isinstance(types, str) else types):
             for c in self.configs[cls]:
                 yield aot_entry(self.fn, dtype, {**c.kwargs, **(constexprs or {})}, num_warps=c.num_warps,
-                                num_stages=c.num_stages, ints=ints, pointers=pointers)
+                                num_stages=c.num_stages, ints=ints, pointers=pointers, num_ctas=c.num_ctas)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
@@ -110,6 +111,7 @@ class AotEntry:
     constexprs: dict
     num_warps: int
     num_stages: int | None = None
+    num_ctas: int = 1
 
 
 def signature(fn, dtype: str, constexprs: dict, *, ints: dict | None = None, pointers: dict | None = None) -> dict:
@@ -131,11 +133,12 @@ def signature(fn, dtype: str, constexprs: dict, *, ints: dict | None = None, poi
 
 
 def aot_entry(fn, dtype: str, constexprs: dict, *, num_warps: int = 4, num_stages: int | None = None,
-              ints: dict | None = None, pointers: dict | None = None) -> AotEntry:
+              ints: dict | None = None, pointers: dict | None = None, num_ctas: int = 1) -> AotEntry:
     """The compile of ``fn`` for pointers to ``dtype`` with these constexprs (defaults filled in)."""
     defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
     consts = {**defaults, **constexprs}
-    return AotEntry(fn, signature(fn, dtype, consts, ints=ints, pointers=pointers), consts, num_warps, num_stages)
+    return AotEntry(fn, signature(fn, dtype, consts, ints=ints, pointers=pointers), consts, num_warps, num_stages,
+                    num_ctas)
 
 
 def type_name(dtype: torch.dtype) -> str:

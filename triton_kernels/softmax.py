@@ -8,35 +8,32 @@ needs no copy as long as the dims before ``dim`` form one arithmetic progression
 after it; otherwise the launcher copies that operand contiguous explicitly (``_as_rows``). Outputs
 are contiguous, as torch's. ``IS_LOG`` picks log-softmax.
 
-Two kernels, ``_softmax_fwd_kernel`` and ``_softmax_bwd_kernel``, each with two bodies picked by the
-``LOOPED`` constexpr, which the host (:func:`_plan`) chooses from the row length and the dtype:
+Two kernels, ``_softmax_fwd_kernel`` and ``_softmax_bwd_kernel``, each with two bodies (the ``LOOPED``
+constexpr); the host's :class:`Plan` (:func:`_plan`) picks one from the row length, the dtype and the GPU:
 
-* single block (``LOOPED=False``): a program holds BLOCK_M whole rows
-  in registers, BLOCK_N = the first of 64, 256, 1024, 4096, 16384 that holds N, or the cap: 32768
-  columns (fp32, 16-bit: 32 values a thread at 32 warps), 8192 (fp64). Each operand is read once:
+* single block (``LOOPED=False``): a program holds BLOCK_M whole rows in registers, BLOCK_N = the first
+  of 64, 256, 1024, 4096, 16384, 32768, 65536 that holds N. Each operand is read once:
+  forward: x held, m = max, s = Σ e^{x-m}, then y written; log-softmax backward: dY held, Σ dY taken,
+  then Y streamed in one half-row at a time, dX = dY - e^Y Σ dY; softmax backward: both held (dX =
+  Y ⊙ (dY - Σ dY⊙Y) needs both after the sum).
+  One CTA (1024 threads at 32 warps, 64 registers each: the 256 KiB register file) holds 32768 values
+  (ROW_ELEMENTS; fp64: 8192), so on one CTA a row is capped at 32768 columns and softmax's backward
+  above 16384 holds Y and reads dY twice (``REREAD_DY``): two 128 KiB fp32 operands are the whole
+  register file, and Triton has no explicit shared memory. There a backward row above cap / 2 takes a
+  single block only with exactly BLOCK_N columns (``EVEN_N``: per-element masks would make it spill).
+  On sm_90 with Triton >= 3.9 (``CLUSTERS``) a program is a thread-block cluster of ``num_ctas`` CTAs
+  that splits the row between them (Triton reduces across them through distributed shared memory): each
+  CTA holds at most 32768 forward or 2 x 16384 backward values, so rows of up to 65536 16/32-bit
+  columns are read once, forward and backward (2 CTAs for a 65536-column forward, 4 for its backward).
+  16-bit rows do not go further on one CTA: the compiler widens the held row to fp32.
+* looped (``LOOPED=True``): one row per program, LOOP_BLOCK_N columns a step, for longer rows. The
+  forward keeps a running max m (from -inf) and a running sum s = Σ e^{x - m} (from 0), rescaled by
+  e^{m_old - m_new} when the max grows (online softmax), then writes the row in a second sweep; the
+  backward sums in a first sweep. They read their inputs twice.
 
-  - forward: x held, m = max, s = Σ e^{x-m}, then y written;
-  - log-softmax backward: dY held, Σ dY taken, then Y streamed in, one half-row at a time:
-    dX = dY - e^Y Σ dY;
-  - softmax backward: dX = Y ⊙ (dY - Σ dY⊙Y) needs both operands after the sum: both held up to
-    cap / 2 columns; above that (``REREAD_DY``) Y is held and dY read twice (for the sum, then for
-    dX): two 128 KiB fp32 operands do not fit in an SM's 256 KiB register file beside the kernel's
-    own registers, and Triton has no explicit shared memory.
-
-  Above cap / 2 the backward holds so much that per-element column masks make it spill, so it runs
-  a single block only for rows of exactly BLOCK_N columns (``EVEN_N``: no column mask); ragged rows
-  there take the looped kernel. 65536 columns cannot be held: a 65536-column fp32 row is the whole
-  register file, and 16-bit rows are widened to fp32 in registers (both spill on sm_90).
-
-* looped (``LOOPED=True``): one row per program,
-  LOOP_BLOCK_N columns a step, for longer rows. The forward keeps a running max m (from -inf) and a
-  running sum s = Σ e^{x - m} (from 0), rescaled by e^{m_old - m_new} when the max grows (online
-  softmax), then writes the row in a second sweep; the backward sums in a first sweep. They read
-  their inputs twice.
-
-Launch shapes come from one place, :func:`launch_config` (a ``triton.Config`` per BLOCK_N), wrapped
-in one :class:`Kernel` per (kernel, LOOPED, BLOCK_N): the host picks the shape; the interpreter and a GPU run
-the same one. ``aot_configs()`` lists exactly the shapes the default plan launches.
+Launch shapes come from one place, :func:`launch_config`, wrapped in one :class:`Kernel` per (kernel,
+LOOPED, BLOCK_N, CTAs): the interpreter and a GPU run the same plan (the interpreter ignores num_ctas).
+``aot_configs()`` lists exactly the shapes the default plan launches (:func:`launch_plans`).
 
 Special values, as torch: while the running max is -inf the shift is 0, so -inf entries add 0 (no
 -inf - (-inf)); a row that is -inf everywhere ends with m = -inf and gives NaN (x - m = NaN), as
@@ -46,6 +43,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -53,9 +52,13 @@ import triton.language as tl
 
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config
 
-ROW_ELEMENTS, ROW_ELEMENTS_FP64 = 32768, 8192  # the widest row a single-block program holds (module docstring)
-MAX_BLOCK_N = ROW_ELEMENTS  # tests lower it to force the other kernels on short rows
-MIN_BLOCK_N, BLOCK_N_STEP, LOOP_BLOCK_N = 64, 4, 4096  # the BLOCK_N ladder; the looped kernels' step
+ROW_ELEMENTS, ROW_ELEMENTS_FP64 = 32768, 8192  # the widest row one CTA holds (module docstring)
+CLUSTER_ROW = 65536  # the widest row a cluster of CTAs holds (16- and 32-bit dtypes)
+MAX_BLOCK_N = CLUSTER_ROW  # tests lower it to force the other kernels on short rows
+MIN_BLOCK_N, BLOCK_N_STEP, FINE_LADDER, LOOP_BLOCK_N = 64, 4, 16384, 4096  # the BLOCK_N ladder; looped kernels' step
+# Clusters: Triton spreads a program's tensors over num_ctas CTAs (reductions through distributed shared memory)
+# from 3.9 on; 3.6 and 3.7 cannot compile a reduction across CTAs.
+CLUSTERS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
 TILE = 2048  # elements per program on short rows: BLOCK_M = TILE // BLOCK_N rows
 ELEMENTS_PER_WARP, MIN_WARPS, MAX_WARPS = 256, 4, 32
 
@@ -210,54 +213,78 @@ def _softmax_bwd_kernel(
 
 
 # ----------------------------------------------------------------- launch policy (one place)
-def launch_config(block_n: int, looped: bool) -> triton.Config:
+class Plan(NamedTuple):
+    """How a row of N columns runs: LOOPED, BLOCK_N, EVEN_N, CTAs a program (a cluster) and REREAD_DY."""
+    looped: bool
+    block_n: int
+    even: bool
+    ctas: int = 1
+    reread: bool = False
+
+
+def launch_config(block_n: int, looped: bool, ctas: int = 1) -> triton.Config:
     """The launch shape of a BLOCK_N: rows per program (TILE elements a program on short rows, one row
-    from 4096 columns on and in the looped kernels) and warps (one per 256 elements, 4 to 32)."""
+    from 4096 columns on and in the looped kernels), warps (one per 256 elements a CTA, 4 to 32) and CTAs."""
     block_m = 1 if looped else max(1, TILE // block_n)
-    warps = max(MIN_WARPS, min(MAX_WARPS, block_m * block_n // ELEMENTS_PER_WARP))
-    return config(warps, 1, BLOCK_M=block_m, BLOCK_N=block_n)
+    warps = max(MIN_WARPS, min(MAX_WARPS, block_m * block_n // ctas // ELEMENTS_PER_WARP))
+    return config(warps, 1, ctas, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 _KERNELS: dict = {}
 
 
-def _kernel(backward: bool, looped: bool, block_n: int) -> Kernel:
-    """The Kernel of the forward or backward at this shape (one config: the host has chosen it)."""
-    key = backward, looped, block_n
+def _kernel(backward: bool, plan: Plan) -> Kernel:
+    """The Kernel of the forward or backward at this plan's shape (one config: the host has chosen it)."""
+    key = backward, plan.looped, plan.block_n, plan.ctas
     if key not in _KERNELS:
         fn = _softmax_bwd_kernel if backward else _softmax_fwd_kernel
-        _KERNELS[key] = Kernel(fn, [launch_config(block_n, looped)])
+        _KERNELS[key] = Kernel(fn, [launch_config(plan.block_n, plan.looped, plan.ctas)])
     return _KERNELS[key]
 
 
-def row_cap(dtype: torch.dtype) -> int:
+_CAPABILITY: dict = {}
+
+
+def clusters(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether rows may be spread over a thread-block cluster: CLUSTERS (the installed Triton compiles it), a
+    16- or 32-bit dtype, and an sm_90+ GPU (under the interpreter: the sm_90 plan, as the AOT audit compiles)."""
+    if not CLUSTERS or dtype == torch.float64:
+        return False
+    if device.type != "cuda":
+        return True
+    if device.index not in _CAPABILITY:
+        _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)[0]
+    return _CAPABILITY[device.index] >= 9
+
+
+def row_cap(dtype: torch.dtype, cluster: bool = False) -> int:
     """The widest row the single-block kernels take for ``dtype`` (at most MAX_BLOCK_N)."""
-    return min(MAX_BLOCK_N, ROW_ELEMENTS_FP64 if dtype == torch.float64 else ROW_ELEMENTS)
+    widest = ROW_ELEMENTS_FP64 if dtype == torch.float64 else CLUSTER_ROW if cluster else ROW_ELEMENTS
+    return min(MAX_BLOCK_N, widest)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(n_cols: int, cap: int, backward: bool):
-    """(looped, BLOCK_N, EVEN_N) for rows of ``n_cols`` under the single-block cap ``cap``.
-
-    BLOCK_N is the first of 64, 256, 1024, ... that holds the row, or ``cap`` itself. The backward holds
-    more (two operands, or one and a stream): above cap / 2 it takes a single block only for rows of
-    exactly BLOCK_N columns (no per-element masks, which would make it spill); other rows loop."""
+def _plan(n_cols: int, cap: int, backward: bool, cluster: bool = False) -> Plan:
+    """The plan for rows of ``n_cols`` under the single-block cap ``cap``, on one CTA or a ``cluster`` (module
+    docstring: BLOCK_N is the first rung that holds the row, or ``cap``; REREAD_DY, EVEN_N, CTAs)."""
     block_n = MIN_BLOCK_N
     while block_n < n_cols:
-        block_n *= BLOCK_N_STEP
+        block_n *= BLOCK_N_STEP if block_n < FINE_LADDER else 2
     if block_n > cap and triton.next_power_of_2(n_cols) <= cap:
         block_n = cap
     even = n_cols == block_n
-    if block_n > cap or (backward and 2 * block_n > cap and not even):
-        return True, min(cap, LOOP_BLOCK_N), False
-    return False, block_n, even
+    if block_n > cap or (backward and not cluster and 2 * block_n > cap and not even):
+        return Plan(True, min(cap, LOOP_BLOCK_N), False)
+    if cluster:
+        return Plan(False, block_n, even, max(1, block_n * (2 if backward else 1) // ROW_ELEMENTS))
+    return Plan(False, block_n, even, reread=backward and 2 * block_n > cap)
 
 
-def _constexprs(is_log: bool, looped: bool, even: bool, backward: bool, block_n: int, cap: int, dtype) -> dict:
-    """The kernel's constexprs for a plan; the backward re-reads dY when a softmax row holds over cap / 2."""
-    consts = {"IS_LOG": is_log, "LOOPED": looped, "EVEN_N": even, "ACC": acc_dtype(dtype)}
+def _constexprs(is_log: bool, plan: Plan, backward: bool, dtype) -> dict:
+    """The kernel's constexprs for a plan (log-softmax's backward streams Y: it never re-reads)."""
+    consts = {"IS_LOG": is_log, "LOOPED": plan.looped, "EVEN_N": plan.even, "ACC": acc_dtype(dtype)}
     if backward:
-        consts["REREAD_DY"] = not (is_log or looped or 2 * block_n <= cap)
+        consts["REREAD_DY"] = plan.reread and not is_log
     return consts
 
 
@@ -295,88 +322,77 @@ def _as_rows(t: torch.Tensor, dim: int, n_cols: int, n_inner: int):
     return t, layout[1:]
 
 
-def _geometry(t: torch.Tensor, dim: int):
-    """(n_rows, n_cols, n_inner) of ``t`` seen as rows along ``dim``."""
-    n_cols = t.shape[dim]
-    n_inner = 1
-    for size in t.shape[dim + 1:]:
-        n_inner *= size
-    return t.numel() // n_cols, n_cols, n_inner
-
-
 # ----------------------------------------------------------------- launchers
 def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
     """Run the kernel the plan picks over ``tensors`` (inputs then outputs, all of one shape)."""
     out = outputs[0]
-    n_rows, n_cols, n_inner = _geometry(out, dim)
+    n_cols, n_inner = out.shape[dim], math.prod(out.shape[dim + 1:])
+    n_rows = out.numel() // n_cols
     rows, strides = [], []
     for t in tensors + outputs:
         t, st = _as_rows(t, dim, n_cols, n_inner)
         rows.append(t)
         strides += st
-    cap = row_cap(out.dtype)
-    looped, block_n, even = _plan(n_cols, cap, backward)
-    consts = _constexprs(is_log, looped, even, backward, block_n, cap, out.dtype)
-    variant = "_looped" if looped else "_reread" if consts.get("REREAD_DY") else ""
-    BRANCHES[("bwd" if backward else "fwd") + variant] += 1
-    kernel = _kernel(backward, looped, block_n)
+    cluster = clusters(out.dtype, out.device)
+    plan = _plan(n_cols, row_cap(out.dtype, cluster), backward, cluster)
+    consts = _constexprs(is_log, plan, backward, out.dtype)
+    variant = "_looped" if plan.looped else "_reread" if consts.get("REREAD_DY") else ""
+    BRANCHES[("bwd" if backward else "fwd") + variant + (f"_x{plan.ctas}" if plan.ctas > 1 else "")] += 1
+    kernel = _kernel(backward, plan)
     grid = (cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
     kernel(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
 
-def _forward(x: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
-    if x.dim() == 0:
-        return _forward(x.reshape(1), 0, is_log).reshape(())
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel():
-        _launch([x], [y], dim % x.dim(), is_log, backward=False)
-    return y
-
-
-def _backward(y: torch.Tensor, dy: torch.Tensor, dim: int, is_log: bool) -> torch.Tensor:
-    if y.dim() == 0:
-        return _backward(y.reshape(1), dy.reshape(1), 0, is_log).reshape(())
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    if dx.numel():
-        _launch([y, dy], [dx], dim % y.dim(), is_log, backward=True)
-    return dx
+def _run(inputs, dim: int, is_log: bool, backward: bool) -> torch.Tensor:
+    """The output (contiguous, the inputs' shape and dtype) of the forward or backward over ``inputs``."""
+    if inputs[0].dim() == 0:
+        return _run([t.reshape(1) for t in inputs], 0, is_log, backward).reshape(())
+    out = torch.empty(inputs[0].shape, dtype=inputs[0].dtype, device=inputs[0].device)
+    if out.numel():
+        _launch(inputs, [out], dim % inputs[0].dim(), is_log, backward)
+    return out
 
 
 # The launchers take the reference's arguments (tests lower MAX_BLOCK_N to force the other kernels on short rows).
 def softmax_fwd(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return _forward(x, dim, False)
+    return _run([x], dim, False, False)
 
 
 def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
-    return _backward(y, dy, dim, False)
+    return _run([y, dy], dim, False, True)
 
 
 def log_softmax_fwd(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return _forward(x, dim, True)
+    return _run([x], dim, True, False)
 
 
 def log_softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
-    return _backward(y, dy, dim, True)
+    return _run([y, dy], dim, True, True)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
-def aot_configs():
-    """Every (kernel, BLOCK_N, IS_LOG, EVEN_N, REREAD_DY) the default plan launches, per dtype, as a contiguous
-    last-dim launch gets it (unit column strides specialised)."""
+def launch_plans():
+    """Every (dtype name, backward, Plan, constexprs) the default plan launches (clusters where CLUSTERS)."""
     for t in FLOAT_TYPES:
         dtype = _TORCH_DTYPES[t]
-        cap = row_cap(dtype)
-        rungs, r = [cap], MIN_BLOCK_N
+        cluster = clusters(dtype, torch.device("cpu"))  # the sm_90 plan
+        cap = row_cap(dtype, cluster)
+        rungs, r = {cap}, MIN_BLOCK_N
         while r < cap:
-            rungs.append(r)
-            r *= BLOCK_N_STEP
+            rungs.add(r)
+            r *= BLOCK_N_STEP if r < FINE_LADDER else 2
         cols = {c for r in rungs for c in (r - 1, r)} | {cap + 1}  # each rung ragged and exact; a looped row
-        plans = {(backward, *_plan(n, cap, backward)) for backward in (False, True) for n in cols}
-        for backward, looped, block_n, even in sorted(plans):
+        plans = {(backward, _plan(n, cap, backward, cluster)) for backward in (False, True) for n in cols}
+        for backward, plan in sorted(plans):
             for is_log in (False, True):
-                consts = _constexprs(is_log, looped, even, backward, block_n, cap, dtype)
-                units = ("stride_yn", "stride_dyn", "stride_dxn") if backward else ("stride_xn", "stride_yn")
-                yield from _kernel(backward, looped, block_n).aot(t, {**consts, **{u: 1 for u in units}})
+                yield t, backward, plan, _constexprs(is_log, plan, backward, dtype)
+
+
+def aot_configs():
+    """The compile of every launch plan, as a contiguous last-dim launch gets it (unit column strides specialised)."""
+    for t, backward, plan, consts in launch_plans():
+        units = ("stride_yn", "stride_dyn", "stride_dxn") if backward else ("stride_xn", "stride_yn")
+        yield from _kernel(backward, plan).aot(t, {**consts, **{u: 1 for u in units}})
