@@ -315,7 +315,7 @@ def test_aot_configs_list_every_launch():
                 plan = K._plan(n, cap, backward, cluster)
                 for is_log in (False, True):
                     assert key(t, backward, plan, K._constexprs(is_log, plan, backward, dtype)) in plans, (n, plan)
-                assert K._kernel(backward, plan).configs["default"][0].num_ctas == plan.ctas
+                assert K._kernel(backward, plan, dtype).configs["default"][0].num_ctas == plan.ctas
     assert {(backward, plan.looped) for _, backward, plan, _ in plans} == {(b, lp) for b in (0, 1) for lp in (0, 1)}
     assert {p[0] for p in plans} == set(types.values())
     assert K.CLUSTERS == any(p[2].ctas > 1 for p in plans)

@@ -222,23 +222,25 @@ class Plan(NamedTuple):
     reread: bool = False
 
 
-def launch_config(block_n: int, looped: bool, ctas: int = 1) -> triton.Config:
+def launch_config(block_n: int, looped: bool, ctas: int = 1, per_warp: int = ELEMENTS_PER_WARP) -> triton.Config:
     """The launch shape of a BLOCK_N: rows per program (TILE elements a program on short rows, one row
-    from 4096 columns on and in the looped kernels), warps (one per 256 elements a CTA, 4 to 32) and CTAs."""
+    from 4096 columns on and in the looped kernels), warps (one per ``per_warp`` elements a CTA, 4 to 32), CTAs."""
     block_m = 1 if looped else max(1, TILE // block_n)
-    warps = max(MIN_WARPS, min(MAX_WARPS, block_m * block_n // ctas // ELEMENTS_PER_WARP))
+    warps = max(MIN_WARPS, min(MAX_WARPS, block_m * block_n // ctas // per_warp))
     return config(warps, 1, ctas, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 _KERNELS: dict = {}
 
 
-def _kernel(backward: bool, plan: Plan) -> Kernel:
-    """The Kernel of the forward or backward at this plan's shape (one config: the host has chosen it)."""
-    key = backward, plan.looped, plan.block_n, plan.ctas
+def _kernel(backward: bool, plan: Plan, dtype: torch.dtype) -> Kernel:
+    """The Kernel of the forward or backward at this plan's shape (one config: the host has chosen it). A 16-bit
+    backward takes half the warps, so that each thread's share of a half-row is 8 values: one 128-bit access."""
+    per_warp = 2 * ELEMENTS_PER_WARP if backward and dtype.itemsize == 2 else ELEMENTS_PER_WARP
+    key = backward, plan.looped, plan.block_n, plan.ctas, per_warp
     if key not in _KERNELS:
         fn = _softmax_bwd_kernel if backward else _softmax_fwd_kernel
-        _KERNELS[key] = Kernel(fn, [launch_config(plan.block_n, plan.looped, plan.ctas)])
+        _KERNELS[key] = Kernel(fn, [launch_config(plan.block_n, plan.looped, plan.ctas, per_warp)])
     return _KERNELS[key]
 
 
@@ -338,7 +340,7 @@ def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
     consts = _constexprs(is_log, plan, backward, out.dtype)
     variant = "_looped" if plan.looped else "_reread" if consts.get("REREAD_DY") else ""
     BRANCHES[("bwd" if backward else "fwd") + variant + (f"_x{plan.ctas}" if plan.ctas > 1 else "")] += 1
-    kernel = _kernel(backward, plan)
+    kernel = _kernel(backward, plan, out.dtype)
     grid = (cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
     kernel(grid, *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
@@ -395,4 +397,4 @@ def aot_configs():
     """The compile of every launch plan, as a contiguous last-dim launch gets it (unit column strides specialised)."""
     for t, backward, plan, consts in launch_plans():
         units = ("stride_yn", "stride_dyn", "stride_dxn") if backward else ("stride_xn", "stride_yn")
-        yield from _kernel(backward, plan).aot(t, {**consts, **{u: 1 for u in units}})
+        yield from _kernel(backward, plan, _TORCH_DTYPES[t]).aot(t, {**consts, **{u: 1 for u in units}})
