@@ -2,10 +2,12 @@
 torch.compile, as a percentage of the copy roof measured in the same run.
 
 Forward moves 2·M·N elements (read x, write y), backward 3·M·N (read y and dy, write dx): the bytes a
-perfect kernel must move. Rows up to 32768 columns (fp32 and 16-bit) take the single-block kernels, which
-read each operand once (softmax's backward above 16384 columns reads dY twice); longer rows take the looped
+perfect kernel must move. Rows up to 65536 columns (fp32 and 16-bit) take the single-block kernels, which
+read each operand once: on sm_90 with Triton >= 3.9 a row above 32768 columns (forward) or 16384 (backward)
+is spread over a thread-block cluster of 2 or 4 CTAs; without clusters (Triton 3.6/3.7, or before sm_90) one
+CTA holds up to 32768 columns and softmax's backward above 16384 reads dY twice. Longer rows take the looped
 online kernels, which read the row twice (the second read mostly from L2 while rows are short enough to
-stay there).
+stay there). The GPU, Triton version and plan decide which: read them beside the figures.
     python -m benchmarks.bench_softmax [--quick]
 """
 

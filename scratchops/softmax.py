@@ -15,7 +15,8 @@ Backward, written with the saved output Y only (the input is never kept):
     log_softmax   dX = dY - e^{Y} · Σ dY       since ∂y_i/∂x_k = δ_ik - softmax(x)_k
 
 with the sums along ``dim``. ``dtype=`` casts the input before the op (the cast
-is differentiable, so the gradient comes back in the input's dtype).
+is differentiable, so the gradient comes back in the input's dtype). Under autocast the ops follow torch's
+lists: float32 on CUDA (a half/bfloat16 input without ``dtype=`` is cast), the input's dtype on CPU.
 
 Double backward. The backward is itself an autograd.Function of (Y, G) (G = dY), so
 ``create_graph=True`` differentiates it. With H the gradient of its output dX,
@@ -323,21 +324,30 @@ def _prepare(name: str, input, dim, dtype):
     return x, dim
 
 
-def softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
+def _autocast_dtype(input, dtype):
+    """torch's autocast policy: CUDA autocast runs softmax and log_softmax in float32 (its "fp32, unless dtype= is
+    given" list), so a float16/bfloat16 CUDA input without ``dtype=`` is cast to float32 (differentiably: the
+    gradient comes back in the input's dtype). CPU autocast has no rule for them: the input's dtype is kept."""
+    if dtype is None and isinstance(input, torch.Tensor) and input.dtype in (torch.float16, torch.bfloat16) \
+            and input.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return dtype
+
+
+def _entry(name: str, input, dim, stacklevel: int, dtype, function, traced):
+    """The functional op ``name``: torch's validation, then ``function`` (``traced`` under torch.compile)."""
     if dim is None and isinstance(input, torch.Tensor):
-        dim = _implicit_dim("softmax", input.dim(), _stacklevel)
-    x, dim = _prepare("softmax", input, dim, dtype)
+        dim = _implicit_dim(name, input.dim(), stacklevel + 1)
+    dtype = _autocast_dtype(input, dtype)
+    x, dim = _prepare(name, input, dim, dtype)
     if not x.is_floating_point():  # empty integer input: torch returns it unchanged (as a new tensor)
         return x.clone(memory_format=torch.contiguous_format)
-    function = _SoftmaxTraced if torch.compiler.is_compiling() else SoftmaxFunction
-    return function.apply(x, dim, choose_backend(x))
+    return (traced if torch.compiler.is_compiling() else function).apply(x, dim, choose_backend(x))
+
+
+def softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
+    return _entry("softmax", input, dim, _stacklevel, dtype, SoftmaxFunction, _SoftmaxTraced)
 
 
 def log_softmax(input: torch.Tensor, dim=None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
-    if dim is None and isinstance(input, torch.Tensor):
-        dim = _implicit_dim("log_softmax", input.dim(), _stacklevel)
-    x, dim = _prepare("log_softmax", input, dim, dtype)
-    if not x.is_floating_point():  # empty integer input: torch returns it unchanged (as a new tensor)
-        return x.clone(memory_format=torch.contiguous_format)
-    function = _LogSoftmaxTraced if torch.compiler.is_compiling() else LogSoftmaxFunction
-    return function.apply(x, dim, choose_backend(x))
+    return _entry("log_softmax", input, dim, _stacklevel, dtype, LogSoftmaxFunction, _LogSoftmaxTraced)

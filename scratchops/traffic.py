@@ -215,7 +215,7 @@ def _cases() -> dict:
                          {"fwd": 2 * n + e, "fwd+bwd": 5 * n + 2 * e}),  # x, t | x, t, dx (+ loss, its grad)
     }
     for name, fn in (("softmax", F.softmax), ("log_softmax", F.log_softmax)):
-        for r, c in ((64, 4096), (8, 32768)):
+        for r, c in ((64, 4096), (8, 32768), (8, 65536)):
             m = r * c * e
             cases[f"{name}_{r}x{c}"] = Case(lambda r=r, c=c, fn=fn: ([_rand(r, c)], lambda x: fn(x, -1)),
                                             {"fwd": 2 * m, "fwd+bwd": 5 * m})

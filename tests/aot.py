@@ -78,6 +78,8 @@ def compile_config(entry, as_launched: bool = True):
     options = {"num_warps": num_warps}
     if entry.num_stages is not None:
         options["num_stages"] = entry.num_stages
+    if getattr(entry, "num_ctas", 1) > 1:  # a thread-block cluster (sm_90+)
+        options["num_ctas"] = entry.num_ctas
     attrs = launch_attrs(entry) if as_launched else None
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=TARGET, options=options)
@@ -90,7 +92,8 @@ def compile_config(entry, as_launched: bool = True):
     regs, stack, shared, local = map(int, RESOURCE.search(dump).groups())
     dtypes = sorted({v for v in signature.values() if v.startswith("*")})
     return {"kernel": kernel.__name__, "dtypes": dtypes, "constexprs": {k: str(v) for k, v in constexprs.items()},
-            "num_warps": num_warps, "num_stages": entry.num_stages, "registers": regs, "stack": stack,
+            "num_warps": num_warps, "num_stages": entry.num_stages, "num_ctas": options.get("num_ctas", 1),
+            "registers": regs, "stack": stack,
             "local": local, "shared": shared, "as_launched": as_launched, **sass_summary(sass)}
 
 

@@ -11,19 +11,29 @@ import scratchops.functional as SF
 import scratchops.nn as SN
 import scratchops.softmax as S
 import scratchops._kernels.softmax as K
-from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_gradcheck, check_parity, check_same_error,
                            expect_ops, make, tolerances)
 
 OPS = {"softmax": (SF.softmax, TF.softmax), "log_softmax": (SF.log_softmax, TF.log_softmax)}
 NAMES = sorted(OPS)
 INF, NAN = float("inf"), float("nan")
-# Single-block BLOCK_N ladder is 64, 256, 1024, 4096, 16384, then the cap (32768; fp64 8192); longer rows take
-# the looped kernels, and so does the backward of a ragged row above half the cap.
+# Single-block BLOCK_N ladder is 64, 256, 1024, 4096, 16384, 32768, 65536 up to the cap (one CTA: 32768, a cluster
+# on sm_90: 65536; fp64 8192); longer rows take the looped kernels, and on one CTA so does the backward of a ragged
+# row above half the cap.
 AWKWARD = [((), 0), ((0,), 0), ((3, 0), 1), ((0, 3), 1), ((0, 3), 0), ((1,), 0), ((4, 1), 1), ((1, 5), 0),
            ((3, 63), 1), ((3, 65), -1), ((3, 255), 1), ((2, 1025), 1), ((2, 4095), 1), ((2, 4097), 1), ((2, 8193), 1),
-           ((2, 16385), 1), ((1, 32768), 1), ((1, 32769), 1),
+           ((2, 16385), 1), ((1, 32768), 1), ((1, 32769), 1), ((1, 65536), 1), ((1, 65537), 1),
            ((7, 13), 0), ((3, 5, 7), 1), ((2, 3, 5, 7), 2), ((2, 3, 5, 7), -3)]
 SMALL_CAP = 64  # a cap (K.MAX_BLOCK_N) that forces short rows onto the re-read and looped kernels
+
+
+def _clusters(monkeypatch, on: bool):
+    """Plan for one CTA (``on=False``: the re-read and ragged-row branches) or a cluster, whatever Triton is here
+    (the interpreter runs a cluster's program as one); a GPU must be able to compile and run clusters."""
+    if on and not os.environ.get("TRITON_INTERPRET") == "1" and not (
+            K.CLUSTERS and torch.cuda.get_device_capability()[0] >= 9):
+        pytest.skip("thread-block clusters need Triton >= 3.9 and an sm_90+ GPU")
+    monkeypatch.setattr(K, "CLUSTERS", on)
 
 
 def _ops(name):
@@ -77,19 +87,26 @@ def test_long_row_looped(backend, name):
         assert (K.BRANCHES["fwd_looped"], K.BRANCHES["bwd_looped"]) == (before[0] + 1, before[1] + 1)
 
 
-# (cap, N) -> the kernel each direction runs: single block (rows of N ≤ cap / 2 hold every operand); a row of
-# exactly N = cap columns (softmax's backward holds Y and reads dY twice); a ragged row above cap / 2 (backward
-# loops); a row longer than the cap (both loop).
-BRANCH_CASES = [(None, 50, "fwd", "bwd", "bwd"), (SMALL_CAP, 64, "fwd", "bwd_reread", "bwd"),
-                (SMALL_CAP, 50, "fwd", "bwd_looped", "bwd_looped"), (SMALL_CAP, 150, "fwd_looped", "bwd_looped",
-                                                                      "bwd_looped")]
+# (one CTA or a cluster, cap, N) -> the kernel each direction runs. One CTA: single block (rows of N ≤ cap / 2 hold
+# every operand); a row of exactly N = cap columns (softmax's backward holds Y and reads dY twice); a ragged row
+# above cap / 2 (backward loops); a row longer than the cap (both loop). A cluster (fp32 here; fp64 never takes
+# one): every row up to the cap in one read, on 2 CTAs (forward of 65536, backward of 32768) or 4 (backward of 65536).
+BRANCH_CASES = [(False, None, 50, "fwd", "bwd", "bwd"), (False, SMALL_CAP, 64, "fwd", "bwd_reread", "bwd"),
+                (False, SMALL_CAP, 50, "fwd", "bwd_looped", "bwd_looped"),
+                (False, SMALL_CAP, 150, "fwd_looped", "bwd_looped", "bwd_looped"),
+                (True, SMALL_CAP, 64, "fwd", "bwd", "bwd"), (True, SMALL_CAP, 50, "fwd", "bwd", "bwd"),
+                (True, None, 20000, "fwd", "bwd_x2", "bwd_x2"), (True, None, 40000, "fwd_x2", "bwd_x4", "bwd_x4"),
+                (True, None, 65537, "fwd_looped", "bwd_looped", "bwd_looped")]
 
 
-@pytest.mark.parametrize("cap,n,fwd,softmax_bwd,log_softmax_bwd", BRANCH_CASES)
+@pytest.mark.parametrize("cluster,cap,n,fwd,softmax_bwd,log_softmax_bwd", BRANCH_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_kernel_branch(backend, monkeypatch, cap, n, fwd, softmax_bwd, log_softmax_bwd, dtype):
+def test_every_kernel_branch(backend, monkeypatch, cluster, cap, n, fwd, softmax_bwd, log_softmax_bwd, dtype):
     if backend != "triton":
         pytest.skip("kernel branches exist on the triton backend only")
+    if dtype == torch.float64 and (cluster or n > K.ROW_ELEMENTS_FP64):
+        pytest.skip("fp64 rows run on one CTA (their own cases)")
+    _clusters(monkeypatch, cluster)
     if cap is not None:
         monkeypatch.setattr(K, "MAX_BLOCK_N", cap)
     for name, bwd in (("softmax", softmax_bwd), ("log_softmax", log_softmax_bwd)):
@@ -134,7 +151,7 @@ def _special_rows(dtype, n):
 # branch -> (cap, N): the single-block kernels on a ragged row and on a row of exactly BLOCK_N columns (softmax's
 # backward re-reads dY), the backward's looped kernel under a single-block forward, and both looped (3 steps of 16).
 SPECIAL_BRANCHES = {"single": (None, 40), "even": (SMALL_CAP, SMALL_CAP), "ragged": (SMALL_CAP, 40),
-                    "looped": (16, 40)}
+                    "looped": (16, 40), "cluster": (None, 40000)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -144,15 +161,20 @@ def test_special_value_rows(backend, name, dtype, branch, monkeypatch):
     cap, n = SPECIAL_BRANCHES[branch]
     if backend != "triton" and branch != "single":
         pytest.skip("kernel branches exist on the triton backend only")
+    if branch == "cluster" and dtype == torch.float64:
+        pytest.skip("fp64 rows run on one CTA")
     if cap is not None:
         monkeypatch.setattr(K, "MAX_BLOCK_N", cap)
+    if backend == "triton":
+        _clusters(monkeypatch, branch == "cluster")
     x = _special_rows(dtype, n)
     before = dict(K.BRANCHES)
     check_parity(*OPS[name], x, equal_nan=True, reduction_size=n, dim=1)
     if backend == "triton":
         ran = sorted(k for k in K.BRANCHES if K.BRANCHES[k] > before.get(k, 0))
         fwd, bwd = {"single": ("fwd", "bwd"), "even": ("fwd", "bwd_reread" if name == "softmax" else "bwd"),
-                    "ragged": ("fwd", "bwd_looped"), "looped": ("fwd_looped", "bwd_looped")}[branch]
+                    "ragged": ("fwd", "bwd_looped"), "looped": ("fwd_looped", "bwd_looped"),
+                    "cluster": ("fwd_x2", "bwd_x4")}[branch]
         assert ran == sorted([fwd, bwd]), ran
     check_parity(*OPS[name], x.t(), equal_nan=True, reduction_size=n, dim=0)  # strided rows
     # rows of a single column: 1 (softmax) or 0 (log_softmax), NaN where the entry is -inf, +inf or NaN
@@ -244,18 +266,6 @@ def test_empty_integer_input_as_torch(name):
     check_parity(*OPS[name], x, grad=False, dim=1)
 
 
-def test_backward_uses_forward_backend(backend):
-    from scratchops._backend import LAUNCHES
-
-    other = {"triton": "reference", "reference": "triton"}[backend]
-    x = make((4, 10), requires_grad=True)
-    y = SF.log_softmax(x, 1)
-    before = LAUNCHES["log_softmax_bwd", backend]
-    with scratchops.use_backend(other):
-        y.sum().backward()
-    assert LAUNCHES["log_softmax_bwd", backend] == before + 1
-
-
 @pytest.mark.parametrize("ours,theirs", [(SN.Softmax, torch.nn.Softmax), (SN.LogSoftmax, torch.nn.LogSoftmax)])
 @pytest.mark.parametrize("dim", [None, 0, -1, 2])
 def test_modules(backend, ours, theirs, dim):
@@ -287,41 +297,61 @@ def test_model_trains_like_torch(backend):
     assert abs(losses[0] - losses[1]) < 1e-5, losses
 
 
-def test_torch_compile_fullgraph(backend):
-    model = torch.nn.Sequential(SN.LogSoftmax(dim=1), SN.Softmax(dim=-1))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x1, x2 = make((4, 3, 7), requires_grad=True), make((4, 3, 7), requires_grad=True)
-    y1, y2 = compiled(x1), model(x2)
-    torch.testing.assert_close(y1, y2)
-    g = make((4, 3, 7))
-    y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad)
+def test_aot_configs_list_every_launch():
+    """The sm_90 compiles (aot_configs, compiled by test_contract) are the launches: every column count's plan, per
+    dtype, forward and backward, on the sm_90 plan (clusters where Triton has them), is listed, with its CTAs; both
+    kernels with both bodies and every dtype are there."""
+    def key(t, backward, plan, consts):
+        return t, backward, plan, tuple(sorted((k, str(v)) for k, v in consts.items()))
+
+    plans = {key(*p) for p in K.launch_plans()}
+    types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    for dtype, t in types.items():
+        cluster = K.clusters(dtype, torch.device("cpu"))
+        cap = K.row_cap(dtype, cluster)
+        for n in sorted({1, 2, 3, 63, 64, 65, 100, 1000, 3000, 5000, 9000, 20000, 40000, cap // 2 + 1, cap - 1, cap,
+                         cap + 1, cap + 7, 100000} | {2 ** k + d for k in range(18) for d in (-1, 0, 1)}):
+            for backward in (False, True):
+                plan = K._plan(n, cap, backward, cluster)
+                for is_log in (False, True):
+                    assert key(t, backward, plan, K._constexprs(is_log, plan, backward, dtype)) in plans, (n, plan)
+                assert K._kernel(backward, plan, dtype).configs["default"][0].num_ctas == plan.ctas
+    assert {(backward, plan.looped) for _, backward, plan, _ in plans} == {(b, lp) for b in (0, 1) for lp in (0, 1)}
+    assert {p[0] for p in plans} == set(types.values())
+    assert K.CLUSTERS == any(p[2].ctas > 1 for p in plans)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_opcheck(backend, name):
-    x = make((5, 6, 3))
-    y = getattr(S, f"{name}_fwd")(x, 1)
-    torch.library.opcheck(getattr(S, f"{name}_fwd_op").custom, (backend, x, 1))
-    torch.library.opcheck(getattr(S, f"{name}_bwd_op").custom, (backend, y, make((5, 6, 3)), 1))
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_dtypes_as_torch(backend, name, autocast_dtype):
+    """Under autocast on the test device, output and gradient dtypes are torch's (CPU: the input's dtype, softmax
+    is on no CPU list; CUDA: float32, softmax/log_softmax are on its fp32 list, unless dtype= is given)."""
+    device_type = torch.device(DEVICE).type
+    dtypes = [torch.float32, torch.float16, torch.float64] + ([torch.bfloat16] if device_type == "cuda" else [])
+    for dtype in dtypes:
+        for kwargs in ({}, {"dtype": torch.float64}):
+            x = make((4, 6), dtype=dtype, requires_grad=True)
+            with torch.autocast(device_type, dtype=autocast_dtype):
+                ours, theirs = OPS[name][0](x, 1, **kwargs), OPS[name][1](x, 1, **kwargs)
+            assert ours.dtype == theirs.dtype, (dtype, kwargs, ours.dtype, theirs.dtype)
+            tol = tolerances(dtype if torch.finfo(dtype).bits < torch.finfo(ours.dtype).bits else ours.dtype, 6)
+            torch.testing.assert_close(ours, theirs, **tol)
+            (g,) = torch.autograd.grad(ours.sum() + ours[:, 0].sum(), x)
+            (g_ref,) = torch.autograd.grad(theirs.sum() + theirs[:, 0].sum(), x)
+            assert g.dtype == g_ref.dtype == dtype
+            torch.testing.assert_close(g, g_ref, **tol)
 
 
-def test_aot_compile_sm90():
-    rows = check_aot("scratchops._kernels.softmax")
-    kernels = {"_softmax_fwd_kernel", "_softmax_bwd_kernel", "_softmax_fwd_looped_kernel", "_softmax_bwd_looped_kernel"}
-    assert {r["kernel"] for r in rows} == kernels
-    assert {d for r in rows for d in r["dtypes"]} == {"*fp16", "*bf16", "*fp32", "*fp64"}
-    rows = check_aot("scratchops._kernels.softmax_bwd2")
-    assert {r["kernel"] for r in rows} == {"_softmax_bwd2_kernel", "_softmax_bwd_jvp_kernel"}
-
-
-# fwd+bwd bytes / compulsory (read x, write y, read y, read dY, write dX), fp32, through scratchops.traffic (the
-# interpreter's loads and stores, glue kernels). Each operand is read once up to 32768 columns, except softmax's
-# backward on rows above 16384 columns: it needs Y and dY whole after its sum, and two 128 KiB operands do not fit
-# in an sm_90 register file (256 KiB) beside the kernel's own registers, so it holds Y and reads dY twice (6 / 5).
-TRAFFIC_BOUNDS = {("softmax", 4096): 1.0, ("log_softmax", 4096): 1.0, ("softmax", 16384): 1.0,
-                  ("log_softmax", 16384): 1.0, ("softmax", 32768): 1.2, ("log_softmax", 32768): 1.0}
+# (fwd, fwd+bwd) bytes / compulsory (read x, write y | read y, read dY, write dX), fp32, through scratchops.traffic
+# (the interpreter's loads and stores, glue kernels), on the plan this Triton launches on sm_90. One CTA holds 32768
+# values (its 256 KiB register file): softmax's backward above 16384 columns holds Y and reads dY twice (6 / 5), and
+# rows above 32768 columns loop (the forward reads x twice: 3 / 2; the backward reads Y and dY twice, log-softmax's
+# dY once: 8 / 5, 7 / 5). A cluster (Triton >= 3.9) reads every operand once up to 65536 columns.
+ONE_READ = (1.0, 1.0)
+TRAFFIC_BOUNDS = {("softmax", 4096): ONE_READ, ("log_softmax", 4096): ONE_READ, ("softmax", 16384): ONE_READ,
+                  ("log_softmax", 16384): ONE_READ, ("softmax", 32768): ONE_READ if K.CLUSTERS else (1.0, 1.2),
+                  ("log_softmax", 32768): ONE_READ, ("softmax", 65536): ONE_READ if K.CLUSTERS else (1.5, 1.6),
+                  ("log_softmax", 65536): ONE_READ if K.CLUSTERS else (1.5, 1.4)}
 
 
 @pytest.mark.parametrize("name,n", sorted(TRAFFIC_BOUNDS))
@@ -335,8 +365,8 @@ def test_traffic_one_read(name, n):
                         {"fwd": 2 * size, "fwd+bwd": 5 * size})
     with scratchops.use_backend("triton"):
         rows = {r["pass"]: r for r in traffic.measure(f"{name}_8x{n}", case)}
-    assert rows["fwd"]["ratio"] == 1.0, rows["fwd"]
-    assert rows["fwd+bwd"]["ratio"] <= TRAFFIC_BOUNDS[name, n], rows["fwd+bwd"]
+    assert rows["fwd"]["ratio"] == TRAFFIC_BOUNDS[name, n][0], rows["fwd"]
+    assert rows["fwd+bwd"]["ratio"] <= TRAFFIC_BOUNDS[name, n][1], rows["fwd+bwd"]
     assert rows["fwd+bwd"]["launches"] == 2 and rows["fwd+bwd"]["glue_kernels"] == 0, rows["fwd+bwd"]
 
 

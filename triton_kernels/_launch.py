@@ -67,9 +67,10 @@ def acc_dtype(dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------- configs
-def config(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
-    """One launch configuration: constexpr values (``BLOCK=1024``) plus warps and pipeline stages."""
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def config(num_warps: int = 4, num_stages: int = 3, num_ctas: int = 1, **meta) -> triton.Config:
+    """One launch configuration: constexpr values (``BLOCK=1024``) plus warps, pipeline stages and CTAs per
+    program (``num_ctas`` > 1: a thread-block cluster shares each program's tensors, sm_90+)."""
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, num_ctas=num_ctas)
 
 
 def tiles(fields: tuple[str, ...], *rows: tuple) -> list[triton.Config]:
@@ -90,7 +91,8 @@ class Kernel:
         # per launch, the keyword arguments that never change: the interpreter config's constexprs; a single
         # config's constexprs with its warps and stages
         self._interpreter_meta = dict(self.interpreter.kwargs)
-        self._single = {name: {**c[0].kwargs, "num_warps": c[0].num_warps, "num_stages": c[0].num_stages}
+        self._single = {name: {**c[0].kwargs, "num_warps": c[0].num_warps, "num_stages": c[0].num_stages,
+                               "num_ctas": c[0].num_ctas}
                         for name, c in self.configs.items() if len(c) == 1}
         self._compiled = {}  # compiled launches: specialization key -> CompiledKernel (_launch_compiled)
 
@@ -154,7 +156,7 @@ class Kernel:
         for dtype in ([types] if isinstance(types, str) else types):
             for c in self.configs[cls]:
                 yield aot_entry(self.fn, dtype, {**c.kwargs, **(constexprs or {})}, num_warps=c.num_warps,
-                                num_stages=c.num_stages, ints=ints, pointers=pointers)
+                                num_stages=c.num_stages, ints=ints, pointers=pointers, num_ctas=c.num_ctas)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
@@ -167,6 +169,7 @@ class AotEntry:
     constexprs: dict
     num_warps: int
     num_stages: int | None = None
+    num_ctas: int = 1
 
 
 def signature(fn, dtype: str, constexprs: dict, *, ints: dict | None = None, pointers: dict | None = None) -> dict:
@@ -188,11 +191,12 @@ def signature(fn, dtype: str, constexprs: dict, *, ints: dict | None = None, poi
 
 
 def aot_entry(fn, dtype: str, constexprs: dict, *, num_warps: int = 4, num_stages: int | None = None,
-              ints: dict | None = None, pointers: dict | None = None) -> AotEntry:
+              ints: dict | None = None, pointers: dict | None = None, num_ctas: int = 1) -> AotEntry:
     """The compile of ``fn`` for pointers to ``dtype`` with these constexprs (defaults filled in)."""
     defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
     consts = {**defaults, **constexprs}
-    return AotEntry(fn, signature(fn, dtype, consts, ints=ints, pointers=pointers), consts, num_warps, num_stages)
+    return AotEntry(fn, signature(fn, dtype, consts, ints=ints, pointers=pointers), consts, num_warps, num_stages,
+                    num_ctas)
 
 
 def type_name(dtype: torch.dtype) -> str:

@@ -18,6 +18,26 @@ _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 
 
 @triton.jit
+def _row_origin(n_cols, n_inner):
+    """This program's row (one row a program): the offset of its first element in a contiguous tensor."""
+    row = tl.program_id(0).to(tl.int64)
+    return (row // n_inner) * n_cols * n_inner + row % n_inner
+
+
+@triton.jit
+def _chunk(start, c0, n_cols, n_inner, BLOCK_N: tl.constexpr):
+    """Offsets and in-row mask of columns c0 .. c0 + BLOCK_N - 1 of the row that begins at ``start``."""
+    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    return start + cols * n_inner, cols < n_cols
+
+
+@triton.jit
+def _get(ptr, offs, mask, ACC: tl.constexpr):
+    """Load in ACC; masked lanes are 0 (they add nothing to a sum)."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _softmax_bwd2_kernel(
         y_ptr, g_ptr, h_ptr, gy_ptr, gg_ptr,  # pointers (contiguous, one shape)
         n_cols, n_inner,  # sizes
@@ -27,17 +47,12 @@ def _softmax_bwd2_kernel(
     softmax      S1 = Σ Y⊙G, S2 = Σ H⊙Y:       gG = Y ⊙ (H - S2),  gY = H ⊙ (G - S1) - S2 G
     log-softmax  P = e^Y, S1 = Σ G, S2 = Σ H⊙P:  gG = H - S2,        gY = -S1 P ⊙ H
     One row per program, two sweeps (sums from 0; masked lanes load 0 and add 0)."""
-    row = tl.program_id(0).to(tl.int64)
-    start = (row // n_inner) * n_cols * n_inner + row % n_inner
+    start = _row_origin(n_cols, n_inner)
     acc1 = tl.zeros([BLOCK_N], ACC)
     acc2 = tl.zeros([BLOCK_N], ACC)
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        offs = start + cols * n_inner
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+        offs, mask = _chunk(start, c0, n_cols, n_inner, BLOCK_N)
+        y, g, h = _get(y_ptr, offs, mask, ACC), _get(g_ptr, offs, mask, ACC), _get(h_ptr, offs, mask, ACC)
         if IS_LOG:
             acc1 += g
             acc2 += tl.where(mask, h * tl.exp(y), 0.0)
@@ -47,12 +62,8 @@ def _softmax_bwd2_kernel(
     s1 = tl.sum(acc1, axis=0)
     s2 = tl.sum(acc2, axis=0)
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        offs = start + cols * n_inner
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+        offs, mask = _chunk(start, c0, n_cols, n_inner, BLOCK_N)
+        y, g, h = _get(y_ptr, offs, mask, ACC), _get(g_ptr, offs, mask, ACC), _get(h_ptr, offs, mask, ACC)
         if IS_LOG:
             gg = h - s2
             gy = -s1 * tl.exp(y) * h
@@ -72,36 +83,28 @@ def _softmax_bwd_jvp_kernel(
 
     softmax      S1 = Σ Y⊙G, S3 = Σ Ẏ⊙G, S4 = Σ Y⊙Ġ:  out = Y ⊙ (Ġ - S4) + Ẏ ⊙ (G - S1) - S3 Y
     log-softmax  P = e^Y, S1 = Σ G, S4 = Σ Ġ:          out = Ġ - S4 P - S1 P ⊙ Ẏ"""
-    row = tl.program_id(0).to(tl.int64)
-    start = (row // n_inner) * n_cols * n_inner + row % n_inner
+    start = _row_origin(n_cols, n_inner)
     acc1 = tl.zeros([BLOCK_N], ACC)
     acc3 = tl.zeros([BLOCK_N], ACC)
     acc4 = tl.zeros([BLOCK_N], ACC)
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        offs = start + cols * n_inner
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-        gt = tl.load(gt_ptr + offs, mask=mask, other=0.0).to(ACC)
+        offs, mask = _chunk(start, c0, n_cols, n_inner, BLOCK_N)
+        g, gt = _get(g_ptr, offs, mask, ACC), _get(gt_ptr, offs, mask, ACC)
         if IS_LOG:
             acc1 += g
             acc4 += gt
         else:
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = _get(y_ptr, offs, mask, ACC)
             acc1 += y * g
-            acc3 += tl.load(yt_ptr + offs, mask=mask, other=0.0).to(ACC) * g
+            acc3 += _get(yt_ptr, offs, mask, ACC) * g
             acc4 += y * gt
     s1 = tl.sum(acc1, axis=0)
     s3 = tl.sum(acc3, axis=0)
     s4 = tl.sum(acc4, axis=0)
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = cols < n_cols
-        offs = start + cols * n_inner
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-        yt = tl.load(yt_ptr + offs, mask=mask, other=0.0).to(ACC)
-        gt = tl.load(gt_ptr + offs, mask=mask, other=0.0).to(ACC)
+        offs, mask = _chunk(start, c0, n_cols, n_inner, BLOCK_N)
+        y, g = _get(y_ptr, offs, mask, ACC), _get(g_ptr, offs, mask, ACC)
+        yt, gt = _get(yt_ptr, offs, mask, ACC), _get(gt_ptr, offs, mask, ACC)
         if IS_LOG:
             p = tl.exp(y)
             out = gt - s4 * p - s1 * p * yt
