@@ -35,7 +35,8 @@ import torch
 
 from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
 from scratchops._common import autocast_lower, check_tensor, compute_dtype, conv_output_size, no_autocast
-from scratchops.conv2d_checks import as_int, check_devices, check_operands, pair, resolve_padding, suggests_channels_last
+from scratchops.conv2d_checks import (as_int, check_devices, check_operands, pair, resolve_padding,
+                                      suggests_channels_last)
 
 KERNELS = "conv2d"  # the forward launcher's family; the gradients' is "conv2d_bwd"
 

@@ -187,7 +187,10 @@ def conv2d_by_taps(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     """torch's conv2d where a tap that reads padding adds nothing (torch's oneDNN path; scratchops' convention):
     each tap (r, s) is a 1×1 torch conv2d of the window of the image it reads, added into the outputs that read
     it (torch's im2col path multiplies the padding instead: 0·inf = NaN). Half types sum in float32. Arguments
-    are checked, and the result computed, by torch's conv2d itself where no weight is infinite or NaN."""
+    are checked, and the result computed, by torch's conv2d itself where no weight is infinite or NaN; always on
+    contiguous copies: torch 2.13's CPU weight gradient is wrong for some strided operands (found by the fuzz:
+    x (1, 4, 2, 1) with strides (4, 1, 4, 8), w (2, 2, 2, 3) channels_last, groups 2, padding (0, 1))."""
+    x, w = x.contiguous(), w.contiguous()
     out = TF.conv2d(x, w, b, stride, padding, dilation, groups)
     if padding in (0, (0, 0), "valid") or bool(torch.isfinite(w).all()):
         return out
@@ -227,6 +230,20 @@ def test_padding_adds_nothing(backend, dtype, kwargs):
     dy[0, 0, 0, 0] = float("inf")  # an infinite incoming gradient: dw adds it only where the tap reads the image
     for ours, twin in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(y_twin, (x, w, b), dy)):
         torch.testing.assert_close(ours, twin, equal_nan=True)
+
+
+def test_strided_operands_weight_grad(backend):
+    """A fuzz find: for these strides torch 2.13's CPU conv2d returns a wrong weight gradient (two pairs of
+    elements swapped; right on contiguous copies). Ours is right on the strided operands themselves."""
+    xb, wb = make((1, 2, 4), torch.float64, seed=1), make((2, 2, 3, 2), torch.float64, seed=2)
+    kwargs = {"padding": (0, 1), "groups": 2}
+    grads = []
+    for conv, layout in ((SF.conv2d, lambda t, p: t.permute(*p)), (TF.conv2d, lambda t, p: t.permute(*p).contiguous())):
+        x, w = xb.clone().requires_grad_(), wb.clone().requires_grad_()
+        y = conv(layout(x, (2, 1, 0))[None], layout(w, (0, 3, 1, 2)), **kwargs)
+        grads.append(torch.autograd.grad(y, (x, w), make(tuple(y.shape), torch.float64, seed=3)))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("kwargs", [{"padding": 1}, {"stride": 2, "padding": 1, "dilation": 2}])
@@ -672,7 +689,8 @@ def test_vmap(backend):
         out = vmap(_conv(FUNC_KWARGS), dims)(*args)
         assert LAUNCHES["conv2d_fwd", backend] == before + 1
         pick = [(lambda i, t=t: t[i]) if d is not None else (lambda i, t=t: t[0]) for t, d in zip((xs, ws, bs), dims)]
-        torch.testing.assert_close(out, torch.stack([TF.conv2d(*(f(i) for f in pick), **FUNC_KWARGS) for i in range(3)]))
+        expected = [TF.conv2d(*(f(i) for f in pick), **FUNC_KWARGS) for i in range(3)]
+        torch.testing.assert_close(out, torch.stack(expected))
     loss = (lambda conv: lambda x, w: (conv(x, w) ** 2).sum())
     w = ws[0].clone().requires_grad_()
     per_sample = vmap(grad(loss(_conv(FUNC_KWARGS)), argnums=1), (0, None))(xs, w)
