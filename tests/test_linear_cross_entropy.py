@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_leaves
 import scratchops
 import scratchops.nn as SN
 from scratchops import linear_cross_entropy as LCE
-from tests.helpers import DEVICE, check_aot, check_same_error, expect_ops, make, tolerances
+from tests.helpers import DEVICE, check_aot, check_sass, check_same_error, expect_ops, make, tolerances
 
 SF_LCE = LCE.linear_cross_entropy
 OPS = ["linear_cross_entropy_fwd", "linear_cross_entropy_bwd"]
@@ -190,17 +190,59 @@ def test_gradcheck(backend, prob):
         assert torch.autograd.gradcheck(fn, (*leaves, *extra))
 
 
-def test_create_graph_raises(backend):
-    x, w, b, t, _ = _case(3, 2, 4, prob=False)
+# ----------------------------------------------------------------- double backward (issue 13)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_gradgradcheck(backend, prob):
+    # fp64; x, W, b, the incoming gradient, and for probabilities the target and the class weight too
+    x, w, b, t, cw = _case(3, 2, 4, prob=prob, dtype=torch.float64, weight=True)
+    leaves = [v.detach().requires_grad_() for v in (x, w, b)]
+    if prob:
+        extra = [t.detach().requires_grad_(), cw.detach().requires_grad_()]
+
+        def fn(x, w, b, t, cw):
+            return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2)
+    else:
+        extra = []
+
+        def fn(x, w, b):
+            return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2, reduction="none")
+    with expect_ops(OPS + ["linear_cross_entropy_bwd2"]):  # fast mode under the interpreter: its launches are slow
+        assert torch.autograd.gradgradcheck(fn, (*leaves, *extra), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_gradient_penalty_matches_torch(backend, prob):
+    # issue 13's user: loss + ‖∂loss/∂(x, W, b[, q])‖²; its parameter gradients equal torch's (second-order terms
+    # included). Index targets: C over one chunk (the statistics pass spans every class, the tile pass each chunk)
+    from scratchops._kernels.linear_cross_entropy import chunk_width
+
+    c = 9 if prob else 600
+    assert prob or chunk_width(c, 3) < c
+    x, w, b, t, cw = _case(5, 3, c, prob=prob, dtype=torch.float64, weight=True)
+
+    def run(fn):
+        leaves = [v.detach().clone().requires_grad_() for v in ((x, w, b, t) if prob else (x, w, b))]
+        loss = fn(leaves[0], leaves[1], leaves[3] if prob else t, linear_bias=leaves[2], weight=cw,
+                  label_smoothing=0.1, reduction="sum" if prob else "mean")
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        penalty = loss + sum((g * g).sum() for g in grads)
+        return [loss, penalty, *torch.autograd.grad(penalty, leaves)]
+
+    for a, r in zip(run(SF_LCE), run(TF.linear_cross_entropy)):
+        torch.testing.assert_close(a, r)
+
+
+def test_third_derivative_raises(backend):
+    x, w, b, t, _ = _case(3, 2, 4, prob=False, dtype=torch.float64)
     x.requires_grad_()
-    w.requires_grad_()
-    loss = SF_LCE(x, w, t, linear_bias=b)
-    dx, dw = torch.autograd.grad(loss, (x, w), create_graph=True)
-    assert dx.requires_grad and dw.requires_grad  # not a graph-less gradient: differentiating it raises
-    torch.testing.assert_close(dx, torch.autograd.grad(TF.linear_cross_entropy(x, w, t, linear_bias=b), x)[0])
-    for grad in (dx, dw):  # a gradient penalty's backward
-        with pytest.raises(RuntimeError, match="double backward"):
-            (loss + grad.pow(2).sum()).backward(retain_graph=True)
+    (dx,) = torch.autograd.grad(SF_LCE(x, w, t, linear_bias=b), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x, create_graph=True)
+    xr = x.detach().requires_grad_()
+    (dxr,) = torch.autograd.grad(TF.linear_cross_entropy(xr, w, t, linear_bias=b), xr, create_graph=True)
+    torch.testing.assert_close(ddx, torch.autograd.grad(dxr.pow(2).sum(), xr)[0])
+    assert ddx.requires_grad  # not a graph-less gradient: differentiating it raises
+    with pytest.raises(RuntimeError, match="third derivative"):
+        ddx.sum().backward()
 
 
 def test_torch_func_raises(backend):
@@ -381,6 +423,11 @@ def test_no_tensor_larger_than_a_chunk():
 def test_aot_compile_sm90():
     rows = check_aot("scratchops._kernels.linear_cross_entropy")
     assert {r["kernel"] for r in rows} == {"_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel"}
+    second = check_aot("scratchops._kernels.linear_cross_entropy_bwd2")  # the double backward's: no spills either
+    assert {r["kernel"] for r in second} == {"_lce_bwd2_kernel"}
+    check_sass([r for r in rows + second if {"*fp16", "*bf16"} & set(r["dtypes"])  # the GEMMs (db's row sums: none)
+                and r["constexprs"].get("PRODUCT", "True") == "True"],
+               hgmma=("_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel", "_lce_bwd2_kernel"))
 
 
 
