@@ -10,7 +10,7 @@ cotangent of dZ is G = U_x Wᵀ + X U_Wᵀ + U_b (one more logits-shaped product
 
     G_Z = (g/D) Σ_a P ⊙ (G - ρ)                (the cotangent of the logits Z = X Wᵀ + b)
     gX = G_Z W + dZ U_W     gW = G_Zᵀ X + dZᵀ U_x     gb = Σ_n G_Z     g g_r = γ_r / D
-    ∂/∂a_rc = (g_r/D)(ρ_r - G_rc):  g q_rc = (1-ε) w_c ∂/∂a_rc,  g w_c = Σ_r q'_rc ∂/∂a_rc  (probability targets)
+    ∂/∂a_rc = (g_r/D)(ρ_r - G_rc):   g q_rc = (1-ε) w_c ∂/∂a_rc,   g w_c = Σ_r q'_rc ∂/∂a_rc   (probabilities)
 
 Probability targets also have the first-backward gradients d q_rc = -(1-ε) w_c log p_rc g_r/D and
 d w_c = -Σ_r q'_rc log p_rc g_r/D. With their gradients U_q, U_w, let K_rc = (1-ε) w_c U_q,rc + q'_rc U_w,c and

@@ -172,63 +172,68 @@ def test_issue_17_repro(backend):
 
 
 # ----------------------------------------------------------------- autodiff
-@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
-def test_gradcheck(backend, prob):
+def _autodiff_case(prob):
+    """(fn, fp64 inputs): x, W, b, and for probabilities the target and the class weight, all differentiated."""
     x, w, b, t, cw = _case(3, 2, 4, prob=prob, dtype=torch.float64, weight=True)
     leaves = [v.detach().requires_grad_() for v in (x, w, b)]
     if prob:
-        extra = [t.detach().requires_grad_(), cw.detach().requires_grad_()]
-
         def fn(x, w, b, t, cw):
             return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2)
-    else:
-        extra = []
+        return fn, (*leaves, t.detach().requires_grad_(), cw.detach().requires_grad_())
 
-        def fn(x, w, b):
-            return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2, reduction="none")
+    def fn(x, w, b):
+        return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2, reduction="none")
+    return fn, leaves
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_gradcheck(backend, prob):
+    fn, inputs = _autodiff_case(prob)
     with expect_ops(OPS):
-        assert torch.autograd.gradcheck(fn, (*leaves, *extra))
+        assert torch.autograd.gradcheck(fn, inputs)
 
 
 # ----------------------------------------------------------------- double backward (issue 13)
 @pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
 def test_gradgradcheck(backend, prob):
-    # fp64; x, W, b, the incoming gradient, and for probabilities the target and the class weight too
-    x, w, b, t, cw = _case(3, 2, 4, prob=prob, dtype=torch.float64, weight=True)
-    leaves = [v.detach().requires_grad_() for v in (x, w, b)]
-    if prob:
-        extra = [t.detach().requires_grad_(), cw.detach().requires_grad_()]
+    # the incoming gradient is differentiated too; fast mode under the interpreter (its launches are slow)
+    fn, inputs = _autodiff_case(prob)
+    with expect_ops(OPS + ["linear_cross_entropy_bwd2"]):
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=backend == "triton")
 
-        def fn(x, w, b, t, cw):
-            return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2)
-    else:
-        extra = []
 
-        def fn(x, w, b):
-            return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2, reduction="none")
-    with expect_ops(OPS + ["linear_cross_entropy_bwd2"]):  # fast mode under the interpreter: its launches are slow
-        assert torch.autograd.gradgradcheck(fn, (*leaves, *extra), fast_mode=backend == "triton")
+def _penalty_gradients(fn, x, w, b, t, cw, prob, **kwargs):
+    """[loss, loss + ‖∂loss/∂(x, W, b[, q])‖², and that penalty's gradients]: a double backward."""
+    leaves = [v.detach().clone().requires_grad_() for v in ((x, w, b, t) if prob else (x, w, b))]
+    loss = fn(leaves[0], leaves[1], leaves[3] if prob else t, linear_bias=leaves[2], weight=cw, **kwargs)
+    grads = torch.autograd.grad(loss, leaves, loss.detach().clone(), create_graph=True)  # a non-uniform g
+    penalty = (loss * loss.detach()).sum() + sum((g * g).sum() for g in grads)
+    return [loss, penalty, *torch.autograd.grad(penalty, leaves)]
 
 
 @pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
 def test_gradient_penalty_matches_torch(backend, prob):
-    # issue 13's user: loss + ‖∂loss/∂(x, W, b[, q])‖²; its parameter gradients equal torch's (second-order terms
-    # included). Index targets: C over one chunk (the statistics pass spans every class, the tile pass each chunk)
+    # issue 13's user: loss + ‖∂loss/∂(x, W, b[, q])‖²; its parameter gradients equal torch's (second-order
+    # terms included). Index targets: C over one chunk (the statistics pass spans every class, the tile pass each chunk)
     from scratchops._kernels.linear_cross_entropy import chunk_width
 
     c = 9 if prob else 600
     assert prob or chunk_width(c, 3) < c
-    x, w, b, t, cw = _case(5, 3, c, prob=prob, dtype=torch.float64, weight=True)
+    case = _case(5, 3, c, prob=prob, dtype=torch.float64, weight=True)
+    kwargs = dict(label_smoothing=0.1, reduction="sum" if prob else "mean")
+    for a, r in zip(_penalty_gradients(SF_LCE, *case, prob, **kwargs),
+                    _penalty_gradients(TF.linear_cross_entropy, *case, prob, **kwargs)):
+        torch.testing.assert_close(a, r)
 
-    def run(fn):
-        leaves = [v.detach().clone().requires_grad_() for v in ((x, w, b, t) if prob else (x, w, b))]
-        loss = fn(leaves[0], leaves[1], leaves[3] if prob else t, linear_bias=leaves[2], weight=cw,
-                  label_smoothing=0.1, reduction="sum" if prob else "mean")
-        grads = torch.autograd.grad(loss, leaves, create_graph=True)
-        penalty = loss + sum((g * g).sum() for g in grads)
-        return [loss, penalty, *torch.autograd.grad(penalty, leaves)]
 
-    for a, r in zip(run(SF_LCE), run(TF.linear_cross_entropy)):
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_double_backward_k_dimensional(backend, prob):
+    # out_features (2,): one launch sequence per position; unreduced, so the incoming gradient is a tensor.
+    # Smoothing 0.25: the kernels take ε as an fp32 scalar (0.2 would be off by 1.5e-8 relative, seen at fp64's 1e-7)
+    case = _case(4, 3, 5, prob=prob, dtype=torch.float64, weight=True, out=(2,))
+    kwargs = dict(reduction="none", label_smoothing=0.25)
+    for a, r in zip(_penalty_gradients(SF_LCE, *case, prob, **kwargs),
+                    _penalty_gradients(TF.linear_cross_entropy, *case, prob, **kwargs)):
         torch.testing.assert_close(a, r)
 
 

@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import CLASS_TYPES, input_precision, tile_ids
+from ._gemm import CLASS_TYPES, input_precision
 from ._launch import Kernel, cdiv, tiles
-from .linear_cross_entropy import (ROW_CONFIGS, ROW_FIELDS, ROW_INTERPRETER, _class_mass, _common_args, _gemm_launch, _logits_tile,
-                                   _row_target, _target_strides, chunk_width)
+from .linear_cross_entropy import (ROW_CONFIGS, ROW_FIELDS, ROW_INTERPRETER, _chunk_tile, _class_mass, _common_args,
+                                   _gemm_launch, _logits_tile, _row_target, _target_strides, chunk_width)
 
 
 @triton.jit
@@ -44,18 +44,9 @@ def _lce_bwd2_kernel(
         HAS_UQ: tl.constexpr, HAS_UCW: tl.constexpr,
         NEED_DQ: tl.constexpr, NEED_DCW: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    pid_n, pid_v = tile_ids(N, width, BLOCK_N, BLOCK_V, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    rows = tl.where(n_mask, rows, 0)
-    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = local < width
-    cols = v_start + tl.where(v_mask, local, 0)
-    mask = n_mask[:, None] & v_mask[None, :]
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
-    z = _logits_tile(x_rows, w_ptr, b_ptr, cols, H, stride_xk, stride_wv, stride_wk, stride_b,
-                     HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    stats_rows = stats_ptr + rows.to(tl.int64) * stride_sn
+    rows, n_mask, local, v_mask, cols, mask, x_rows, stats_rows, z = _chunk_tile(
+        x_ptr, w_ptr, b_ptr, stats_ptr, N, H, v_start, width, stride_xn, stride_xk, stride_wv, stride_wk, stride_b,
+        stride_sn, HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K, GROUP)
     logp = (z - tl.load(stats_rows)[:, None]) - tl.load(stats_rows + stride_sq)[:, None]
     p = tl.exp(logp)
     sum_a = tl.load(stats_rows + 2 * stride_sq)
@@ -127,7 +118,7 @@ def _lce_bwd2_kernel(
             tl.atomic_add(dcw_ptr + cols, tl.sum(part, axis=0), mask=v_mask)
 
 
-# The forward's row tiles, but half-size 16-bit ones: three logits-shaped tiles (Z, G, K) live at once spill at 128 rows.
+# The forward's row tiles, but half-size 16-bit ones: with the tiles Z, G and K live at once, 128 rows spill.
 CONFIGS = {**ROW_CONFIGS, "half": tiles(ROW_FIELDS, (64, 64, 32, 8, 8, 3))}
 _bwd2 = Kernel(_lce_bwd2_kernel, CONFIGS, interpreter=ROW_INTERPRETER)
 
