@@ -218,9 +218,7 @@ class LinearCrossEntropyFunction(Function):
         need[4] = need[4] and weight is not None and target.is_floating_point()
         grads = [None] * 5
         if any(need):  # differentiable (create_graph=True): scratchops/linear_cross_entropy_bwd2.py
-            from scratchops.linear_cross_entropy_bwd2 import LinearCrossEntropyGradFunction
-
-            dx, dw, db, dcw, dq = LinearCrossEntropyGradFunction.apply(
+            dx, dw, db, dcw, dq = _bwd2.LinearCrossEntropyGradFunction.apply(
                 x, w, b, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing,
                 (need[0], need[1], need[2], need[4], need[3]), ctx.backend)
             grads = [t if flag else None for t, flag in zip((dx, dw, db, dq, dcw), need)]
@@ -353,3 +351,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     if enum == Reduction.NONE:
         out = out.reshape((*batch, *out_features))
     return out.to(torch.float32 if autocast and dtype != torch.float64 else dtype)
+
+
+# the backward's Function and the second derivative's backend op (registered with the package, like every op)
+from scratchops import linear_cross_entropy_bwd2 as _bwd2  # noqa: E402 - it imports the names above
