@@ -237,6 +237,17 @@ def test_double_backward_k_dimensional(backend, prob):
         torch.testing.assert_close(a, r)
 
 
+def test_double_backward_fp16(backend):
+    # 16-bit: the tile kernels' half configs and the fp32 accumulators (gX, one gW chunk), against torch in fp32
+    case = _case(6, 8, 40, prob=False, dtype=torch.float16, weight=True)
+    mine = _penalty_gradients(SF_LCE, *case, False, label_smoothing=0.1)
+    theirs = _penalty_gradients(TF.linear_cross_entropy, *[v.float() if v is not None and v.is_floating_point() else v
+                                                           for v in case], False, label_smoothing=0.1)
+    for a, r in zip(mine, theirs):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2)
+
+
 def test_third_derivative_raises(backend):
     x, w, b, t, _ = _case(3, 2, 4, prob=False, dtype=torch.float64)
     x.requires_grad_()

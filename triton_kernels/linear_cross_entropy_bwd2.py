@@ -11,8 +11,9 @@ logits Z = X Wᵀ + b and the cotangent of dZ, G = U_x Wᵀ + X U_Wᵀ + U_b (bo
   and for probability targets d q = (1-ε) w_c (g/D)(ρ - G) and d w_c += Σ_r q'_rc (g/D)(ρ - G).
 
 The GEMMs are the first backward's (``_lce_gemm_kernel``): gX += G_Z W_c + dZ U_W,c, gW_c = G_Zᵀ X + dZᵀ U_x,
-gb_c = Σ_n G_Z. Peak memory: two N·V_c chunks (G_Z, dZ) + the (2, N) statistics + the accumulators
-(gX, gW in fp32/fp64: the inputs' sizes); no (N, C) tensor.
+gb_c = Σ_n G_Z. Peak memory, next to the gradients (the inputs' sizes), with e = x's element size and a = 4 (8 for
+fp64): 2·N·V_c·e (the G_Z and dZ chunks) + 3·N·S·a (ρ, γ, κ) + N·H·a (the gX accumulator) + V_c·H·4 (one gW chunk's
+fp32 accumulator, 16-bit only); no (N, C) tensor.
 """
 import torch
 import triton
@@ -139,12 +140,13 @@ def linear_cross_entropy_bwd2(x: torch.Tensor, w: torch.Tensor, b, target: torch
     consts.update(HAS_UX=ux is not None, HAS_UW=uw is not None, HAS_UB=ub is not None, HAS_UQ=uq is not None,
                   HAS_UCW=ucw is not None)
     gx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else x.new_empty((0,))
-    gw = torch.zeros(w.shape, dtype=cd, device=x.device) if need_w else x.new_empty((0,))
+    gw = torch.empty(w.shape, dtype=w.dtype, device=x.device) if need_w else x.new_empty((0,))
     gb = torch.empty((c, s_len), dtype=x.dtype, device=x.device) if need_b else x.new_empty((0,))
     gcw = torch.zeros((c,), dtype=cd, device=x.device) if need_weight else x.new_empty((0,))
     gq = torch.empty(target.shape, dtype=target.dtype, device=x.device) if need_target else x.new_empty((0,))
     rho = torch.zeros((3, n, s_len), dtype=cd, device=x.device)  # ρ, γ, κ per row
     width = chunk_width(c, h)
+    gw_acc = torch.empty((width, h), dtype=cd, device=x.device) if need_w and w.dtype != cd else None  # 16-bit
     gz_chunk = torch.empty((n, width), dtype=x.dtype, device=x.device)
     dz_chunk = torch.empty((n, width), dtype=x.dtype, device=x.device)
     g = g.to(cd)
@@ -182,20 +184,23 @@ def linear_cross_entropy_bwd2(x: torch.Tensor, w: torch.Tensor, b, target: torch
                     _gemm_launch(dzc, uws[v0:v0 + wd], gx, gx[0], cls, product=True, accumulate=True,
                                  row_sum=False, precision=precision)
             if need_w:  # gW_c = G_Zᵀ X (+ dZᵀ U_x)
-                gwc = gw[v0:v0 + wd, s, :]
+                gwc = gw_acc[:wd] if gw_acc is not None else gw[v0:v0 + wd, s, :]
                 _gemm_launch(gzc.t(), x, gwc, gwc[0], cls, product=h > 0, accumulate=False, row_sum=False,
                              precision=precision)
                 if ux is not None:
                     _gemm_launch(dzc.t(), ux, gwc, gwc[0], cls, product=h > 0, accumulate=True, row_sum=False,
                                  precision=precision)
+                if gw_acc is not None:  # one chunk accumulates in fp32, then is rounded once
+                    gw[v0:v0 + wd, s, :].copy_(gwc)
             if need_b:  # gb_c = Σ_n G_Z
                 _gemm_launch(gzc.t(), x, gzc.t(), gb[v0:v0 + wd, s], cls, product=False, accumulate=False,
                              row_sum=True, precision=precision)
-    if need_b and not n:
-        gb.zero_()
+    for grad, need in ((gw, need_w), (gb, need_b)):
+        if need and not n:
+            grad.zero_()
     gg = (rho[1] / denom).to(g.dtype) if need_g else x.new_empty((0,))  # ∂/∂g_r = γ_r / D
     gg = gg.sum() if need_g and not g.dim() else gg
-    return [gx.to(x.dtype), gw.to(w.dtype), gb, gg, gcw.to(weight.dtype) if need_weight else gcw, gq]
+    return [gx.to(x.dtype), gw, gb, gg, gcw.to(weight.dtype) if need_weight else gcw, gq]
 
 
 def aot_configs():
