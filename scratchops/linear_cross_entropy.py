@@ -27,8 +27,8 @@ Both backends chunk, so no (N, C) tensor is ever made: the reference over rows (
 classes per chunk, torch.matmul as the GEMM), the Triton kernels over classes (see
 ``triton_kernels/linear_cross_entropy.py`` for the peak-memory formula). ``options`` (torch's
 LinearCrossEntropyOptions) is accepted and ignored: both backends always run chunked.
-Double backward: differentiating a gradient made with ``create_graph=True`` raises a RuntimeError
-(never a graph-less gradient); torch.func transforms raise one too.
+Double backward (create_graph=True): the backward is itself a Function, its second derivative derived
+and run by ``scratchops/linear_cross_entropy_bwd2.py``; torch.func transforms raise a RuntimeError.
 """
 import functools
 import math
@@ -203,10 +203,6 @@ linear_cross_entropy_bwd_op = backend_op("linear_cross_entropy_bwd", linear_cros
 
 
 # ----------------------------------------------------------------- autograd
-DOUBLE_BACKWARD = (b"scratchops.linear_cross_entropy: double backward (create_graph=True) is not supported; "
-                   b"its backward is not itself differentiable")
-
-
 class LinearCrossEntropyFunction(Function):
     """(x, W, b, target, weight, ignore_index, label_smoothing, reduction, backend) -> (loss, D, stats)."""
 
@@ -233,20 +229,11 @@ class LinearCrossEntropyFunction(Function):
         need[3] = need[3] and target.is_floating_point()
         need[4] = need[4] and weight is not None and target.is_floating_point()
         grads = [None] * 5
-        if any(need):
-            with torch.no_grad():  # the gradients are not differentiable themselves (see below)
-                dx, dw, db, dcw, dq = linear_cross_entropy_bwd_op(
-                    ctx.backend, x, w, b, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing,
-                    need[0], need[1], need[2], need[4], need[3])
+        if any(need):  # differentiable (create_graph=True): scratchops/linear_cross_entropy_bwd2.py
+            dx, dw, db, dcw, dq = _bwd2.LinearCrossEntropyGradFunction.apply(
+                x, w, b, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing,
+                (need[0], need[1], need[2], need[4], need[3]), ctx.backend)
             grads = [t if flag else None for t, flag in zip((dx, dw, db, dq, dcw), need)]
-        live = [i for i, t in enumerate(grads) if t is not None]
-        if live and torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                    for t in (g, x, w, b, target, weight)):
-            # create_graph: each gradient gets a node that raises when differentiated (never a graph-less one)
-            wrapped = torch._C._functions.DelayedError(DOUBLE_BACKWARD, len(live))(
-                *[grads[i].detach().requires_grad_() for i in live])
-            for i, t in zip(live, wrapped if isinstance(wrapped, tuple) else (wrapped,)):
-                grads[i] = t
         # x, W, b, target, weight; ignore_index, label_smoothing, reduction, backend: not tensors
         return (*grads, None, None, None, None)
 
@@ -379,3 +366,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     if enum == Reduction.NONE:
         out = out.reshape((*batch, *out_features))
     return out.to(torch.float32 if autocast and dtype != torch.float64 else dtype)
+
+
+# the backward's Function and the second derivative's backend op (registered with the package, like every op)
+from scratchops import linear_cross_entropy_bwd2 as _bwd2  # noqa: E402 - it imports the names above

@@ -133,15 +133,13 @@ CASES: list[Case] = [
                                                         label_smoothing=0.1),
          lambda g: (_randn(g, 6, 5), _randn(g, 9, 5), _randn(g, 9), torch.tensor([2, 0, 8, 2, 5, 1]),
                     _randn(g, 9, grad=False).abs()),
-         batched=(0, 3),
-         gradgradcheck=False),  # no double backward yet: create_graph=True raises (tested in its test file)
+         batched=(0, 3)),
     Case("linear_cross_entropy", "(4, 5)·(7, 5)ᵀ probabilities, w, smooth 0.2, sum",
          lambda x, w, q, cw: SF.linear_cross_entropy(x, w, q, weight=cw, label_smoothing=0.2, reduction="sum"),
          lambda x, w, q, cw: TF.linear_cross_entropy(x, w, q, weight=cw, label_smoothing=0.2, reduction="sum"),
          lambda g: (_randn(g, 4, 5), _randn(g, 7, 5), _randn(g, 4, 7, grad=False).softmax(1).requires_grad_(),
                     _randn(g, 7, grad=False).abs().requires_grad_()),
-         batched=(0, 2),
-         gradgradcheck=False),  # no double backward yet: create_graph=True raises (tested in its test file)
+         batched=(0, 2)),
     # Later op families add their cases here.
 ]
 

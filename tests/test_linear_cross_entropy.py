@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_leaves
 import scratchops
 import scratchops.nn as SN
 from scratchops import linear_cross_entropy as LCE
-from tests.helpers import DEVICE, check_aot, check_same_error, expect_ops, make, tolerances
+from tests.helpers import DEVICE, check_aot, check_sass, check_same_error, expect_ops, make, tolerances
 
 SF_LCE = LCE.linear_cross_entropy
 OPS = ["linear_cross_entropy_fwd", "linear_cross_entropy_bwd"]
@@ -172,35 +172,93 @@ def test_issue_17_repro(backend):
 
 
 # ----------------------------------------------------------------- autodiff
-@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
-def test_gradcheck(backend, prob):
+def _autodiff_case(prob):
+    """(fn, fp64 inputs): x, W, b, and for probabilities the target and the class weight, all differentiated."""
     x, w, b, t, cw = _case(3, 2, 4, prob=prob, dtype=torch.float64, weight=True)
     leaves = [v.detach().requires_grad_() for v in (x, w, b)]
     if prob:
-        extra = [t.detach().requires_grad_(), cw.detach().requires_grad_()]
-
         def fn(x, w, b, t, cw):
             return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2)
-    else:
-        extra = []
+        return fn, (*leaves, t.detach().requires_grad_(), cw.detach().requires_grad_())
 
-        def fn(x, w, b):
-            return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2, reduction="none")
+    def fn(x, w, b):
+        return SF_LCE(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.2, reduction="none")
+    return fn, leaves
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_gradcheck(backend, prob):
+    fn, inputs = _autodiff_case(prob)
     with expect_ops(OPS):
-        assert torch.autograd.gradcheck(fn, (*leaves, *extra))
+        assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_create_graph_raises(backend):
-    x, w, b, t, _ = _case(3, 2, 4, prob=False)
+# ----------------------------------------------------------------- double backward (issue 13)
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_gradgradcheck(backend, prob):
+    # the incoming gradient is differentiated too; fast mode under the interpreter (its launches are slow)
+    fn, inputs = _autodiff_case(prob)
+    with expect_ops(OPS + ["linear_cross_entropy_bwd2"]):
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=backend == "triton")
+
+
+def _penalty_gradients(fn, x, w, b, t, cw, prob, **kwargs):
+    """[loss, loss + ‖∂loss/∂(x, W, b[, q])‖², and that penalty's gradients]: a double backward."""
+    leaves = [v.detach().clone().requires_grad_() for v in ((x, w, b, t) if prob else (x, w, b))]
+    loss = fn(leaves[0], leaves[1], leaves[3] if prob else t, linear_bias=leaves[2], weight=cw, **kwargs)
+    grads = torch.autograd.grad(loss, leaves, loss.detach().clone(), create_graph=True)  # a non-uniform g
+    penalty = (loss * loss.detach()).sum() + sum((g * g).sum() for g in grads)
+    return [loss, penalty, *torch.autograd.grad(penalty, leaves)]
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_gradient_penalty_matches_torch(backend, prob):
+    # issue 13's user: loss + ‖∂loss/∂(x, W, b[, q])‖²; its parameter gradients equal torch's (second-order
+    # terms included). Index targets: C over one chunk (the statistics pass spans every class, the tile pass each chunk)
+    from scratchops._kernels.linear_cross_entropy import chunk_width
+
+    c = 9 if prob else 600
+    assert prob or chunk_width(c, 3) < c
+    case = _case(5, 3, c, prob=prob, dtype=torch.float64, weight=True)
+    kwargs = dict(label_smoothing=0.1, reduction="sum" if prob else "mean")
+    for a, r in zip(_penalty_gradients(SF_LCE, *case, prob, **kwargs),
+                    _penalty_gradients(TF.linear_cross_entropy, *case, prob, **kwargs)):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_double_backward_k_dimensional(backend, prob):
+    # out_features (2,): one launch sequence per position; unreduced, so the incoming gradient is a tensor.
+    # Smoothing 0.25: the kernels take ε as an fp32 scalar (0.2 would be off by 1.5e-8 relative, seen at fp64's 1e-7)
+    case = _case(4, 3, 5, prob=prob, dtype=torch.float64, weight=True, out=(2,))
+    kwargs = dict(reduction="none", label_smoothing=0.25)
+    for a, r in zip(_penalty_gradients(SF_LCE, *case, prob, **kwargs),
+                    _penalty_gradients(TF.linear_cross_entropy, *case, prob, **kwargs)):
+        torch.testing.assert_close(a, r)
+
+
+def test_double_backward_fp16(backend):
+    # 16-bit: the tile kernels' half configs and the fp32 accumulators (gX, one gW chunk), against torch in fp32
+    case = _case(6, 8, 40, prob=False, dtype=torch.float16, weight=True)
+    mine = _penalty_gradients(SF_LCE, *case, False, label_smoothing=0.1)
+    theirs = _penalty_gradients(TF.linear_cross_entropy, *[v.float() if v is not None and v.is_floating_point() else v
+                                                           for v in case], False, label_smoothing=0.1)
+    for a, r in zip(mine, theirs):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2)
+
+
+def test_third_derivative_raises(backend):
+    x, w, b, t, _ = _case(3, 2, 4, prob=False, dtype=torch.float64)
     x.requires_grad_()
-    w.requires_grad_()
-    loss = SF_LCE(x, w, t, linear_bias=b)
-    dx, dw = torch.autograd.grad(loss, (x, w), create_graph=True)
-    assert dx.requires_grad and dw.requires_grad  # not a graph-less gradient: differentiating it raises
-    torch.testing.assert_close(dx, torch.autograd.grad(TF.linear_cross_entropy(x, w, t, linear_bias=b), x)[0])
-    for grad in (dx, dw):  # a gradient penalty's backward
-        with pytest.raises(RuntimeError, match="double backward"):
-            (loss + grad.pow(2).sum()).backward(retain_graph=True)
+    (dx,) = torch.autograd.grad(SF_LCE(x, w, t, linear_bias=b), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x, create_graph=True)
+    xr = x.detach().requires_grad_()
+    (dxr,) = torch.autograd.grad(TF.linear_cross_entropy(xr, w, t, linear_bias=b), xr, create_graph=True)
+    torch.testing.assert_close(ddx, torch.autograd.grad(dxr.pow(2).sum(), xr)[0])
+    assert ddx.requires_grad  # not a graph-less gradient: differentiating it raises
+    with pytest.raises(RuntimeError, match="third derivative"):
+        ddx.sum().backward()
 
 
 def test_torch_func_raises(backend):
@@ -339,7 +397,7 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "scratchops":
-            op = getattr(LCE, f"{func._opname}_op")
+            op = scratchops._backend.REGISTRY[func._opname]
             with self:
                 out = op.impl(args[0])(*args[1:], **kwargs)
             self.inner += 1
@@ -378,9 +436,38 @@ def test_no_tensor_larger_than_a_chunk():
         torch.testing.assert_close(u, v)
 
 
+def test_double_backward_no_tensor_larger_than_a_chunk():
+    # a gradient penalty (create_graph) on the Triton backend: the second derivative's tiles (G_Z, dZ: N x 512) stay
+    # chunk-sized too; N = 16, H = 2, C = 4096 keeps the interpreter's program count small
+    if not scratchops._backend.triton_unavailable_reason(torch.device(DEVICE), torch.float32) is None:
+        pytest.skip("the Triton backend cannot run here")
+    n, h, c = 16, 2, 4096
+    x, w, b, t, _ = _case(n, h, c, prob=False)
+
+    def penalty_gradients(fn):
+        leaves = [v.detach().clone().requires_grad_() for v in (x, w, b)]
+        grads = torch.autograd.grad(fn(leaves[0], leaves[1], t, linear_bias=leaves[2]), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+
+    with scratchops.use_backend("triton"), LargestTensor() as mode:
+        mine = penalty_gradients(SF_LCE)
+    assert mode.inner == 3  # forward, backward and second derivative ran as custom ops, through the mode
+    assert mode.largest <= n * c // 4 * 4, mode.largest  # bytes of fp32; the chunks are n * 512 * 4
+    with LargestTensor() as torch_mode:
+        theirs = penalty_gradients(TF.linear_cross_entropy)
+    assert torch_mode.largest >= n * c * 4
+    for a, r in zip(mine, theirs):
+        torch.testing.assert_close(a, r)
+
+
 def test_aot_compile_sm90():
     rows = check_aot("scratchops._kernels.linear_cross_entropy")
     assert {r["kernel"] for r in rows} == {"_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel"}
+    second = check_aot("scratchops._kernels.linear_cross_entropy_bwd2")  # the double backward's: no spills either
+    assert {r["kernel"] for r in second} == {"_lce_bwd2_kernel"}
+    check_sass([r for r in rows + second if {"*fp16", "*bf16"} & set(r["dtypes"])  # the GEMMs (db's row sums: none)
+                and r["constexprs"].get("PRODUCT", "True") == "True"],
+               hgmma=("_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel", "_lce_bwd2_kernel"))
 
 
 

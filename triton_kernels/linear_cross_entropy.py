@@ -1,15 +1,14 @@
 r"""Triton kernels for the fused linear + cross-entropy (formulas: ``scratchops/linear_cross_entropy.py``).
 
-Shapes as there: x (N, H), W (C, S, H), b (C, S); one launch sequence per position s (S = 1 without
-torch's ``out_features``). Three kernels:
+Shapes as there: x (N, H), W (C, S, H), b (C, S); one launch sequence per position s (S = 1 without out_features).
 
-* ``_lce_fwd_kernel``: one program per BLOCK_N token rows sweeps every class tile: the logits
-  tile Z = X Wᵀ (+ b) is made by the K loop (``_gemm.mma``) and consumed on chip by the online
-  log-sum-exp (running max from -inf, masked lanes at -inf, shift 0 for an all -inf row), which also
-  gathers z_t and Σ b_c (m - z_c). Written: the row losses and the stats (m, log s, Σ_a) only.
-* ``_lce_dlogits_kernel``: for one chunk of classes [v0, v0 + V_c), recomputes each logits tile
-  from x, W and the stats and writes dZ = (p Σ_a - a) g_r / D for the chunk (and, for probability
-  targets, d target and the class-weight gradient by atomic adds).
+* ``_lce_fwd_kernel``: one program per BLOCK_N token rows sweeps every class tile: the logits tile Z = X Wᵀ (+ b)
+  is made by the K loop (``_gemm.mma``) and consumed on chip by the online log-sum-exp (running max from -inf,
+  masked lanes at -inf, shift 0 for an all -inf row), which also gathers z_t and Σ b_c (m - z_c).
+  Written: the row losses and the stats (m, log s, Σ_a) only.
+* ``_lce_dlogits_kernel``: for one chunk of classes [v0, v0 + V_c), recomputes each logits tile from x, W and the
+  stats and writes dZ = (p Σ_a - a) g_r / D for the chunk (and, for probability targets, d target and the
+  class-weight gradient by atomic adds).
 * ``_lce_gemm_kernel``: C (+)= A·B with fp32 (fp64) accumulation, or the row sums of A:
   dX += dZ W_chunk (into one accumulator), dW_chunk = dZᵀ X, db_chunk = Σ_n dZ.
 
@@ -19,9 +18,9 @@ fp64), and O(N·S) row temporaries (target checks, D). The backward adds, at mos
     N·V_c·e  (one dZ chunk, e = x's element size)  +  N·H·4 (the fp32 dX accumulator; fp16/bf16 only)
     + C·a (class-weight gradient, probability targets only),   V_c = min(C, max(H, 512)) rounded up to 128,
 
-next to the gradients (dX, dW, db, d target: their inputs' sizes). No (N, C) logits or dlogits tensor: at
-B·T = 16384, H = 4096, C = 128256, bf16, that is 128 + 256 MiB instead of 4 GiB of bf16 logits (plus
-their softmax and gradient) on the unfused path.
+next to the gradients (dX, dW, db, d target: their inputs' sizes). No (N, C) logits or dlogits tensor: at B·T =
+16384, H = 4096, C = 128256, bf16, that is 128 + 256 MiB instead of 4 GiB of bf16 logits (plus their softmax and
+gradient) on the unfused path.
 """
 import torch
 import triton
@@ -62,6 +61,26 @@ def _logits_tile(x_rows, w_ptr, b_ptr, cols, H, stride_xk, stride_wv, stride_wk,
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * stride_b).to(ACC)[None, :]
     return acc.to(x_rows.dtype.element_ty).to(ACC)
+
+
+@triton.jit
+def _chunk_tile(x_ptr, w_ptr, b_ptr, stats_ptr, N, H, v_start, width, stride_xn, stride_xk, stride_wv, stride_wk,
+                stride_b, stride_sn, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """This program's (rows, classes) tile of the chunk [v_start, v_start + width): rows, n_mask, local class offsets,
+    v_mask, classes, the tile mask, x and stats row pointers, the logits tile (past-the-end indices clamped)."""
+    pid_n, pid_v = tile_ids(N, width, BLOCK_N, BLOCK_V, GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < N
+    rows = tl.where(n_mask, rows, 0)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = local < width
+    cols = v_start + tl.where(v_mask, local, 0)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+    z = _logits_tile(x_rows, w_ptr, b_ptr, cols, H, stride_xk, stride_wv, stride_wk, stride_b,
+                     HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
+    mask = n_mask[:, None] & v_mask[None, :]
+    return rows, n_mask, local, v_mask, cols, mask, x_rows, stats_ptr + rows.to(tl.int64) * stride_sn, z
 
 
 @triton.jit
@@ -170,18 +189,9 @@ def _lce_dlogits_kernel(
         PROB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
         NEED_DQ: tl.constexpr, NEED_DCW: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    pid_n, pid_v = tile_ids(N, width, BLOCK_N, BLOCK_V, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rows < N
-    rows = tl.where(n_mask, rows, 0)
-    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = local < width
-    cols = v_start + tl.where(v_mask, local, 0)
-    mask = n_mask[:, None] & v_mask[None, :]
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
-    z = _logits_tile(x_rows, w_ptr, b_ptr, cols, H, stride_xk, stride_wv, stride_wk, stride_b,
-                     HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    stats_rows = stats_ptr + rows.to(tl.int64) * stride_sn
+    rows, n_mask, local, v_mask, cols, mask, x_rows, stats_rows, z = _chunk_tile(
+        x_ptr, w_ptr, b_ptr, stats_ptr, N, H, v_start, width, stride_xn, stride_xk, stride_wv, stride_wk, stride_b,
+        stride_sn, HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K, GROUP)
     shift = tl.load(stats_rows)
     log_s = tl.load(stats_rows + stride_sq)
     sum_a = tl.load(stats_rows + 2 * stride_sq)
@@ -261,13 +271,9 @@ _gemm = Kernel(_lce_gemm_kernel, GEMM_CONFIGS, interpreter=GEMM_INTERPRETER)
 
 
 # ----------------------------------------------------------------- launchers
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
 def chunk_width(c: int, h: int) -> int:
     """V_c, the classes of one dZ chunk: about as many as x has features (at least CHUNK_MIN), at most C."""
-    return min(_round_up(max(c, 1), 128), _round_up(max(h, CHUNK_MIN), 128))
+    return min(cdiv(max(c, 1), 128), cdiv(max(h, CHUNK_MIN), 128)) * 128
 
 
 def _target_strides(target, s):
@@ -300,12 +306,10 @@ def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
         ts, stride_tn, stride_tv = _target_strides(target, s)
         bs = b[:, s] if b is not None else ws
         ls, ss = loss[:, s], stats[:, :, s]
-        _fwd(lambda meta: (cdiv(n, meta["BLOCK_N"]),),
-             x, ws, bs, ts, weight if weight is not None else ws, ls, ss,
+        _fwd(lambda meta: (cdiv(n, meta["BLOCK_N"]),), x, ws, bs, ts, weight if weight is not None else ws, ls, ss,
              n, c, h,
              x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), bs.stride(0), stride_tn, stride_tv, ls.stride(0),
-             ss.stride(0), ss.stride(1),
-             ignore_index, eps, cls=cls, **consts)
+             ss.stride(0), ss.stride(1), ignore_index, eps, cls=cls, **consts)
     d_fwd, d_bwd = class_loss_denominator(x, target, weight, ignore_index, reduction, cd)
     return [reduce_rows(loss, d_fwd, reduction), d_bwd, stats]
 
@@ -314,8 +318,7 @@ def _gemm_launch(a, b, c_out, rs, cls, *, product: bool, accumulate: bool, row_s
     (m, k), ncols = a.shape, c_out.shape[1] if product else 1
     if not (product or row_sum) or m == 0 or ncols == 0:
         return
-    _gemm(lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(ncols, meta["BLOCK_N"]),),
-          a, b, c_out, rs, m, ncols, k,
+    _gemm(lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(ncols, meta["BLOCK_N"]),), a, b, c_out, rs, m, ncols, k,
           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_out.stride(0), c_out.stride(1), rs.stride(0),
           cls=cls, PRODUCT=product, ACCUMULATE=accumulate, ROW_SUM=row_sum, ACC=acc_dtype(a.dtype),
           INPUT_PRECISION=precision)
@@ -350,8 +353,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
             if n:
                 grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(wd, meta["BLOCK_V"]),)  # noqa: E731
                 _dlogits(grid, x, ws, bs, ts, weight if weight is not None else ws, ss, gs, denom,
-                         dzc, dqs, dcw if need_weight else ss,
-                         n, c, h, v0, wd,
+                         dzc, dqs, dcw if need_weight else ss, n, c, h, v0, wd,
                          x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), bs.stride(0), stride_tn, stride_tv,
                          ss.stride(0), ss.stride(1), gs.stride(0) if gs.dim() else 0,
                          dzc.stride(0), dzc.stride(1), dqs.stride(0), dqs.stride(1),
