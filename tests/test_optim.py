@@ -13,7 +13,7 @@ import torch
 import scratchops
 from scratchops._backend import LAUNCHES
 from scratchops.optim import SGD, sgd_step_op
-from tests.helpers import DEVICE, check_aot, check_same_error, make, tolerances
+from tests.helpers import DEVICE, check_aot, check_same_error, check_sass, make, tolerances
 
 BLOCK = 1024  # triton_kernels.optim.BLOCK
 CHUNK = 8 * BLOCK  # triton_kernels.optim.CHUNK: elements per program

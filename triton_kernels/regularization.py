@@ -33,7 +33,7 @@ from ._launch import (ALIGN_BYTES, FLOAT_TYPES, Kernel, acc_dtype, cdiv, config,
                       table_columns)
 
 PHILOX_WORDS = tl.constexpr(4)  # 32-bit random words per Philox call: one per quarter of a block
-# Table layout: one row per tensor (address, numel, first block, offset in the group's flat buffer, partner's address).
+# Table layout: one row per tensor (address, numel, first block, offset in PIECEs in the group's flat buffer, partner).
 COL_ADDR, COL_NUMEL, COL_FIRST_BLOCK, COL_OFFSET, COL_OTHER = table_columns(5)
 TABLE_COLUMNS = tl.constexpr(5)
 PIECE = tl.constexpr(16)  # each tensor's piece of a flat gradient buffer starts at a multiple of PIECE elements
@@ -129,8 +129,8 @@ def dropout_bwd(dy: torch.Tensor, seed: torch.Tensor, p: float, stride: list[int
 # ----------------------------------------------------------------- l2_penalty
 @triton.jit
 def _l2_locate(table_ptr, block_tensor_ptr, BLOCK: tl.constexpr):
-    """This program's table row, the offsets of its block, the tensor's numel and flat-buffer offset, and
-    whether the block is full (no mask needed)."""
+    """This program's table row, the offsets of its block, the tensor's numel and flat-buffer offset (in PIECEs),
+    and whether the block is full (no mask needed)."""
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * TABLE_COLUMNS
     block = pid - tl.load(row + COL_FIRST_BLOCK)
@@ -178,15 +178,32 @@ def _l2_sum_kernel(table_ptr, block_tensor_ptr, like_ptr, partial_ptr,  # pointe
 
 
 @triton.jit
+def _l2_scale_block(row, like_ptr, out_ptr, offs, numel, coef, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """dw = coef·w for the block ``offs`` (MASKED: the tensor's last block, its piece's padding written 0)."""
+    w = _l2_load(row, COL_ADDR, like_ptr, offs, numel, ACC, ALIGNED, MASKED)
+    if MASKED:
+        dw = tl.where(offs < numel, coef * w, 0.0)
+        tl.store(out_ptr + offs, dw.to(out_ptr.dtype.element_ty), mask=offs < tl.cdiv(numel, PIECE) * PIECE)
+    else:
+        tl.store(out_ptr + offs, (coef * w).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _l2_scale_kernel(table_ptr, block_tensor_ptr, like_ptr, coef_ptr, dw_ptr,  # pointers (coef: fp64 0-d)
                      ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    # dw = coef·w (coef = 2λ·g), written at the tensor's offset in the group's flat buffer; the piece's padding
-    # (up to a multiple of PIECE elements) is written 0
-    row, offs, numel, start, _ = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
-    w = _l2_load(row, COL_ADDR, like_ptr, offs, numel, ACC, ALIGNED, True)
+    # dw = coef·w (coef = 2λ·g), written at the tensor's piece of the group's flat buffer (its offset is stored in
+    # PIECEs: the piece is 16-byte aligned as the compiler sees it); the piece's padding is written 0
+    row, offs, numel, pieces, full = _l2_locate(table_ptr, block_tensor_ptr, BLOCK)
+    out_ptr = dw_ptr + pieces * PIECE
     coef = tl.load(coef_ptr).to(ACC)
-    dw = tl.where(offs < numel, coef * w, 0.0).to(dw_ptr.dtype.element_ty)
-    tl.store(dw_ptr + tl.multiple_of(start, PIECE) + offs, dw, mask=offs < tl.cdiv(numel, PIECE) * PIECE)
+    if ALIGNED:  # full blocks unmasked: 16-byte loads and stores (see the sum kernel)
+        if full:
+            _l2_scale_block(row, like_ptr, out_ptr, offs, numel, coef, ACC, ALIGNED, False)
+        else:
+            _l2_scale_block(row, like_ptr, out_ptr, offs, numel, coef, ACC, ALIGNED, True)
+    else:
+        _l2_scale_block(row, like_ptr, out_ptr, offs, numel, coef, ACC, ALIGNED, True)
 
 
 L2_CONFIGS = [config(num_warps=8, BLOCK=4096)]
@@ -217,7 +234,7 @@ def _table(tensors: list[torch.Tensor], others: list[torch.Tensor] | None = None
     blocks = [cdiv(t.numel(), L2_BLOCK) for t in tensors]
     rows, first, offset, bits = [], 0, 0, 0
     for t, o, b in zip(tensors, partners, blocks):
-        rows.append([t.data_ptr(), t.numel(), first, offset, o.data_ptr()])
+        rows.append([t.data_ptr(), t.numel(), first, offset // PIECE.value, o.data_ptr()])
         first, offset, bits = first + b, offset + padded(t.numel()), bits | t.data_ptr() | o.data_ptr()
     table = torch.tensor(rows, dtype=torch.int64).to(tensors[0].device)
     block_tensor = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32),
