@@ -157,20 +157,27 @@ def _second(activation: Activation, y: torch.Tensor, dy: torch.Tensor, g: torch.
     return out
 
 
-def sigmoid_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(Activation.SIGMOID, x)
+def _launchers(activation: Activation):
+    """The forward, backward and second-backward launchers of one activation (the reference's signatures)."""
+    name = activation.name.lower()
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        return _unary(activation, x)
+
+    def bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        return _backward(activation, y, dy)
+
+    def bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return _second(activation, y, dy, g)
+
+    for fn, suffix in ((fwd, "fwd"), (bwd, "bwd"), (bwd_y, "bwd_y")):
+        fn.__name__ = fn.__qualname__ = f"{name}_{suffix}"
+    return fwd, bwd, bwd_y
 
 
-def sigmoid_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(Activation.SIGMOID, y, dy)
-
-
-def sigmoid_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(Activation.SIGMOID, y, dy, g)
-
-
-def relu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(Activation.RELU, x)
+sigmoid_fwd, sigmoid_bwd, sigmoid_bwd_y = _launchers(Activation.SIGMOID)
+relu_fwd, relu_bwd, relu_bwd_y = _launchers(Activation.RELU)
+tanh_fwd, tanh_bwd, tanh_bwd_y = _launchers(Activation.TANH)
 
 
 def relu_fwd_(x: torch.Tensor) -> None:
@@ -179,26 +186,6 @@ def relu_fwd_(x: torch.Tensor) -> None:
     _forward(Activation.RELU, dense, dense)
     if dense is not x:
         x.copy_(dense)
-
-
-def relu_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(Activation.RELU, y, dy)
-
-
-def relu_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(Activation.RELU, y, dy, g)
-
-
-def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(Activation.TANH, x)
-
-
-def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(Activation.TANH, y, dy)
-
-
-def tanh_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(Activation.TANH, y, dy, g)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
