@@ -8,6 +8,11 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# timm (the real-model tests) and the torchvision it imports: --no-deps and pinned, so they can never pull another
+# torch (torchvision 0.28.0 is the release built for torch 2.13.0; it comes from TORCH_INDEX, as torch does).
+# Next to a CPU torch from PyPI's CUDA torchvision, tests/helpers.import_timm lets its Python side import.
+TORCHVISION ?= torchvision==0.28.0
+TIMM ?= timm==1.0.31
 VENV := .venv
 PY := $(VENV)/bin/python
 # Without a CUDA device the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py decides).
@@ -15,11 +20,13 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: setup test demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --no-deps "$(TORCHVISION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q --no-deps "$(TIMM)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as TF
 
 import scratchops.functional as SF
-from benchmarks.harness import Bench
+from benchmarks.harness import Bench, gpu_inputs
 
 OPS = {"relu": (SF.relu, TF.relu), "sigmoid": (SF.sigmoid, torch.sigmoid), "tanh": (SF.tanh, torch.tanh)}
 LOG2_SIZES = range(20, 29, 2)
@@ -19,16 +19,11 @@ def main(argv=None):
     bench = Bench("activations", argv)
     if not bench.gpu:
         return 0
-    for log2n in QUICK_LOG2_SIZES if bench.quick else LOG2_SIZES:
-        n = 1 << log2n
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-            size = x.element_size() * n
-            for name, (ours, theirs) in OPS.items():
-                bench.compare(op=name, case=f"n=2^{log2n}", dtype=dtype,
-                              impls={"scratchops": lambda: ours(x), "torch": lambda: theirs(x)}, inputs=[x],
-                              bytes={"fwd": 2 * size, "bwd": 3 * size}, compile_torch=True)
-            del x
+    for log2n, dtype, x, size in gpu_inputs(QUICK_LOG2_SIZES if bench.quick else LOG2_SIZES, lambda n: (n,)):
+        for name, (ours, theirs) in OPS.items():
+            bench.compare(op=name, case=f"n=2^{log2n}", dtype=dtype,
+                          impls={"scratchops": lambda: ours(x), "torch": lambda: theirs(x)}, inputs=[x],
+                          bytes={"fwd": 2 * size, "bwd": 3 * size}, compile_torch=True)
     bench.save()
     return 0
 

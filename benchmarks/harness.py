@@ -188,3 +188,15 @@ class Bench:
         with open(stem + ".md", "w") as f:
             f.write(to_markdown(data))
         print(f"wrote {stem}.json and {stem}.md")
+
+
+def gpu_inputs(log2_sizes, shape, dtypes=(torch.float32, torch.bfloat16)):
+    """The inputs of a size sweep: for each 2^k in ``log2_sizes`` and each dtype, ``(k, dtype, x, bytes of x)``
+    with ``x = randn(shape(2^k))`` on the GPU, requiring grad. The cache is emptied between turns (the caller's
+    previous ``x`` lives until the next one is made: two inputs at a time at most)."""
+    for log2n in log2_sizes:
+        for dtype in dtypes:
+            x = torch.randn(shape(1 << log2n), device="cuda", dtype=dtype, requires_grad=True)
+            yield log2n, dtype, x, x.element_size() * x.numel()
+            del x
+            torch.cuda.empty_cache()

@@ -6,7 +6,9 @@
 * ``check_parity(ours, theirs, *inputs)``: forward values and the gradients of
   every floating input against torch, with one shared random grad_output.
 * ``check_same_error(ours, theirs, *args)``: the same exception type as torch.
+* ``check_compile_fullgraph(model, shape)``: torch.compile(fullgraph=True) gives eager's values and gradients.
 * ``check_aot(module)``: every kernel config of a family compiles for sm_90 with no spills.
+* ``import_timm()``: timm (random-init models, nothing downloaded), or a skip that says why not.
 """
 import contextlib
 import copy
@@ -142,6 +144,18 @@ def check_same_error(ours, theirs, *args, match=None, **kwargs):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def check_compile_fullgraph(model, shape, compiler="aot_eager"):
+    """``torch.compile(model, fullgraph=True, backend=compiler)`` at a random input of ``shape`` gives eager's
+    output and input gradient (sum backward)."""
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    x1, x2 = make(shape, requires_grad=True), make(shape, requires_grad=True)
+    y1, y2 = compiled(x1), model(x2)
+    torch.testing.assert_close(y1, y2)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def _aot_rows(module: str) -> list[dict]:
     """The JSON rows of ``python -m tests.aot <module>``, computed once per checkout state.
 
@@ -202,3 +216,37 @@ def check_sass(rows, *, vector128=(), hgmma=(), utmaldg=()):
                 failures.append(f"{r['kernel']} {','.join(r['dtypes'])} {r['constexprs']}: no {field} "
                                 f"(ldg={r['ldg']} stg={r['stg']} hgmma={r['hgmma']} utmaldg={r['utmaldg']})")
     assert not failures, "\n".join(failures)
+
+
+# The operators torchvision's Python side registers fake/autograd kernels for at import (torchvision/_meta_registrations.py)
+TORCHVISION_OPS = ("nms", "qnms", "roi_align", "_roi_align_backward", "qroi_align", "ps_roi_align",
+                   "_ps_roi_align_backward", "roi_pool", "_roi_pool_backward", "ps_roi_pool", "_ps_roi_pool_backward",
+                   "deform_conv2d", "_deform_conv2d_backward")
+_TORCHVISION_SHIM = []
+
+
+def import_timm():
+    """timm, or ``pytest.skip`` with the reason; offline (models are random-init: nothing is downloaded).
+
+    timm imports torchvision. PyPI's torchvision wheels are CUDA builds: next to a CPU torch their C++ library
+    does not load, and ``import torchvision`` then fails registering fake kernels for its absent operators
+    (``operator torchvision::nms does not exist``). Only in exactly that case, the operator names are declared
+    without any kernel (calling one raises; no model here calls one) and the import is retried: timm needs
+    torchvision's Python side only. torch itself is never changed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import timm
+        return timm
+    except ImportError as e:
+        pytest.skip(f"timm is not installed ({e}); `make setup` installs it (pinned, --no-deps)")
+    except RuntimeError as e:
+        if "torchvision::" not in str(e) or _TORCHVISION_SHIM:
+            pytest.skip(f"timm does not import next to this torch: {e}")
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        del sys.modules[name]  # the half-imported packages
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in TORCHVISION_OPS:
+        lib.define(f"{op}(Tensor[] args) -> Tensor")
+    _TORCHVISION_SHIM.append(lib)  # the definitions live as long as the library object
+    import timm
+    return timm

@@ -156,20 +156,27 @@ def _second(activation: int, y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor)
     return out
 
 
-def sigmoid_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(SIGMOID.value, x)
+def _launchers(activation: Activation):
+    """The forward, backward and second-backward launchers of one activation (the reference's signatures)."""
+    name, code = activation.name.lower(), activation.value  # the launchers pass the int code (host time)
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        return _unary(code, x)
+
+    def bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        return _backward(code, y, dy)
+
+    def bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return _second(code, y, dy, g)
+
+    for fn, suffix in ((fwd, "fwd"), (bwd, "bwd"), (bwd_y, "bwd_y")):
+        fn.__name__ = fn.__qualname__ = f"{name}_{suffix}"
+    return fwd, bwd, bwd_y
 
 
-def sigmoid_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(SIGMOID.value, y, dy)
-
-
-def sigmoid_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(SIGMOID.value, y, dy, g)
-
-
-def relu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(RELU.value, x)
+sigmoid_fwd, sigmoid_bwd, sigmoid_bwd_y = _launchers(Activation.SIGMOID)
+relu_fwd, relu_bwd, relu_bwd_y = _launchers(Activation.RELU)
+tanh_fwd, tanh_bwd, tanh_bwd_y = _launchers(Activation.TANH)
 
 
 def relu_fwd_(x: torch.Tensor) -> None:
@@ -178,26 +185,6 @@ def relu_fwd_(x: torch.Tensor) -> None:
     _forward(RELU.value, dense, dense)
     if dense is not x:
         x.copy_(dense)
-
-
-def relu_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(RELU.value, y, dy)
-
-
-def relu_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(RELU.value, y, dy, g)
-
-
-def tanh_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _unary(TANH.value, x)
-
-
-def tanh_bwd(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _backward(TANH.value, y, dy)
-
-
-def tanh_bwd_y(y: torch.Tensor, dy: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _second(TANH.value, y, dy, g)
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
