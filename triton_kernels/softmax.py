@@ -304,7 +304,7 @@ def _as_rows(t: torch.Tensor, dim: int, n_cols: int, n_inner: int):
 
 def _geometry(t: torch.Tensor, dim: int):
     """(n_rows, n_cols, n_inner) of ``t`` seen as rows along ``dim``."""
-    n_cols, n_inner = t.shape[dim], math.prod(t.shape[dim + 1:])
+    n_cols, n_inner = t.shape[dim], 1 if dim == t.dim() - 1 else math.prod(t.shape[dim + 1:])
     return t.numel() // n_cols, n_cols, n_inner
 
 
