@@ -61,6 +61,7 @@ def prepare(mode: str) -> None:
 
 # ----------------------------------------------------------------- the one stub
 LAUNCHES = [0]
+LAST_LAUNCH: list = [None]  # launch mode: the arguments the stand-in driver's launcher got last
 
 
 @contextlib.contextmanager
@@ -106,6 +107,7 @@ def _install_stand_in_driver() -> None:
 
         def __call__(self, *args):
             LAUNCHES[0] += 1
+            LAST_LAUNCH[0] = args
 
     class StandIn(DriverBase):
         utils, launcher_cls = Utils(), Launcher

@@ -39,13 +39,13 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
     """torch's ``suggest_memory_format() == channels_last`` for a 4-D tensor: its strides order the
     dimensions C, W, H, N from the innermost out (sliced and size-1 dimensions included); a zero-size
     tensor, a zero channel stride, or an N111-like tie (N's stride equal to C's) stays contiguous."""
-    smallest = 0
+    smallest, shape, strides = 0, t.shape, t.stride()
     for d in (1, 3, 2, 0):
-        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 1 and t.stride(1) == 0):
+        if shape[d] == 0 or strides[d] < smallest or (d == 1 and strides[1] == 0):
             return False
-        if d == 0 and smallest == t.stride(1):
+        if d == 0 and smallest == strides[1]:
             return False
-        smallest = t.stride(d) * max(t.shape[d], 1)
+        smallest = strides[d] * max(shape[d], 1)
     return True
 
 
@@ -73,9 +73,9 @@ def check_operands(x, w, bias, stride, padding, dilation, groups):
     if w.dim() != 4:
         raise RuntimeError(f"weight of conv2d should be 4-D (out_channels, in_channels/groups, kH, kW), "
                            f"but got weight of size {list(w.shape)}")
-    if any(s <= 0 for s in stride):
+    if min(stride) <= 0:
         raise RuntimeError("non-positive stride is not supported")
-    if any(d <= 0 for d in dilation):
+    if min(dilation) <= 0:
         raise RuntimeError(f"dilation should be greater than zero, but got {dilation}")
     if groups <= 0:
         raise RuntimeError("non-positive groups is not supported")

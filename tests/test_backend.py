@@ -64,3 +64,25 @@ def test_bfloat16_under_interpreter():
             SF.tanh(x)
     with scratchops.use_backend("auto"):
         torch.testing.assert_close(SF.tanh(x), torch.tanh(x))
+
+
+def test_fresh_outputs_function_called_directly_only_without_a_graph(monkeypatch):
+    """A Function declaring fresh_outputs runs its forward directly where autograd records nothing (a plain
+    backward) and through autograd's apply where a graph is built (create_graph=True): the same gradients."""
+    from scratchops.activations import ActivationGradFunction
+
+    applied = []
+    c_apply = ActivationGradFunction._c_apply
+    monkeypatch.setattr(ActivationGradFunction, "_c_apply", lambda *args: applied.append(1) or c_apply(*args))
+    x = make((5, 3), torch.float64, requires_grad=True)
+    g = make((5, 3), torch.float64, seed=1)
+    (plain,) = torch.autograd.grad(SF.sigmoid(x), x, g)
+    assert applied == [] and plain.grad_fn is None
+    (graphed,) = torch.autograd.grad(SF.sigmoid(x), x, g, create_graph=True)
+    assert applied == [1] and graphed.grad_fn is not None
+    torch.testing.assert_close(plain, graphed.detach())
+    torch.testing.assert_close(plain, g * torch.sigmoid(x) * (1 - torch.sigmoid(x)))
+    with torch.no_grad():  # grad mode off in the forward too: direct, no autograd node
+        y = x.detach().sigmoid()
+        assert ActivationGradFunction.apply(y, g, "sigmoid", choose_backend(y)).grad_fn is None
+    assert applied == [1]
