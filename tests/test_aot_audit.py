@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, check_sass
+from tests.helpers import REPO, check_aot, check_sass
 
 SASS = """
         /*0090*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
@@ -65,3 +65,20 @@ def test_as_launched_vectorizes():
     launched, plain = json.loads(run.stdout.splitlines()[-1])
     assert launched["vector128"] and launched["ldg"] == {"128": 1} and launched["stg"] == {"128": 1}, launched
     assert not plain["vector128"], plain
+
+
+SM90_SHARED = 232448  # the most shared memory one block may use on sm_90 (227 KB): a config over it cannot launch
+
+
+@pytest.mark.parametrize("family", ["linear", "linear_bwd"])
+def test_linear_sm90_fast_path(family):
+    """linear's sm_90 compiles as launched: each TMA kernel compile loads through TMA (UTMALDG) into wgmma
+    (HGMMA); each 16-bit/tf32 compile of the pointer GEMMs uses wgmma; every compile fits in shared memory."""
+    rows = check_aot(f"scratchops._kernels.{family}")
+    tma = [r for r in rows if r["kernel"].endswith("_tma_kernel")]
+    assert tma, "no TMA kernel compiled"
+    check_sass(tma, hgmma={r["kernel"] for r in tma}, utmaldg={r["kernel"] for r in tma})
+    tensor_core = [r for r in rows if r["constexprs"].get("INPUT_PRECISION") == "tf32"]
+    check_sass(tensor_core, hgmma={r["kernel"] for r in tensor_core})
+    assert all(r["smem"] <= SM90_SHARED for r in rows), [(r["kernel"], r["constexprs"], r["smem"]) for r in rows
+                                                          if r["smem"] > SM90_SHARED]

@@ -1,8 +1,12 @@
 """The GEMM core shared by linear and conv2d (forward, dgrad, wgrad): tile order, the product step,
 the int32/int64 offset guard and the precision choice.
 
-* :func:`tile_ids`: grouped tile order, GROUP consecutive tile rows sweep the tile columns together
-  (they share the other operand's tiles while those sit in L2).
+* :func:`tile_ids` / :func:`tile_coords`: grouped tile order, GROUP consecutive tile rows sweep the tile
+  columns together (they share the other operand's tiles while those sit in L2); :func:`tile_start`: a
+  pointer kernel's prologue (tile origin, wrapped in-tile rows and columns).
+* the sm_90 fast path (:func:`tma_ok`, :func:`descriptors`, :func:`persistent_grid`): operands as TMA tensor
+  descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, made on the host: triton >= 3.4, no
+  device allocator) and a persistent grid, one program per SM looping over the output tiles.
 * :func:`mma`: ``acc + a·b``: ``tl.dot`` with fp32 accumulation for fp16/bf16/fp32 (tf32 or ieee as
   the INPUT_PRECISION constexpr says), an exact multiply-and-sum for fp64 (``tl.dot`` has no fp64
   form on NVIDIA GPUs: the interpreter would accept it, sm_90 does not).
@@ -15,6 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._launch import interpreting
 
 MAX_TILE = 128  # the largest tile side of any GEMM config
 _INT32_LIMIT = 2**31
@@ -23,7 +30,37 @@ _INT32_LIMIT = 2**31
 @triton.jit
 def tile_ids(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
     """(tile row, tile column) of this program in grouped order."""
-    pid = tl.program_id(0)
+    return tile_coords(tl.program_id(0), n_rows, n_cols, BLOCK_R, BLOCK_C, GROUP)
+
+
+@triton.jit
+def tile_start(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """This program's output tile: origin (r0, c0), the same as int64 scalars (they move the pointers; offsets
+    inside a tile stay int32), and the in-tile rows/columns wrapped at the edge (lanes past it re-read valid
+    rows/columns, never stored: no load masks along them)."""
+    pid_r, pid_c = tile_ids(n_rows, n_cols, BLOCK_R, BLOCK_C, GROUP)
+    r0, c0 = pid_r * BLOCK_R, pid_c * BLOCK_C
+    lr = (r0 + tl.arange(0, BLOCK_R)) % n_rows - r0
+    lc = (c0 + tl.arange(0, BLOCK_C)) % n_cols - c0
+    return r0, c0, r0.to(tl.int64), c0.to(tl.int64), lr, lc
+
+
+@triton.jit
+def tile_count(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """How many BLOCK_R x BLOCK_C tiles cover an n_rows x n_cols output (a persistent kernel's loop bound)."""
+    return tl.cdiv(n_rows, BLOCK_R) * tl.cdiv(n_cols, BLOCK_C)
+
+
+@triton.jit
+def tile_origin(tile, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """(first row, first column) of tile number ``tile`` in grouped order."""
+    pid_r, pid_c = tile_coords(tile, n_rows, n_cols, BLOCK_R, BLOCK_C, GROUP)
+    return pid_r * BLOCK_R, pid_c * BLOCK_C
+
+
+@triton.jit
+def tile_coords(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """(tile row, tile column) of tile number ``pid`` in grouped order."""
     num_r = tl.cdiv(n_rows, BLOCK_R)
     num_c = tl.cdiv(n_cols, BLOCK_C)
     per_group = GROUP * num_c
@@ -65,6 +102,66 @@ def dtype_class(dtype: torch.dtype, allow_tf32: bool) -> str:
 def input_precision(cls: str) -> str:
     """tl.dot's input_precision for a dtype class ("tf32" is its default; fp16/bf16 ignore it)."""
     return "ieee" if cls in ("ieee", "fp64") else "tf32"
+
+
+# ----------------------------------------------------------------- the sm_90 fast path (TMA, persistent)
+_SM90: dict = {}  # device index -> (is sm_90, number of SMs)
+INTERPRETER_PROGRAMS = 3  # the interpreter's "SMs": fewer programs than tiles, so the tile loop runs
+
+
+def _sm90(device: torch.device) -> tuple[bool, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM90:
+        props = torch.cuda.get_device_properties(index)
+        _SM90[index] = ((props.major, props.minor) == (9, 0), props.multi_processor_count)
+    return _SM90[index]
+
+
+def tma_ok(cls: str, *tensors: torch.Tensor) -> bool:
+    """Whether a GEMM of dtype class ``cls`` on these 2-D operands takes the TMA + persistent path: on sm_90 for
+    the tensor-core classes ("half", "tf32"); under the interpreter for every class (so CPU CI runs it). The
+    operands must be what a tensor descriptor addresses: one dtype, unit last stride, 16-byte aligned base
+    and row stride."""
+    if not interpreting() and (cls not in ("half", "tf32") or not tensors[0].is_cuda or
+                               not _sm90(tensors[0].device)[0]):
+        return False
+    dtype, size = tensors[0].dtype, tensors[0].element_size()
+    return all(t.dtype == dtype and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors)
+
+
+def descriptors(*tensors: torch.Tensor) -> list:
+    """A host tensor descriptor per 2-D operand; the block shape is set per config (:func:`set_blocks`)."""
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [8, 8]) for t in tensors]
+
+
+def set_blocks(shapes: dict):
+    """A config ``pre_hook``: sets each named descriptor's block shape from the config's constexprs.
+
+    ``shapes`` maps a descriptor argument to the constexpr names of its block, e.g.
+    ``{"x_desc": ("BLOCK_M", "BLOCK_K")}``. The autotuner calls the hook with the launch's arguments and the
+    config's constexprs before each launch; :func:`preset_blocks` calls it where there is no autotuning."""
+    def hook(nargs):
+        for name, blocks in shapes.items():
+            nargs[name].block_shape = [nargs[b] for b in blocks]
+    return hook
+
+
+def preset_blocks(kernel, cls: str, descs: dict) -> None:
+    """Where a launch is not autotuned (the interpreter, a one-config list) no pre_hook runs: set the block
+    shapes of the one config that will."""
+    if interpreting():
+        chosen = kernel.interpreter
+    elif len(kernel.configs[cls]) == 1:
+        chosen = kernel.configs[cls][0]
+    else:
+        return
+    chosen.pre_hook({**descs, **chosen.kwargs})
+
+
+def persistent_grid(device: torch.device, tiles: int) -> tuple[int]:
+    """One program per SM (fewer when there are fewer tiles); each loops over its share of the tiles."""
+    return (max(1, min(INTERPRETER_PROGRAMS if interpreting() else _sm90(device)[1], tiles)),)
 
 
 # The element types each dtype class runs (for the AOT lists).
