@@ -4,9 +4,10 @@ the int32/int64 offset guard and the precision choice.
 * :func:`tile_ids` / :func:`tile_coords`: grouped tile order, GROUP consecutive tile rows sweep the tile
   columns together (they share the other operand's tiles while those sit in L2); :func:`tile_start`: a
   pointer kernel's prologue (tile origin, wrapped in-tile rows and columns).
-* the sm_90 fast path (:func:`tma_ok`, :func:`descriptors`, :func:`persistent_grid`): operands as TMA tensor
-  descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, made on the host: triton >= 3.4, no
-  device allocator) and a persistent grid, one program per SM looping over the output tiles.
+* the sm_90 fast path (:func:`tma_ok`, :func:`descriptors`, :func:`set_blocks`, :func:`persistent_grid`):
+  operands as TMA tensor descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, made on the host:
+  3.6, 3.7 and 3.9 take them, the interpreter too, and no device allocator is needed as it is for
+  ``tl.make_tensor_descriptor``) and a persistent grid, one program per SM looping over the output tiles.
 * :func:`mma`: ``acc + a·b``: ``tl.dot`` with fp32 accumulation for fp16/bf16/fp32 (tf32 or ieee as
   the INPUT_PRECISION constexpr says), an exact multiply-and-sum for fp64 (``tl.dot`` has no fp64
   form on NVIDIA GPUs: the interpreter would accept it, sm_90 does not).
@@ -122,41 +123,43 @@ def tma_ok(cls: str, *tensors: torch.Tensor) -> bool:
     the tensor-core classes ("half", "tf32"); under the interpreter for every class (so CPU CI runs it). The
     operands must be what a tensor descriptor addresses: one dtype, unit last stride, 16-byte aligned base
     and row stride."""
-    if not interpreting() and (cls not in ("half", "tf32") or not tensors[0].is_cuda or
-                               not _sm90(tensors[0].device)[0]):
+    first = tensors[0]
+    if not interpreting() and (cls not in ("half", "tf32") or not first.is_cuda or not _sm90(first.device)[0]):
         return False
-    dtype, size = tensors[0].dtype, tensors[0].element_size()
-    return all(t.dtype == dtype and t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in tensors)
+    dtype, size = first.dtype, first.element_size()
+    for t in tensors:
+        stride = t.stride()
+        if t.dtype != dtype or stride[1] != 1 or (stride[0] * size) % 16 or t.data_ptr() % 16:
+            return False
+    return True
 
 
-def descriptors(*tensors: torch.Tensor) -> list:
-    """A host tensor descriptor per 2-D operand; the block shape is set per config (:func:`set_blocks`)."""
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [8, 8]) for t in tensors]
+def descriptors(kernel, cls: str, blocks: dict, *tensors: torch.Tensor) -> dict:
+    """{descriptor argument: host tensor descriptor} of each 2-D operand (``blocks``: argument -> the constexpr
+    names of its block shape, in the kernel's order).
+
+    The block shape is the launched config's: set here where the config is known (the interpreter's, a list of
+    one), else by the autotuner through each config's pre_hook (:func:`set_blocks`). The descriptors are built
+    without ``TensorDescriptor.__init__``'s checks (µs each, per launch): :func:`tma_ok` made them already.
+    """
+    configs = kernel.configs[cls]
+    fixed = kernel.interpreter if interpreting() else configs[0] if len(configs) == 1 else None
+    descs = {}
+    for (name, dims), t in zip(blocks.items(), tensors):
+        desc = descs[name] = object.__new__(TensorDescriptor)  # padding (and 3.7's tf32 rounding): class defaults
+        desc.base, desc.shape, desc.strides = t, t.shape, t.stride()
+        desc.block_shape = [fixed.kwargs[d] for d in dims] if fixed is not None else None
+    return descs
 
 
 def set_blocks(shapes: dict):
-    """A config ``pre_hook``: sets each named descriptor's block shape from the config's constexprs.
-
-    ``shapes`` maps a descriptor argument to the constexpr names of its block, e.g.
-    ``{"x_desc": ("BLOCK_M", "BLOCK_K")}``. The autotuner calls the hook with the launch's arguments and the
-    config's constexprs before each launch; :func:`preset_blocks` calls it where there is no autotuning."""
+    """A config ``pre_hook``: sets each named descriptor's block shape from the config's constexprs (``shapes``
+    as :func:`descriptors`' ``blocks``). The autotuner calls it with the launch's arguments and the config's
+    constexprs before each launch."""
     def hook(nargs):
-        for name, blocks in shapes.items():
-            nargs[name].block_shape = [nargs[b] for b in blocks]
+        for name, dims in shapes.items():
+            nargs[name].block_shape = [nargs[d] for d in dims]
     return hook
-
-
-def preset_blocks(kernel, cls: str, descs: dict) -> None:
-    """Where a launch is not autotuned (the interpreter, a one-config list) no pre_hook runs: set the block
-    shapes of the one config that will."""
-    if interpreting():
-        chosen = kernel.interpreter
-    elif len(kernel.configs[cls]) == 1:
-        chosen = kernel.configs[cls][0]
-    else:
-        return
-    chosen.pre_hook({**descs, **chosen.kwargs})
 
 
 def persistent_grid(device: torch.device, tiles: int) -> tuple[int]:

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .._common import ACTIVATIONS, Activation
-from ._gemm import (CLASS_TYPES, descriptors, dtype_class, input_precision, mma, persistent_grid, preset_blocks,
-                    set_blocks, tile_count, tile_origin, tile_safe, tile_start, tma_ok)
+from ._gemm import (CLASS_TYPES, descriptors, dtype_class, input_precision, mma, persistent_grid, set_blocks,
+                    tile_count, tile_origin, tile_safe, tile_start, tma_ok)
 from ._launch import Kernel, acc_dtype, aot_entry, cdiv, config, tiles
 from .activations import activate
 
@@ -68,14 +68,12 @@ FWD_TMA_CONFIGS = {
 
 
 def tma_kernel(fn, configs, blocks) -> Kernel:
-    """A TMA GEMM kernel: ``gemm_kernel``, each config (the interpreter's included) given the pre_hook that
-    sets the descriptors' block shapes (``blocks``: descriptor -> constexpr names)."""
-    hook = set_blocks(blocks)
-    interpreter = config(INTERPRETER.num_warps, INTERPRETER.num_stages, **INTERPRETER.kwargs)
-    for c in [interpreter] + [c for cfgs in configs.values() for c in cfgs]:
-        c.pre_hook = hook
+    """A TMA GEMM kernel: ``gemm_kernel``, each GPU config given the pre_hook that sets the descriptors' block
+    shapes (``blocks``: descriptor -> constexpr names; ``_gemm.descriptors`` sets them for the interpreter)."""
+    for c in (c for cfgs in configs.values() for c in cfgs):
+        c.pre_hook = set_blocks(blocks)
     # "ieee"/"fp64" launch it only under the interpreter (tma_ok): no GPU configs.
-    return Kernel(fn, {**dict.fromkeys(CLASS_TYPES, []), **configs}, interpreter=interpreter, key=AUTOTUNE_KEY)
+    return Kernel(fn, {**dict.fromkeys(CLASS_TYPES, []), **configs}, interpreter=INTERPRETER, key=AUTOTUNE_KEY)
 
 
 def gemm_kernel(fn, configs) -> Kernel:
@@ -205,8 +203,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
     cls, consts = launch_class(x.dtype)
     consts.update(BIAS=mode.value, ACTIVATION=ACTIVATIONS[activation].value)
     if K and tma_ok(cls, x, w, y):
-        descs = dict(zip(FWD_TMA_BLOCKS, descriptors(x, w, y)))
-        preset_blocks(_fwd_tma, cls, descs)
+        descs = descriptors(_fwd_tma, cls, FWD_TMA_BLOCKS, x, w, y)
         _fwd_tma(lambda meta: persistent_grid(y.device, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),
                  *descs.values(), bias, M, N, K, stride_bm, stride_bn, cls=cls, **consts)
         return y

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._common import ACTIVATIONS, Activation
-from ._gemm import descriptors, mma, persistent_grid, preset_blocks, tile_count, tile_origin, tile_safe, tile_start, tma_ok
+from ._gemm import descriptors, mma, persistent_grid, tile_count, tile_origin, tile_safe, tile_start, tma_ok
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, tiles
 from .activations import NONE, activation_grad
 from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class, tma_aot, tma_kernel
@@ -50,7 +50,7 @@ INPUT_TMA_CONFIGS = {
 }
 WEIGHT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "x_desc": ("BLOCK_M", "BLOCK_K"), "dw_desc": ("BLOCK_N", "BLOCK_K")}
 WEIGHT_TMA_CONFIGS = {
-    "half": tiles(GEMM_FIELDS, (64, 128, 256, 8, 8, 3), (64, 128, 128, 8, 8, 4), (64, 128, 64, 8, 8, 4),
+    "half": tiles(GEMM_FIELDS, (32, 128, 256, 8, 8, 4), (64, 128, 128, 8, 8, 4), (64, 128, 64, 8, 8, 4),
                   (64, 64, 256, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
     "tf32": tiles(GEMM_FIELDS, (32, 128, 128, 8, 8, 3), (32, 64, 128, 8, 4, 4), (32, 128, 64, 8, 4, 4)),
 }
@@ -258,8 +258,7 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
     cls, consts = launch_class(w.dtype)
     consts["ACTIVATION"] = ACTIVATIONS[activation].value
     if N and tma_ok(cls, dy, y, w, dx):
-        descs = dict(zip(INPUT_TMA_BLOCKS, descriptors(dy, y, w, dx)))
-        preset_blocks(_input_tma, cls, descs)
+        descs = descriptors(_input_tma, cls, INPUT_TMA_BLOCKS, dy, y, w, dx)
         _input_tma(lambda meta: persistent_grid(dx.device, cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"])),
                    *descs.values(), M, N, K, cls=cls, **consts)
         return dx
@@ -294,8 +293,7 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     cls, consts = launch_class(x.dtype)
     consts.update(ACTIVATION=ACTIVATIONS[activation].value, WITH_BIAS=with_bias)
     if tma_ok(cls, dy, y, x, dw):
-        descs = dict(zip(WEIGHT_TMA_BLOCKS, descriptors(dy, y, x, dw)))
-        preset_blocks(_weight_tma, cls, descs)
+        descs = descriptors(_weight_tma, cls, WEIGHT_TMA_BLOCKS, dy, y, x, dw)
         _weight_tma(lambda meta: persistent_grid(dw.device, cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"])),
                     *descs.values(), db if with_bias else dw, M, N, K, cls=cls, **consts)
         return dw, db
