@@ -99,6 +99,13 @@ def _call(function, *args):
     return function.apply(*args) if torch.is_grad_enabled() else function.forward(*args)
 
 
+def _save(ctx, *tensors):
+    """A backward piece saves its inputs for its backward (and, in forward mode, for its jvp)."""
+    ctx.save_for_backward(*tensors)
+    if forward_mode():
+        ctx.save_for_forward(*tensors)
+
+
 def _times_s(g, y, activation, backend):
     """g ⊙ s(y) with s(y) = act'(z) written with the output (dZ from dY): the activations' own Function."""
     function = ActivationGradJvpFunction if forward_mode() else ActivationGradFunction
@@ -180,9 +187,7 @@ class LinearGradInputFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         dy, w, y, ctx.activation, ctx.backend = inputs
-        ctx.save_for_backward(dy, w, y)
-        if forward_mode():
-            ctx.save_for_forward(dy, w, y)
+        _save(ctx, dy, w, y)
 
     @staticmethod
     def backward(ctx, gx):
@@ -213,9 +218,7 @@ class LinearGradWeightFunction(Function):
         ctx.set_materialize_grads(False)
         if not ctx.with_bias:
             ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(dy, x, y)
-        if forward_mode():
-            ctx.save_for_forward(dy, x, y)
+        _save(ctx, dy, x, y)
 
     @staticmethod
     def backward(ctx, gw, gb):
@@ -244,9 +247,7 @@ class LinearGradBiasFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         dy, y, ctx.activation, ctx.backend = inputs
-        ctx.save_for_backward(dy, y)
-        if forward_mode():
-            ctx.save_for_forward(dy, y)
+        _save(ctx, dy, y)
 
     @staticmethod
     def backward(ctx, gb):

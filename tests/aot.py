@@ -12,7 +12,8 @@ of 16), and an integer equal to 1 (a unit stride) becomes a constant. The compil
 ``tt.divisibility = 16`` on every pointer and integer parameter (integers listed in an entry's
 ``unaligned`` attribute, if any, are left out), unit strides through the entry's constexprs.
 
-Each row: registers, stack/local (spills), shared memory, and from the SASS (``cuobjdump -sass``):
+Each row: registers, stack/local (spills), shared memory (``shared``: static, from cuobjdump; ``smem``: what a
+launch allocates, dynamic included, from the compile's metadata), and from the SASS (``cuobjdump -sass``):
 global loads/stores by width (``ldg`` / ``stg``: {"128": n, "64": n, "32": n, "16": n, "8": n}),
 ``vector128`` (some global access is 128-bit), ``hgmma`` (wgmma instructions), ``utmaldg`` (TMA
 loads) and ``ldgsts`` (cp.async copies).
@@ -90,11 +91,13 @@ def compile_config(entry, as_launched: bool = True):
                               check=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     regs, stack, shared, local = map(int, RESOURCE.search(dump).groups())
-    dtypes = sorted({v for v in signature.values() if v.startswith("*")})
+    # Element types of the pointers and of the tensor descriptors (``tensordesc<fp16[64, 64]>`` counts as *fp16).
+    dtypes = sorted({v if v.startswith("*") else "*" + v.split("<")[1].split("[")[0] for v in signature.values()
+                     if v.startswith(("*", "tensordesc"))})
     return {"kernel": kernel.__name__, "dtypes": dtypes, "constexprs": {k: str(v) for k, v in constexprs.items()},
             "num_warps": num_warps, "num_stages": entry.num_stages, "num_ctas": options.get("num_ctas", 1),
-            "registers": regs, "stack": stack,
-            "local": local, "shared": shared, "as_launched": as_launched, **sass_summary(sass)}
+            "registers": regs, "stack": stack, "local": local, "shared": shared, "smem": compiled.metadata.shared,
+            "as_launched": as_launched, **sass_summary(sass)}
 
 
 def table(rows) -> str:

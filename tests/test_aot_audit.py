@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, check_sass
+from tests.helpers import REPO, check_aot, check_sass
 
 SASS = """
         /*0090*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
@@ -76,3 +76,20 @@ def test_table_groups_by_element_type():
     lines = aot.table(rows).splitlines()[2:]
     assert [line.split(" | ")[1] for line in lines] == ["*fp32", "16-bit"]
     assert lines[1].split(" | ")[2] == "2"
+
+
+SM90_SHARED = 232448  # the most shared memory one block may use on sm_90 (227 KB): a config over it cannot launch
+
+
+@pytest.mark.parametrize("family", ["linear", "linear_bwd"])
+def test_linear_sm90_fast_path(family):
+    """linear's sm_90 compiles as launched: each TMA kernel compile loads through TMA (UTMALDG) into wgmma
+    (HGMMA); each 16-bit/tf32 compile of the pointer GEMMs uses wgmma; every compile fits in shared memory."""
+    rows = check_aot(f"scratchops._kernels.{family}")
+    tma = [r for r in rows if r["kernel"].endswith("_tma_kernel")]
+    assert tma, "no TMA kernel compiled"
+    check_sass(tma, hgmma={r["kernel"] for r in tma}, utmaldg={r["kernel"] for r in tma})
+    tensor_core = [r for r in rows if r["constexprs"].get("INPUT_PRECISION") == "tf32"]
+    check_sass(tensor_core, hgmma={r["kernel"] for r in tensor_core})
+    assert all(r["smem"] <= SM90_SHARED for r in rows), [(r["kernel"], r["constexprs"], r["smem"]) for r in rows
+                                                          if r["smem"] > SM90_SHARED]

@@ -5,12 +5,18 @@ its strides (a transposed W or a sliced X costs no copy; zero-stride gradients w
 
 * ``_linear_fwd_kernel`` (here): tiled Z = X·Wᵀ (``_gemm.mma``, grouped tile order), then the
   bias and the activation (``activations.activate``, its spill-free variant) in the epilogue.
+* ``_linear_fwd_tma_kernel`` (here): the same product and epilogue on sm_90's fast path: x, W and y
+  as TMA tensor descriptors (``_gemm.descriptors``), a persistent grid (one program per SM looping
+  over the output tiles in grouped order). Launched when ``_gemm.tma_ok`` holds: on sm_90 for the
+  tensor-core classes, and under the interpreter for every dtype, so CPU CI runs these kernels.
 * the backward kernels, in ``linear_bwd``: dX = dZ·W, dW = dZᵀ·X with db fused in, db alone,
   and the activation-derivative kernel of the double backward.
 
 Configs: one ``triton.Config`` list per dtype class (``_gemm.dtype_class``: "half", "tf32",
 "ieee", "fp64"), autotuned on a GPU where a class has several; one small config under the
-interpreter. Each compiles for sm_90 without spills (``aot_configs``, checked by tests/test_linear.py).
+interpreter. The TMA kernels have their own, wider lists (``*_TMA_CONFIGS``; a config's pre_hook
+sets the descriptors' block shapes). Each compiles for sm_90 without spills (``aot_configs``,
+checked by tests/test_linear.py and tests/test_aot_audit.py).
 """
 import enum
 
@@ -19,8 +25,9 @@ import triton
 import triton.language as tl
 
 from .._common import ACTIVATION_CODES, Activation
-from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma, tile_ids, tile_safe
-from ._launch import Kernel, acc_dtype, cdiv, config, tiles
+from ._gemm import (CLASS_TYPES, descriptors, dtype_class, input_precision, mma, persistent_grid, set_blocks,
+                    tile_count, tile_origin, tile_safe, tile_start, tma_ok)
+from ._launch import Kernel, acc_dtype, aot_entry, cdiv, config, tiles
 from .activations import activate
 
 
@@ -49,6 +56,24 @@ FWD_CONFIGS = {
     "ieee": tiles(GEMM_FIELDS, (64, 64, 32, 8, 4, 2)),
     "fp64": FP64,
 }
+
+# The sm_90 TMA + persistent kernels' lists (16-bit and tf32 only: other classes never take that path on a
+# GPU; under the interpreter INTERPRETER runs). Each config's pre_hook sets the descriptors' block shapes.
+FWD_TMA_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"), "y_desc": ("BLOCK_M", "BLOCK_N")}
+FWD_TMA_CONFIGS = {
+    "half": tiles(GEMM_FIELDS, (128, 256, 32, 8, 8, 4), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
+                  (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)),
+    "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)),
+}
+
+
+def tma_kernel(fn, configs, blocks) -> Kernel:
+    """A TMA GEMM kernel: ``gemm_kernel``, each GPU config given the pre_hook that sets the descriptors' block
+    shapes (``blocks``: descriptor -> constexpr names; ``_gemm.descriptors`` sets them for the interpreter)."""
+    for c in (c for cfgs in configs.values() for c in cfgs):
+        c.pre_hook = set_blocks(blocks)
+    # "ieee"/"fp64" launch it only under the interpreter (tma_ok): no GPU configs.
+    return Kernel(fn, {**dict.fromkeys(CLASS_TYPES, []), **configs}, interpreter=INTERPRETER, key=AUTOTUNE_KEY)
 
 
 def gemm_kernel(fn, configs) -> Kernel:
@@ -79,7 +104,33 @@ def gemm_aot(kernel: Kernel, constexprs: dict, unit_strides=()):
         yield from kernel.aot(types, consts, cls=cls)
 
 
-# ----------------------------------------------------------------- kernel
+def tma_aot(kernel: Kernel, blocks: dict, constexprs: dict, unit_strides=()):
+    """The sm_90 compiles of a TMA kernel: every config of the tensor-core classes x each element type, the
+    descriptors typed as a launch types them (``tensordesc<fp16[128, 64]>``: element type and block shape)."""
+    for cls in ("half", "tf32"):
+        for dtype in CLASS_TYPES[cls]:
+            for c in kernel.configs[cls]:
+                descs = {d: f"tensordesc<{dtype}[{c.kwargs[r]}, {c.kwargs[k]}]>" for d, (r, k) in blocks.items()}
+                consts = {**c.kwargs, **constexprs, "INPUT_PRECISION": input_precision(cls), "ACC": tl.float32,
+                          **{s: 1 for s in unit_strides}}
+                yield aot_entry(kernel.fn, dtype, consts, num_warps=c.num_warps, num_stages=c.num_stages,
+                                ints=descs)
+
+
+# ----------------------------------------------------------------- kernels
+@triton.jit
+def _epilogue(acc, b_ptr, m0_64, n0_64, lm, ln, stride_bm, stride_bn, out_ty: tl.constexpr, BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    """z = acc + b, rounded to the output dtype as torch's linear output is, then y = act(z) (in ACC).
+    ``lm``/``ln``: in-tile rows/columns that stay inside the bias (wrapped at the edge)."""
+    if BIAS == BIAS_VECTOR:
+        acc += tl.load((b_ptr + n0_64 * stride_bn) + ln * stride_bn).to(ACC)[None, :]
+    elif BIAS == BIAS_MATRIX:
+        acc += tl.load((b_ptr + m0_64 * stride_bm + n0_64 * stride_bn) +
+                       (lm[:, None] * stride_bm + ln[None, :] * stride_bn)).to(ACC)
+    return activate(acc.to(out_ty).to(ACC), ACTIVATION, False)
+
+
 @triton.jit
 def _linear_fwd_kernel(
         # pointers
@@ -91,14 +142,8 @@ def _linear_fwd_kernel(
         # constexprs
         BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    # int64 scalar tile origins move the pointers; tile-local offsets stay int32 (cheap in registers).
-    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-    m0_64, n0_64 = m0.to(tl.int64), n0.to(tl.int64)
+    m0, n0, m0_64, n0_64, lm, ln = tile_start(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    # Rows/columns past the edge re-read valid ones (their results are never stored): no M/N load masks.
-    lm = (m0 + ar_m) % M - m0
-    ln = (n0 + ar_n) % N - n0
     x_ptrs = (x_ptr + m0_64 * stride_xm) + (lm[:, None] * stride_xm + ar_k[None, :] * stride_xk)
     w_ptrs = (w_ptr + n0_64 * stride_wn) + (ar_k[:, None] * stride_wk + ln[None, :] * stride_wn)  # (k, n) of Wᵀ
     x_step = stride_xk * tl.full((), BLOCK_K, tl.int64)  # int64 whether or not the stride is specialized to 1
@@ -111,20 +156,42 @@ def _linear_fwd_kernel(
         acc = mma(acc, a, b, INPUT_PRECISION)
         x_ptrs += x_step
         w_ptrs += w_step
-    # Epilogue: z = acc + b, rounded to the output dtype as torch's linear output is, then y = act(z).
-    if BIAS == BIAS_VECTOR:
-        acc += tl.load((b_ptr + n0_64 * stride_bn) + ln * stride_bn).to(ACC)[None, :]
-    elif BIAS == BIAS_MATRIX:
-        acc += tl.load((b_ptr + m0_64 * stride_bm + n0_64 * stride_bn) +
-                       (lm[:, None] * stride_bm + ln[None, :] * stride_bn)).to(ACC)
     out_ty = y_ptr.dtype.element_ty
-    y = activate(acc.to(out_ty).to(ACC), ACTIVATION, False)
+    y = _epilogue(acc, b_ptr, m0_64, n0_64, lm, ln, stride_bm, stride_bn, out_ty, BIAS, ACTIVATION, ACC)
     mask = (ar_m < M - m0)[:, None] & (ar_n < N - n0)[None, :]
     y_ptrs = (y_ptr + m0_64 * stride_ym + n0_64 * stride_yn) + (ar_m[:, None] * stride_ym + ar_n[None, :] * stride_yn)
     tl.store(y_ptrs, y.to(out_ty), mask=mask)
 
 
+@triton.jit
+def _linear_fwd_tma_kernel(
+        # tensor descriptors (x (M, K), W (N, K), y (M, N); blocks set per config by FWD_TMA_BLOCKS) and the bias
+        x_desc, w_desc, y_desc, b_ptr,
+        # sizes
+        M, N, K,
+        # strides of the bias
+        stride_bm, stride_bn,
+        # constexprs
+        BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # The sm_90 path: persistent (each program loops over output tiles, in grouped order), operand tiles
+    # loaded by TMA (zero-filled past the edges: no masks), output stored by TMA (clipped at the edges).
+    for tile in tl.range(tl.program_id(0), tile_count(M, N, BLOCK_M, BLOCK_N), tl.num_programs(0), flatten=True):
+        m0, n0 = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            a = x_desc.load([m0, k * BLOCK_K])
+            b = w_desc.load([n0, k * BLOCK_K])
+            acc = mma(acc, a, b.T, INPUT_PRECISION)
+        lm = (m0 + tl.arange(0, BLOCK_M)) % M - m0
+        ln = (n0 + tl.arange(0, BLOCK_N)) % N - n0
+        y = _epilogue(acc, b_ptr, m0.to(tl.int64), n0.to(tl.int64), lm, ln, stride_bm, stride_bn,
+                      y_desc.dtype, BIAS, ACTIVATION, ACC)
+        y_desc.store([m0, n0], y.to(y_desc.dtype))
+
+
 _fwd = gemm_kernel(_linear_fwd_kernel, FWD_CONFIGS)
+_fwd_tma = tma_kernel(_linear_fwd_tma_kernel, FWD_TMA_CONFIGS, FWD_TMA_BLOCKS)
 
 
 # ----------------------------------------------------------------- launcher
@@ -142,17 +209,27 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activat
         mode = Bias.VECTOR if b.dim() == 1 else Bias.MATRIX
         stride_bm, stride_bn = (0, bias.stride(0)) if b.dim() == 1 else bias.stride()
     cls, consts = launch_class(x.dtype)
+    consts = {**consts, "BIAS": mode.value, "ACTIVATION": ACTIVATION_CODES[activation]}  # a copy: the cache's is shared
+    if K and tma_ok(cls, x, w, y):
+        descs = descriptors(_fwd_tma, cls, FWD_TMA_BLOCKS, x, w, y)
+        _fwd_tma(lambda meta: persistent_grid(y.device, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),
+                 *descs.values(), bias, M, N, K, stride_bm, stride_bn, cls=cls, **consts)
+        return y
     _fwd(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),),
-         x, w, bias, y, M, N, K, *x.stride(), *w.stride(), stride_bm, stride_bn, *y.stride(),
-         cls=cls, BIAS=mode.value, ACTIVATION=ACTIVATION_CODES[activation], **consts)
+         x, w, bias, y, M, N, K, *x.stride(), *w.stride(), stride_bm, stride_bn, *y.stride(), cls=cls, **consts)
     return y
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
 def aot_configs():
-    """Every compile ``linear_fwd`` gets on a GPU for row-major operands (an nn.Linear's x, W, y): each
-    config x element type x bias mode x activation (read by tests/aot.py, outside the interpreter)."""
+    """Every compile ``linear_fwd`` gets on a GPU for row-major operands (an nn.Linear's x, W, y) (read by
+    tests/aot.py, outside the interpreter). The pointer kernel (GPUs other than sm_90, and operands no tensor
+    descriptor can address): each config x element type x bias mode x activation. The sm_90 TMA kernel: each
+    config x element type, with the epilogue that costs the most registers (an (M, N) bias and sigmoid: the
+    others load less and compute a subset; the main loop is the same)."""
     for mode in Bias:
         units = ("stride_xk", "stride_wk", "stride_yn") + (("stride_bn",) if mode != Bias.NONE else ())
         for act in Activation:
             yield from gemm_aot(_fwd, {"BIAS": mode.value, "ACTIVATION": act.value}, units)
+    yield from tma_aot(_fwd_tma, FWD_TMA_BLOCKS, {"BIAS": Bias.MATRIX.value, "ACTIVATION": Activation.SIGMOID.value},
+                       ("stride_bn",))

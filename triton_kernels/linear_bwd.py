@@ -8,6 +8,8 @@ y(1 - y), tanh 1 - y²).
 * ``_linear_bwd_weight_kernel``: dW (N, K), output tiles BLOCK_N x BLOCK_K, reducing over M;
   db = Σ_rows dZ is summed alongside by the programs of the first K tile.
 * ``_linear_bwd_bias_kernel``: db alone (when W needs no gradient, or K = 0).
+* ``_linear_bwd_input_tma_kernel``, ``_linear_bwd_weight_tma_kernel``: dX and dW (+ db) on sm_90's
+  fast path (tensor descriptors, persistent grid; see ``linear``), where ``_gemm.tma_ok`` holds.
 
 The GEMM core (tile order, mma, offsets, precision) is ``_gemm``'s; the configs and their dtype
 classes are ``linear``'s (this module imports them; nothing imports this module but its launchers' users).
@@ -17,10 +19,10 @@ import triton
 import triton.language as tl
 
 from .._common import ACTIVATION_CODES, Activation
-from ._gemm import mma, tile_ids, tile_safe
+from ._gemm import descriptors, mma, persistent_grid, tile_count, tile_origin, tile_safe, tile_start, tma_ok
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, tiles
 from .activations import NONE, activation_grad
-from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class
+from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class, tma_aot, tma_kernel
 
 # dX: output tile BLOCK_M x BLOCK_K, reduction over N in BLOCK_N steps.
 INPUT_CONFIGS = {
@@ -36,6 +38,21 @@ WEIGHT_CONFIGS = {
     "tf32": tiles(GEMM_FIELDS, (32, 128, 64, 8, 8, 3)),
     "ieee": tiles(GEMM_FIELDS, (32, 64, 64, 8, 4, 2)),
     "fp64": tiles(GEMM_FIELDS, (8, 32, 32, 8, 4, 2)),
+}
+# The sm_90 TMA + persistent kernels (see linear.FWD_TMA_CONFIGS), in the same field order. With an activation
+# a stage holds the dY and Y tiles.
+_GRAD_Z_BLOCKS = {"dy_desc": ("BLOCK_M", "BLOCK_N"), "y_desc": ("BLOCK_M", "BLOCK_N")}
+INPUT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "w_desc": ("BLOCK_N", "BLOCK_K"), "dx_desc": ("BLOCK_M", "BLOCK_K")}
+INPUT_TMA_CONFIGS = {
+    "half": tiles(GEMM_FIELDS, (128, 64, 256, 8, 8, 3), (128, 64, 128, 8, 8, 4), (128, 64, 128, 8, 4, 4),
+                  (64, 64, 256, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
+    "tf32": tiles(GEMM_FIELDS, (128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 4), (128, 32, 64, 8, 4, 4)),
+}
+WEIGHT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "x_desc": ("BLOCK_M", "BLOCK_K"), "dw_desc": ("BLOCK_N", "BLOCK_K")}
+WEIGHT_TMA_CONFIGS = {
+    "half": tiles(GEMM_FIELDS, (32, 128, 256, 8, 8, 4), (64, 128, 128, 8, 8, 4), (64, 128, 64, 8, 8, 4),
+                  (64, 64, 256, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
+    "tf32": tiles(GEMM_FIELDS, (32, 128, 128, 8, 8, 3), (32, 64, 128, 8, 4, 4), (32, 128, 64, 8, 4, 4)),
 }
 BIAS_CONFIGS = [config(4, 3, BLOCK_M=16, BLOCK_N=128)]
 BIAS_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32)
@@ -63,12 +80,8 @@ def _linear_bwd_input_kernel(
         ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # dX = dZ·W with dZ = dY ⊙ act'(Y), formed tile by tile as dY (and Y) are loaded.
-    pid_m, pid_k = tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    m0, k0 = pid_m * BLOCK_M, pid_k * BLOCK_K
-    m0_64, k0_64 = m0.to(tl.int64), k0.to(tl.int64)
+    m0, k0, m0_64, k0_64, lm, lk = tile_start(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    lm = (m0 + ar_m) % M - m0  # past the edge: re-read valid rows/columns, never stored
-    lk = (k0 + ar_k) % K - k0
     dy_ptrs = (dy_ptr + m0_64 * stride_dym) + (lm[:, None] * stride_dym + ar_n[None, :] * stride_dyn)
     y_ptrs = (y_ptr + m0_64 * stride_ym) + (lm[:, None] * stride_ym + ar_n[None, :] * stride_yn)
     w_ptrs = (w_ptr + k0_64 * stride_wk) + (ar_n[:, None] * stride_wn + lk[None, :] * stride_wk)
@@ -101,12 +114,8 @@ def _linear_bwd_weight_kernel(
         ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # dW = dZᵀ·X and db = Σ_rows dZ (summed by the programs of the first K tile only).
-    pid_n, pid_k = tile_ids(N, K, BLOCK_N, BLOCK_K, GROUP_M)
-    n0, k0 = pid_n * BLOCK_N, pid_k * BLOCK_K
-    n0_64, k0_64 = n0.to(tl.int64), k0.to(tl.int64)
+    n0, k0, n0_64, k0_64, ln, lk = tile_start(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     ar_m, ar_n, ar_k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    ln = (n0 + ar_n) % N - n0
-    lk = (k0 + ar_k) % K - k0
     dyt_ptrs = (dy_ptr + n0_64 * stride_dyn) + (ln[:, None] * stride_dyn + ar_m[None, :] * stride_dym)  # (n, m)
     yt_ptrs = (y_ptr + n0_64 * stride_yn) + (ln[:, None] * stride_yn + ar_m[None, :] * stride_ym)
     x_ptrs = (x_ptr + k0_64 * stride_xk) + (ar_m[:, None] * stride_xm + lk[None, :] * stride_xk)
@@ -120,7 +129,7 @@ def _linear_bwd_weight_kernel(
         x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         acc = mma(acc, dzt.to(x.dtype), x, INPUT_PRECISION)
         if WITH_BIAS:
-            if pid_k == 0:
+            if k0 == 0:
                 db += tl.sum(dzt, axis=1)
         dyt_ptrs += dy_step
         yt_ptrs += y_step
@@ -131,7 +140,7 @@ def _linear_bwd_weight_kernel(
                                                                      ar_k[None, :] * stride_dwk)
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     if WITH_BIAS:
-        if pid_k == 0:
+        if k0 == 0:
             tl.store(db_ptr + n0_64 + ar_n, db.to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -165,8 +174,69 @@ def _linear_bwd_bias_kernel(
     tl.store(db_ptr + n0_64 + ar_n, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _grad_z_tma(dy_desc, y_desc, r0, c0, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    """The TMA-loaded tile of dZ = dY ⊙ act'(Y) at (r0, c0): dY as loaded without an activation (it may feed the
+    tensor cores straight from shared memory), else computed in ACC."""
+    dz = dy_desc.load([r0, c0])
+    if ACTIVATION != NONE:
+        dz = activation_grad(dz.to(ACC), y_desc.load([r0, c0]).to(ACC), ACTIVATION)
+    return dz
+
+
+@triton.jit
+def _linear_bwd_input_tma_kernel(
+        # tensor descriptors: dY, Y (M, N), W (N, K), dX (M, K) (blocks set per config by INPUT_TMA_BLOCKS)
+        dy_desc, y_desc, w_desc, dx_desc,
+        # sizes
+        M, N, K,
+        # constexprs
+        ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # dX = dZ·W on the sm_90 path: persistent over the BLOCK_M x BLOCK_K output tiles, TMA loads (zero past
+    # the edges) and stores (clipped).
+    for tile in tl.range(tl.program_id(0), tile_count(M, K, BLOCK_M, BLOCK_K), tl.num_programs(0), flatten=True):
+        m0, k0 = tile_origin(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        for n in range(tl.cdiv(N, BLOCK_N)):
+            dz = _grad_z_tma(dy_desc, y_desc, m0, n * BLOCK_N, ACTIVATION, ACC)
+            w = w_desc.load([n * BLOCK_N, k0])
+            acc = mma(acc, dz.to(w.dtype), w, INPUT_PRECISION)
+        dx_desc.store([m0, k0], acc.to(dx_desc.dtype))
+
+
+@triton.jit
+def _linear_bwd_weight_tma_kernel(
+        # tensor descriptors: dY, Y (M, N), X (M, K), dW (N, K) (blocks set per config by WEIGHT_TMA_BLOCKS); db
+        dy_desc, y_desc, x_desc, dw_desc, db_ptr,
+        # sizes
+        M, N, K,
+        # constexprs
+        ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # dW = dZᵀ·X (and db = Σ_rows dZ in the tiles of the first K columns) on the sm_90 path, as above.
+    for tile in tl.range(tl.program_id(0), tile_count(N, K, BLOCK_N, BLOCK_K), tl.num_programs(0), flatten=True):
+        n0, k0 = tile_origin(tile, N, K, BLOCK_N, BLOCK_K, GROUP_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+        db = tl.zeros((BLOCK_N,), dtype=ACC)
+        for m in range(tl.cdiv(M, BLOCK_M)):
+            dz = _grad_z_tma(dy_desc, y_desc, m * BLOCK_M, n0, ACTIVATION, ACC)
+            x = x_desc.load([m * BLOCK_M, k0])
+            acc = mma(acc, dz.to(x.dtype).T, x, INPUT_PRECISION)
+            if WITH_BIAS:
+                if k0 == 0:
+                    db += tl.sum(dz.to(ACC), axis=0)
+        dw_desc.store([n0, k0], acc.to(dw_desc.dtype))
+        if WITH_BIAS:
+            if k0 == 0:
+                ar_n = tl.arange(0, BLOCK_N)
+                tl.store(db_ptr + n0.to(tl.int64) + ar_n, db.to(db_ptr.dtype.element_ty), mask=ar_n < N - n0)
+
+
 _input = gemm_kernel(_linear_bwd_input_kernel, INPUT_CONFIGS)
 _weight = gemm_kernel(_linear_bwd_weight_kernel, WEIGHT_CONFIGS)
+_input_tma = tma_kernel(_linear_bwd_input_tma_kernel, INPUT_TMA_CONFIGS, INPUT_TMA_BLOCKS)
+_weight_tma = tma_kernel(_linear_bwd_weight_tma_kernel, WEIGHT_TMA_CONFIGS, WEIGHT_TMA_BLOCKS)
 _bias = Kernel(_linear_bwd_bias_kernel, BIAS_CONFIGS, interpreter=BIAS_INTERPRETER)
 
 
@@ -186,9 +256,14 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
     (dy, y), strides = _grad_z_args(dy, y, activation)
     w = tile_safe(w)
     cls, consts = launch_class(w.dtype)
+    consts = {**consts, "ACTIVATION": ACTIVATION_CODES[activation]}  # a copy: the cache's is shared
+    if N and tma_ok(cls, dy, y, w, dx):
+        descs = descriptors(_input_tma, cls, INPUT_TMA_BLOCKS, dy, y, w, dx)
+        _input_tma(lambda meta: persistent_grid(dx.device, cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"])),
+                   *descs.values(), M, N, K, cls=cls, **consts)
+        return dx
     _input(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),),
-           dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride(),
-           cls=cls, ACTIVATION=ACTIVATION_CODES[activation], **consts)
+           dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride(), cls=cls, **consts)
     return dx
 
 
@@ -216,9 +291,14 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     (dy, y), strides = _grad_z_args(dy, y, activation)
     x = tile_safe(x)
     cls, consts = launch_class(x.dtype)
+    consts = {**consts, "ACTIVATION": ACTIVATION_CODES[activation], "WITH_BIAS": with_bias}
+    if tma_ok(cls, dy, y, x, dw):
+        descs = descriptors(_weight_tma, cls, WEIGHT_TMA_BLOCKS, dy, y, x, dw)
+        _weight_tma(lambda meta: persistent_grid(dw.device, cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"])),
+                    *descs.values(), db if with_bias else dw, M, N, K, cls=cls, **consts)
+        return dw, db
     _weight(lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),),
-            dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride(),
-            cls=cls, ACTIVATION=ACTIVATION_CODES[activation], WITH_BIAS=with_bias, **consts)
+            dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride(), cls=cls, **consts)
     return dw, db
 
 
@@ -227,6 +307,10 @@ def aot_configs():
     """Every compile the launchers above get on a GPU for row-major operands (dY, Y, W, X and the gradients):
     each config x element type x activation (x WITH_BIAS for dW) (read by tests/aot.py)."""
     grad_z_units = ("stride_dyn", "stride_yn")
+    # The sm_90 TMA kernels: each config x element type, with the costliest epilogue/prologue (linear.aot_configs).
+    sigmoid = Activation.SIGMOID.value
+    yield from tma_aot(_input_tma, INPUT_TMA_BLOCKS, {"ACTIVATION": sigmoid})
+    yield from tma_aot(_weight_tma, WEIGHT_TMA_BLOCKS, {"ACTIVATION": sigmoid, "WITH_BIAS": True})
     for act in Activation:
         yield from gemm_aot(_input, {"ACTIVATION": act.value}, grad_z_units + ("stride_wk", "stride_dxk"))
         for with_bias in (False, True):
