@@ -182,7 +182,6 @@ def choose_backend(tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> str:
 
 
 # ----------------------------------------------------------------- the eager fast path
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_compiling
