@@ -218,7 +218,7 @@ def check_sass(rows, *, vector128=(), hgmma=(), utmaldg=()):
     assert not failures, "\n".join(failures)
 
 
-# The operators torchvision's Python side registers fake/autograd kernels for at import (torchvision/_meta_registrations.py)
+# The operators torchvision's Python side registers fake kernels for at import (torchvision/_meta_registrations.py)
 TORCHVISION_OPS = ("nms", "qnms", "roi_align", "_roi_align_backward", "qroi_align", "ps_roi_align",
                    "_ps_roi_align_backward", "roi_pool", "_roi_pool_backward", "ps_roi_pool", "_ps_roi_pool_backward",
                    "deform_conv2d", "_deform_conv2d_backward")
