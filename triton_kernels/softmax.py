@@ -311,11 +311,12 @@ def _geometry(t: torch.Tensor, dim: int):
 # ----------------------------------------------------------------- launchers
 def _launch(tensors, outputs, dim: int, is_log: bool, backward: bool):
     """Run the kernel the plan picks over ``tensors`` (inputs then outputs, all of one shape)."""
-    out = outputs[0]
-    n_rows, n_cols, n_inner = _geometry(out, dim)
-    laid = [_as_rows(t, dim, n_cols, n_inner) for t in tensors + outputs]  # (tensor, its 3 row strides) each
-    rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
-    kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(out.dtype), out.dtype, is_log, backward)
+    n_rows, n_cols, n_inner = _geometry(outputs[0], dim)
+    rows, strides = tensors + outputs, (n_cols * n_inner, 1, n_inner) * (len(tensors) + len(outputs))  # contiguous
+    if not all([t.is_contiguous() for t in rows]):  # else each operand's own row strides (or a contiguous copy)
+        laid = [_as_rows(t, dim, n_cols, n_inner) for t in rows]
+        rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
+    kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(rows[-1].dtype), rows[-1].dtype, is_log, backward)
     BRANCHES[branch] += 1
     kernel((cdiv(n_rows, block_m),), *rows, n_rows, n_cols, n_inner, *strides, **consts)
 
