@@ -231,6 +231,7 @@ def launch_config(block_n: int, looped: bool, ctas: int = 1, per_warp: int = ELE
 
 
 _KERNELS: dict = {}
+_CAPABILITY: dict = {}  # device index -> compute capability (major)
 
 
 def _kernel(backward: bool, plan: Plan, dtype: torch.dtype) -> Kernel:
@@ -242,9 +243,6 @@ def _kernel(backward: bool, plan: Plan, dtype: torch.dtype) -> Kernel:
         fn = _softmax_bwd_kernel if backward else _softmax_fwd_kernel
         _KERNELS[key] = Kernel(fn, [launch_config(plan.block_n, plan.looped, plan.ctas, per_warp)])
     return _KERNELS[key]
-
-
-_CAPABILITY: dict = {}
 
 
 def clusters(dtype: torch.dtype, device: torch.device) -> bool:
@@ -345,8 +343,10 @@ def _run(inputs, dim: int, is_log: bool, backward: bool) -> torch.Tensor:
         return out
     dim %= out.dim()
     n_rows, n_cols, n_inner = out.numel() // out.shape[dim], out.shape[dim], math.prod(out.shape[dim + 1:])
-    laid = [_as_rows(t, dim, n_cols, n_inner) for t in inputs + [out]]  # (tensor, its 3 row strides) each
-    rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
+    rows, strides = inputs + [out], (n_cols * n_inner, 1, n_inner) * (len(inputs) + 1)  # contiguous operands
+    if not all([t.is_contiguous() for t in rows]):  # else each operand's own row strides (or a contiguous copy)
+        laid = [_as_rows(t, dim, n_cols, n_inner) for t in rows]
+        rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
     cluster = clusters(out.dtype, out.device)
     kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(out.dtype, cluster), out.dtype, cluster, is_log,
                                                    backward)
