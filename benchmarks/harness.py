@@ -29,7 +29,7 @@ import torch
 from scratchops._bench_utils import (gpu_slug, git_commit, load_results, merge_family, saved_tensor_bytes,
                                      to_markdown)
 
-__all__ = ["Bench", "gpu_slug", "git_commit", "saved_tensor_bytes", "to_markdown"]
+__all__ = ["Bench", "gpu_slug", "git_commit", "run_grid", "saved_tensor_bytes", "to_markdown"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUANTILES = (0.5, 0.2, 0.8)
@@ -188,3 +188,16 @@ class Bench:
         with open(stem + ".md", "w") as f:
             f.write(to_markdown(data))
         print(f"wrote {stem}.json and {stem}.md")
+
+
+def run_grid(family: str, argv, bench_one, sizes, quick_sizes, dtypes) -> int:
+    """A bench script's ``main``: ``bench_one(bench, size, dtype)`` for every size (``quick_sizes`` with --quick)
+    and dtype, then the results saved; 0 without a GPU (nothing to time)."""
+    bench = Bench(family, argv)
+    if not bench.gpu:
+        return 0
+    for size in quick_sizes if bench.quick else sizes:
+        for dtype in dtypes:
+            bench_one(bench, size, dtype)
+    bench.save()
+    return 0

@@ -202,3 +202,13 @@ def check_sass(rows, *, vector128=(), hgmma=(), utmaldg=()):
                 failures.append(f"{r['kernel']} {','.join(r['dtypes'])} {r['constexprs']}: no {field} "
                                 f"(ldg={r['ldg']} stg={r['stg']} hgmma={r['hgmma']} utmaldg={r['utmaldg']})")
     assert not failures, "\n".join(failures)
+
+
+def check_legacy_reduction(ours, theirs, *inputs):
+    """A loss's deprecated ``size_average`` / ``reduce`` flags: torch's warning and torch's result for each pair."""
+    for size_average, reduce in [(None, False), (False, None), (True, True), (False, True)]:
+        results = []
+        for loss in (ours, theirs):
+            with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+                results.append(loss(*inputs, size_average=size_average, reduce=reduce))
+        torch.testing.assert_close(*results)

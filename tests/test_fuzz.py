@@ -379,9 +379,8 @@ KNOWN = [
     pytest.param(_conv2d_padding_times_inf, ("reference", "triton"), marks=pytest.mark.xfail(strict=True, reason=(
         "conv2d multiplies the zero padding by an inf weight (nan); torch's CPU conv skips padded taps (finite)")),
         id="conv2d_padding_times_inf"),
-    pytest.param(_cross_entropy_prob_target_grad_overflow, ("reference", "triton"), marks=pytest.mark.xfail(
-        strict=True, reason="cross_entropy's probability-target gradient forms w·log p before scaling by "
-        "grad/N: inf where torch's is 1.2e38"), id="cross_entropy_prob_target_grad_overflow"),
+    pytest.param(_cross_entropy_prob_target_grad_overflow, ("reference", "triton"),
+                 id="cross_entropy_prob_target_grad_overflow"),  # fixed: (-(1-ε) g/D) w log p, torch's order
     pytest.param(_l2_penalty_half_zero_decay, ("reference",), marks=pytest.mark.xfail(strict=True, reason=(
         "l2_penalty accumulates float16 squares in float32: 0 · 3.6e9 = 0 where the float16 formula gives "
         "0 · inf = nan")), id="l2_penalty_half_zero_decay"),
