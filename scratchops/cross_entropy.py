@@ -197,10 +197,11 @@ class CrossEntropyBackwardFunction(Function):
     def setup_context(ctx, inputs, output):
         x, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing = inputs[:8]
         ctx.set_materialize_grads(False)
-        ctx.has_output = [o.dim() == 3 for o in output]
-        ctx.mark_non_differentiable(*[o for o in output if o.dim() != 3])  # the empty placeholders
         ctx.save_for_backward(x, target, weight, stats, denom, g)
-        ctx.save_for_forward(x, target, weight, stats, denom, g)
+        if forward_mode():  # what only the jvp reads (its Function is applied only then): no eager host cost
+            ctx.has_output = [o.dim() == 3 for o in output]
+            ctx.mark_non_differentiable(*[o for o in output if o.dim() != 3])  # the empty placeholders: no tangent
+            ctx.save_for_forward(x, target, weight, stats, denom, g)
 
     @staticmethod
     def backward(ctx, u, ut):
@@ -255,7 +256,8 @@ class CrossEntropyFunction(Function):
         ctx.mark_non_differentiable(stats, denom)
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.save_for_backward(x, target, weight, stats, denom)
-        ctx.save_for_forward(x, target, weight, stats, denom)
+        if forward_mode():
+            ctx.save_for_forward(x, target, weight, stats, denom)
 
     @staticmethod
     def backward(ctx, g, _g_stats, _g_denom):

@@ -173,12 +173,13 @@ class MSEBackwardFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, y, w, denom, g, need_w, ctx.den_sum, ctx.backend = inputs
-        ctx.need_w = bool(need_w and w is not None)
-        if not ctx.need_w:
-            ctx.mark_non_differentiable(output[1])  # the empty placeholder: no tangent, no gradient
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, y, w, denom, g)
-        ctx.save_for_forward(x, y, w, denom, g)
+        if forward_mode():  # what only the jvp reads (its Function is applied only then): no eager host cost
+            ctx.need_w = bool(need_w and w is not None)
+            if not ctx.need_w:
+                ctx.mark_non_differentiable(output[1])  # the empty placeholder: no tangent
+            ctx.save_for_forward(x, y, w, denom, g)
 
     @staticmethod
     def backward(ctx, u, v):
@@ -215,7 +216,8 @@ class MSELossFunction(Function):
         ctx.mark_non_differentiable(denom)
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.save_for_backward(x, y, w, out, denom)
-        ctx.save_for_forward(x, y, w, out, denom)
+        if forward_mode():
+            ctx.save_for_forward(x, y, w, out, denom)
 
     @staticmethod
     def backward(ctx, g, _g_denom):
