@@ -68,10 +68,12 @@ def batch_first(info, t, d):
 def _mse_fwd_vmap(info, in_dims, backend, x, y, w, w_den, reduction):
     """The whole batch in one launch (elementwise), reduced per sample: Σ ℓ, / D with D = n or Σ w."""
     x, y, w = (batch_first(info, t, d) for t, d in zip((x, y, w), in_dims[1:4]))
-    out, one = mse_fwd_op(backend, x, y, w, None, Reduction.NONE)
     if reduction == Reduction.NONE:
+        out, one = mse_fwd_op(backend, x, y, w, None, Reduction.NONE)
         return (out, one), (0, None)
-    total = out.to(one.dtype).reshape(info.batch_size, -1).sum(1)
+    cd = compute_dtype(x.dtype)  # per-element terms kept in the compute dtype before each sample's Σ (16-bit inputs)
+    out, one = mse_fwd_op(backend, x.to(cd), y.to(cd), None if w is None else w.to(cd), None, Reduction.NONE)
+    total = out.reshape(info.batch_size, -1).sum(1)
     if reduction == Reduction.SUM:
         return (total.to(x.dtype), one), (0, None)
     if w_den is None:
