@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as TF
 
 import scratchops.functional as SF
-from benchmarks.harness import Bench
+from benchmarks.harness import run_grid
 
 ROWS = 16384
 VOCABS = (32000, 50257, 128256, 131072, 256000)
@@ -36,14 +36,7 @@ def bench_cross_entropy(bench, vocab, dtype):
 
 
 def main(argv=None):
-    bench = Bench("cross_entropy", argv)
-    if not bench.gpu:
-        return 0
-    for vocab in QUICK_VOCABS if bench.quick else VOCABS:
-        for dtype in DTYPES:
-            bench_cross_entropy(bench, vocab, dtype)
-    bench.save()
-    return 0
+    return run_grid("cross_entropy", argv, bench_cross_entropy, VOCABS, QUICK_VOCABS, DTYPES)
 
 
 if __name__ == "__main__":

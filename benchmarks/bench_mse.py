@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as TF
 
 import scratchops.functional as SF
-from benchmarks.harness import Bench
+from benchmarks.harness import run_grid
 
 LOG2_SIZES = (20, 24, 28)
 QUICK_LOG2_SIZES = (24,)
@@ -25,14 +25,7 @@ def bench_mse(bench, log2n, dtype):
 
 
 def main(argv=None):
-    bench = Bench("mse", argv)
-    if not bench.gpu:
-        return 0
-    for log2n in QUICK_LOG2_SIZES if bench.quick else LOG2_SIZES:
-        for dtype in DTYPES:
-            bench_mse(bench, log2n, dtype)
-    bench.save()
-    return 0
+    return run_grid("mse", argv, bench_mse, LOG2_SIZES, QUICK_LOG2_SIZES, DTYPES)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 from scratchops._bench_utils import (gpu_slug, git_commit, load_results, merge_family, saved_tensor_bytes,
                                      to_markdown)
 
-__all__ = ["Bench", "gpu_slug", "git_commit", "saved_tensor_bytes", "to_markdown"]
+__all__ = ["Bench", "gpu_slug", "git_commit", "run_grid", "saved_tensor_bytes", "to_markdown"]
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUANTILES = (0.5, 0.2, 0.8)
@@ -200,3 +200,16 @@ def gpu_inputs(log2_sizes, shape, dtypes=(torch.float32, torch.bfloat16)):
             yield log2n, dtype, x, x.element_size() * x.numel()
             del x
             torch.cuda.empty_cache()
+
+
+def run_grid(family: str, argv, bench_one, sizes, quick_sizes, dtypes) -> int:
+    """A bench script's ``main``: ``bench_one(bench, size, dtype)`` for every size (``quick_sizes`` with --quick)
+    and dtype, then the results saved; 0 without a GPU (nothing to time)."""
+    bench = Bench(family, argv)
+    if not bench.gpu:
+        return 0
+    for size in quick_sizes if bench.quick else sizes:
+        for dtype in dtypes:
+            bench_one(bench, size, dtype)
+    bench.save()
+    return 0

@@ -26,6 +26,11 @@ p = e^{(z - k) - log s}, exact for rows shifted far from 0 (±1e4, ±1e30: z - k
 cancellation). Saved for backward: the logits (an input), the target, the weight and the
 statistics.
 
+Higher order and torch.func (scratchops/cross_entropy_grad.py): the first backward is a Function whose own
+backward is the second derivative; every Function has a vmap rule and a jvp (forward mode applied only under
+transforms), so vmap, grad, vjp, jacrev, jvp, jacfwd and hessian work. What is not implemented (a third derivative,
+reverse mode over forward mode, a second derivative in the class weight) raises where it is taken.
+
 Bad class indices: CPU tensors get torch's IndexError from a host check before anything runs. On
 CUDA there is no host check (it would synchronise the stream every call): the row of a bad target
 gets a NaN loss and a NaN gradient, written on the device, asynchronously.
@@ -35,31 +40,18 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import Function, backend_op, choose_backend
+from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
 from scratchops._common import Reduction, autocast_enabled, check_class_targets, check_same_device, check_tensor, \
     compute_dtype, legacy_reduction, reduction_code, type_name
+from scratchops.cross_entropy_grad import ACTIVE, COEF, LOSS, STATS, WEIGHT, _log_p, _row, _scale, _weights, \
+    backward_tangents, bwd_vmap, fwd_vmap, loop_vmap, second
+from scratchops.mse import tangent_functions, terminal_function
 
 KERNELS = "cross_entropy"
-SHIFT, LOG_S, COEF, LOSS, WEIGHT, ACTIVE = range(6)  # rows of the statistics
-STATS = 6
 HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------- reference math
-def _row(t: torch.Tensor, n: int, s: int) -> torch.Tensor:
-    return t.reshape(n, 1, s)
-
-
-def _scale(g: torch.Tensor, denom: torch.Tensor, n: int, s: int) -> torch.Tensor:
-    """g_r / D per row, as (N, 1, S) or 0-d (D = 0 with active rows gives inf/nan, as torch's)."""
-    scale = g.to(denom.dtype) / denom
-    return scale.reshape(n, 1, s) if g.dim() else scale
-
-
-def _weights(weight: Optional[torch.Tensor], c: int, like: torch.Tensor) -> torch.Tensor:
-    return (weight.to(like.dtype) if weight is not None else like.new_ones(c)).view(1, c, 1)
-
-
 def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
                       label_smoothing: float, reduction: int) -> List[torch.Tensor]:
     """x: (N, C, S) logits; target: (N, S) class indices or (N, C, S) probabilities.
@@ -134,18 +126,20 @@ def cross_entropy_bwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
     cd = denom.dtype
     prob = target.is_floating_point()
     eps = label_smoothing if label_smoothing > 0 and c else 0.0
-    logp = (x.to(cd) - _row(stats[SHIFT], n, s)) - _row(stats[LOG_S], n, s)
+    logp = _log_p(x, stats, cd)
     p = torch.exp(logp)
     coef = _row(stats[COEF], n, s)
     w = _weights(weight, c, logp)
     scale = _scale(g, denom, n, s)
-    dx = dt = x.new_empty(0)
+    dx, dt = x.new_empty(0), x.new_empty(0)  # two tensors: a custom op's outputs may not alias
     if prob:
         if need_dx:
             q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
             dx = ((p * coef - w * q) * scale).to(x.dtype)
         if need_dt:
-            dt = (-(1 - eps) * w * logp * torch.where(denom == 0, torch.zeros_like(scale), scale)).to(target.dtype)
+            # the small factors first, as torch's: (-(1-ε) g/D) w log p is finite where (w log p) overflows
+            factor = -(1 - eps) * torch.where(denom == 0, torch.zeros_like(scale), scale)
+            dt = ((factor * w) * logp).to(target.dtype)
     elif need_dx:
         t = target.long().unsqueeze(1)
         active = t != ignore_index
@@ -162,32 +156,37 @@ def cross_entropy_weight_bwd(x: torch.Tensor, target: torch.Tensor, stats: torch
     n, c, s = x.shape
     cd = denom.dtype
     eps = label_smoothing if label_smoothing > 0 and c else 0.0
-    logp = (x.to(cd) - _row(stats[SHIFT], n, s)) - _row(stats[LOG_S], n, s)
+    logp = _log_p(x, stats, cd)
     q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
     return (-(q * logp) * _scale(g, denom, n, s)).sum(dim=(0, 2)).to(x.dtype)
 
 
-# ----------------------------------------------------------------- backend ops
+# ----------------------------------------------------------------- backend ops and their vmap rules
 cross_entropy_fwd_op = backend_op("cross_entropy_fwd", cross_entropy_fwd, KERNELS, fake=_cross_entropy_fwd_fake)
 cross_entropy_bwd_op = backend_op("cross_entropy_bwd", cross_entropy_bwd, KERNELS)
 cross_entropy_weight_bwd_op = backend_op("cross_entropy_weight_bwd", cross_entropy_weight_bwd, KERNELS)
+cross_entropy_fwd_op.custom.register_vmap(fwd_vmap(cross_entropy_fwd_op))
+cross_entropy_bwd_op.custom.register_vmap(bwd_vmap(cross_entropy_bwd_op))
+cross_entropy_weight_bwd_op.custom.register_vmap(loop_vmap(cross_entropy_weight_bwd_op))
 
 
 # ----------------------------------------------------------------- autograd
+_WEIGHT_TWICE = ("scratchops.cross_entropy: a second derivative with respect to the class weight is not implemented "
+                 "(detach the weight)")
+
+
+CrossEntropySecondFunction = terminal_function(
+    "CrossEntropySecondFunction", second, "scratchops.cross_entropy: a third derivative is not implemented "
+    "(derivatives above the second cannot be differentiated again)")
+
+
 class CrossEntropyBackwardFunction(Function):
-    r"""(dz, dq) = cross_entropy_bwd(...): the first backward, differentiable once more (double backward).
+    r"""(dz, dq) = cross_entropy_bwd(...): the first backward, differentiable once more (CrossEntropySecondFunction).
 
-    With s_r = g_r / D, p the softmax (rebuilt from the statistics), A_rc = ∂ℓ_r/∂z_rc (the unscaled
-    gradient, see the module docstring) and u = ∂/∂dz, u' = ∂/∂dq incoming:
-
-        ∂/∂z_rj = s_r coef_r p_rj (u_rj - Σ_c u_rc p_rc)                      (softmax Jacobian, coef constant in z)
-                  - (1-ε) s'_r (u'_rj w_j - p_rj Σ_c u'_rc w_c)               (probabilities: dq = -(1-ε) w log p s')
-        ∂/∂q_rj = (1-ε) s_r w_j (Σ_c u_rc p_rc - u_rj)                        (probabilities: coef = Σ w q')
-        ∂/∂g_r  = Σ_c (u_rc A_rc - (1-ε) u'_rc w_c log p_rc [D ≠ 0]) / D     (summed over rows when g is a scalar)
-
-    Ignored rows have coef = 0 and A = 0, so they contribute nothing. D and the statistics are constants
-    (D depends on the weight only, which is not differentiated twice).
+    Forward mode along (ż, q̇, ġ), the transpose of the reverse formulas (the Hessian in z is symmetric):
+    ḋz = s coef p (ż - Σ p ż) + (1-ε) s (p Σ w q̇ - w q̇) + A ġ / D,   ḋq = -(1-ε) s' w (ż - Σ p ż) - (1-ε) w log p ġ/D'.
     """
+    generate_vmap_rule = True
 
     fresh_outputs = True  # a backward without create_graph calls forward directly (see _backend.Function)
 
@@ -201,53 +200,41 @@ class CrossEntropyBackwardFunction(Function):
         x, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing = inputs[:8]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, target, weight, stats, denom, g)
+        if forward_mode():  # what only the jvp reads (its Function is applied only then): no eager host cost
+            ctx.has_output = [o.dim() == 3 for o in output]
+            ctx.mark_non_differentiable(*[o for o in output if o.dim() != 3])  # the empty placeholders: no tangent
+            ctx.save_for_forward(x, target, weight, stats, denom, g)
 
     @staticmethod
     def backward(ctx, u, ut):
-        if torch.is_grad_enabled():
-            raise NotImplementedError("scratchops.cross_entropy: derivatives above the second are not implemented")
-        x, target, weight, stats, denom, g = ctx.saved_tensors
-        n, c, s = x.shape
-        cd = denom.dtype
-        prob = target.is_floating_point()
-        eps = ctx.label_smoothing if ctx.label_smoothing > 0 and c else 0.0
-        u = None if u is None or u.numel() == 0 else u.to(cd)
-        ut = None if ut is None or ut.numel() == 0 else ut.to(cd)
-        logp = (x.to(cd) - _row(stats[SHIFT], n, s)) - _row(stats[LOG_S], n, s)
-        p = torch.exp(logp)
-        coef = _row(stats[COEF], n, s)
-        w = _weights(weight, c, logp)
-        scale = _scale(g, denom, n, s)
-        gz = gq = None
-        gg = torch.zeros((n, 1, s), dtype=cd, device=x.device)
-        if u is not None:
-            up = (u * p).sum(dim=1, keepdim=True)
-            gz = scale * coef * p * (u - up)
-            if prob:
-                q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
-                gg = gg + (u * (p * coef - w * q)).sum(dim=1, keepdim=True) / denom
-                gq = scale * (1 - eps) * w * (up - u)
-            else:
-                t = target.long().unsqueeze(1)
-                active = t != ctx.ignore_index
-                a = p * coef - (1 - eps) * _row(stats[WEIGHT], n, s) * (torch.arange(c, device=x.device).view(1, c, 1)
-                                                                       == t)
-                if eps:
-                    a = a - eps / c * w
-                gz = torch.where(active, gz, torch.zeros_like(gz))
-                gg = gg + torch.where(active, (u * a).sum(dim=1, keepdim=True), torch.zeros_like(gg)) / denom
-        if ut is not None:
-            s_dt = torch.where(denom == 0, torch.zeros_like(scale), scale)
-            utw = ut * w
-            term = -(1 - eps) * s_dt * (utw - p * utw.sum(dim=1, keepdim=True))
-            gz = term if gz is None else gz + term
-            inv = torch.where(denom == 0, torch.zeros_like(denom), 1 / denom)
-            gg = gg + (-(1 - eps) * utw * logp).sum(dim=1, keepdim=True) * inv
+        if ctx.needs_input_grad[2]:
+            raise NotImplementedError(_WEIGHT_TWICE)
+        u = None if u is None or u.numel() == 0 else u
+        ut = None if ut is None or ut.numel() == 0 else ut
         need = ctx.needs_input_grad
-        dz = gz.to(x.dtype) if gz is not None and need[0] else None
-        dq = gq.to(target.dtype) if gq is not None and need[1] else None
-        dg = (gg.sum() if g.dim() == 0 else gg.reshape(g.shape)).to(g.dtype) if need[5] else None
-        return dz, dq, None, None, None, dg, None, None, None, None, None
+        if u is None and ut is None:
+            return (None,) * 11
+        dz, dq, dg = CrossEntropySecondFunction.apply(*ctx.saved_tensors, u, ut, ctx.ignore_index,
+                                                      ctx.label_smoothing)
+        return (dz if need[0] else None, dq if need[1] and dq.numel() else None, None, None, None,
+                dg if need[5] else None, None, None, None, None, None)
+
+
+def _backward_jvp(ctx, x_t, q_t, w_t, _stats_t, _denom_t, g_t, *_):
+    if w_t is not None:
+        raise NotImplementedError(_WEIGHT_TWICE)
+    dz_t, dq_t = CrossEntropyBackwardTangentFunction.apply(*ctx.saved_tensors, x_t, q_t, g_t, ctx.ignore_index,
+                                                           ctx.label_smoothing)
+    return (dz_t if ctx.has_output[0] else None), (dq_t if ctx.has_output[1] else None)
+
+
+def _cross_entropy_weight_grad(x, target, stats, denom, g, label_smoothing, backend):
+    """dw_c = Σ_r -q'_rc log p_rc · g_r / D (probability targets)."""
+    return cross_entropy_weight_bwd_op(backend, x, target, stats, denom, g, label_smoothing)
+
+
+CrossEntropyWeightGradFunction = terminal_function("CrossEntropyWeightGradFunction", _cross_entropy_weight_grad,
+                                                   _WEIGHT_TWICE)
 
 
 class CrossEntropyFunction(Function):
@@ -255,8 +242,10 @@ class CrossEntropyFunction(Function):
 
     Backward: dz = ∂ℓ_r/∂z_r · g_r / D, dq = -(1-ε) w log p · g_r / D, dw = Σ_r -q' log p · g_r / D
     (probability targets), all rebuilt from the logits and the per-row statistics; dz and dq by
-    CrossEntropyBackwardFunction, differentiable once more.
+    CrossEntropyBackwardFunction, differentiable once more. Forward mode: ℓ̇_r = Σ_c (dz ż + dq q̇) with (dz, dq)
+    the backward op at g = 1, plus Σ_c -q' log p ẇ / D for probability targets.
     """
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, target, weight, ignore_index, label_smoothing, reduction, backend):
@@ -269,6 +258,8 @@ class CrossEntropyFunction(Function):
         ctx.mark_non_differentiable(stats, denom)
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.save_for_backward(x, target, weight, stats, denom)
+        if forward_mode():
+            ctx.save_for_forward(x, target, weight, stats, denom)
 
     @staticmethod
     def backward(ctx, g, _g_stats, _g_denom):
@@ -276,15 +267,45 @@ class CrossEntropyFunction(Function):
         need_dx, need_dt, need_dw = ctx.needs_input_grad[:3] if g is not None else (False,) * 3
         dx = dt = dw = None
         if need_dx or need_dt:
-            dx, dt = CrossEntropyBackwardFunction.apply(x, target, weight, stats, denom, g, ctx.ignore_index,
-                                                        ctx.label_smoothing, need_dx, need_dt, ctx.backend)
+            backward = CrossEntropyBackwardJvpFunction if forward_mode() else CrossEntropyBackwardFunction
+            dx, dt = backward.apply(x, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing,
+                                    need_dx, need_dt, ctx.backend)
             dx, dt = (dx if need_dx else None), (dt if need_dt else None)
         if need_dw:  # probability targets only (the functional refuses it for class indices, as torch)
-            if torch.is_grad_enabled():
-                raise NotImplementedError("scratchops.cross_entropy: double backward with respect to the class "
-                                          "weight is not implemented (detach the weight)")
-            dw = cross_entropy_weight_bwd_op(ctx.backend, x, target, stats, denom, g, ctx.label_smoothing)
+            dw = CrossEntropyWeightGradFunction.apply(x, target, stats, denom, g, ctx.label_smoothing, ctx.backend)
         return dx, dt, dw, None, None, None, None  # x, target, weight, ignore_index, ε, reduction, backend
+
+
+def _tangent(x, target, weight, stats, denom, x_t, q_t, w_t, ignore_index, label_smoothing, reduction, backend):
+    """L̇ (CrossEntropyFunction's docstring)."""
+    (n, c, s), cd, prob = x.shape, denom.dtype, target.is_floating_point()
+    if w_t is not None and not prob:
+        raise NotImplementedError("scratchops.cross_entropy: forward-mode derivatives with respect to the class "
+                                  "weight are implemented for probability targets only")
+    ones = denom.new_ones(n * s if reduction == Reduction.NONE else ())
+    dz, dq = cross_entropy_bwd_op(backend, x, target, weight, stats, denom, ones, ignore_index,
+                                  label_smoothing, x_t is not None, prob and q_t is not None)
+    lt = torch.zeros((n, 1, s), dtype=cd, device=x.device)
+    for grad, tangent in ((dz, x_t), (dq, q_t if prob else None)):
+        if tangent is not None:
+            lt = lt + (grad.to(cd) * tangent.to(cd)).sum(dim=1, keepdim=True)
+    if w_t is not None:
+        eps = label_smoothing if label_smoothing > 0 and c else 0.0
+        logp, q = _log_p(x, stats, cd), target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
+        lt = lt - (q * logp * w_t.to(cd).view(1, c, 1)).sum(dim=1, keepdim=True) / denom
+    return (lt.reshape(-1) if reduction == Reduction.NONE else lt.sum()).to(x.dtype)
+
+
+def _cross_entropy_jvp(ctx, x_t, q_t, w_t, *_):
+    return CrossEntropyTangentFunction.apply(*ctx.saved_tensors, x_t, q_t, w_t, ctx.ignore_index, ctx.label_smoothing,
+                                             ctx.reduction, ctx.backend), None, None
+
+
+CrossEntropyTangentFunction, CrossEntropyBackwardTangentFunction = tangent_functions(
+    "cross_entropy", CrossEntropyTangentFunction=_tangent, CrossEntropyBackwardTangentFunction=backward_tangents)
+# Forward mode (torch.func.jvp / jacfwd / hessian); dynamo cannot trace a Function with jvp.
+CrossEntropyJvpFunction = with_jvp(CrossEntropyFunction, _cross_entropy_jvp)
+CrossEntropyBackwardJvpFunction = with_jvp(CrossEntropyBackwardFunction, _backward_jvp)
 
 
 # ----------------------------------------------------------------- functional
@@ -370,7 +391,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     n = 1 if input.dim() == 1 else input.size(0)
     x = input.reshape(n, classes, math.prod(input.shape[2:]))
     t = target.reshape(x.shape) if prob else target.reshape(n, x.size(2))
-    out, _, _ = CrossEntropyFunction.apply(x, t, weight, int(ignore_index), float(label_smoothing), code,
+    function = CrossEntropyJvpFunction if forward_mode() else CrossEntropyFunction
+    out, _, _ = function.apply(x, t, weight, int(ignore_index), float(label_smoothing), code,
                                            choose_backend(x))
     if code != Reduction.NONE:
         return out

@@ -13,13 +13,19 @@ Backward, g the incoming gradient (per element for none, else a scalar) and D = 
 The small factors 2 g / D (and w) are formed first, as torch's backward does, so an error
 near the largest finite value (|e| ~ 1.7e38 in float32) gives torch's finite gradient rather
 than overflowing in 2 e.
+
+Higher order and torch.func: the first backward is a Function (MSEBackwardFunction) whose backward is the second
+derivative; every Function has a vmap rule (the backend ops batch in one launch) and a jvp (applied only under
+transforms), so vmap, grad, vjp, jacrev, jvp, jacfwd and hessian work. What is not implemented (a third derivative,
+reverse mode over forward mode, the second derivative through a weighted mean's D = Σ w) raises where it is taken
+(:func:`terminal_function`), never a gradient without a graph.
 """
 import warnings
 from typing import List, Optional
 
 import torch
 
-from scratchops._backend import Function, backend_op, choose_backend
+from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
 from scratchops._common import Reduction, compute_dtype, legacy_reduction, reduction_code, \
     type_name
 
@@ -54,73 +60,153 @@ def mse_bwd(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], denom: 
 
 
 # ----------------------------------------------------------------- backend ops
+def batch_first(info, t, d):
+    """vmap rules: ``t`` with its batch dim ``d`` at the front (an unbatched ``t`` expanded to the batch; None kept)."""
+    return t if t is None else t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+
+
+def _mse_fwd_vmap(info, in_dims, backend, x, y, w, w_den, reduction):
+    """The whole batch in one launch (elementwise), reduced per sample: Σ ℓ, / D with D = n or Σ w."""
+    x, y, w = (batch_first(info, t, d) for t, d in zip((x, y, w), in_dims[1:4]))
+    if reduction == Reduction.NONE:
+        out, one = mse_fwd_op(backend, x, y, w, None, Reduction.NONE)
+        return (out, one), (0, None)
+    cd = compute_dtype(x.dtype)  # per-element terms kept in the compute dtype before each sample's Σ (16-bit inputs)
+    out, one = mse_fwd_op(backend, x.to(cd), y.to(cd), None if w is None else w.to(cd), None, Reduction.NONE)
+    total = out.reshape(info.batch_size, -1).sum(1)
+    if reduction == Reduction.SUM:
+        return (total.to(x.dtype), one), (0, None)
+    if w_den is None:
+        denom = total.new_full((info.batch_size,), x[0].numel())
+    else:
+        denom = batch_first(info, w_den, in_dims[4]).to(one.dtype).reshape(info.batch_size, -1).sum(1)
+    return ((total / denom).to(x.dtype), denom), (0, 0)
+
+
+def _mse_bwd_vmap(info, in_dims, backend, x, y, w, denom, g, need_w):
+    """One launch: the per-sample g / D formed first (as the kernel does) and passed as g with D = 1."""
+    x, y, w, denom, g = (batch_first(info, t, d) for t, d in zip((x, y, w, denom, g), in_dims[1:6]))
+    shape = (info.batch_size,) + (1,) * (x.dim() - 1)
+    g = g.reshape(shape) if g.dim() == 1 else g  # a per-sample scalar g
+    scale = (g.to(denom.dtype) / denom.view(shape)).expand(x.shape)
+    d, dw = mse_bwd_op(backend, x, y, w, denom.new_ones(()), scale, need_w)
+    return (d, dw), (0, 0 if dw.dim() == x.dim() else None)
+
+
 mse_fwd_op = backend_op("mse_fwd", mse_fwd, KERNELS)
 mse_bwd_op = backend_op("mse_bwd", mse_bwd, KERNELS)
+mse_fwd_op.custom.register_vmap(_mse_fwd_vmap)
+mse_bwd_op.custom.register_vmap(_mse_bwd_vmap)
 
 
 # ----------------------------------------------------------------- autograd
-def _no_third_derivative(name: str) -> None:
-    """Under create_graph=True a second backward would return a gradient without a graph: refuse instead."""
-    if torch.is_grad_enabled():
-        raise NotImplementedError(f"scratchops.{name}: derivatives above the second are not implemented")
+def terminal_function(name: str, compute, message: str):
+    """A Function that returns ``compute(*args)`` and whose own backward raises ``NotImplementedError(message)``.
+
+    A derivative that is not implemented fails loudly where it is taken (also under create_graph=True and the
+    torch.func transforms, which always build graphs), never a gradient without a graph. ``compute`` is plain
+    torch, so the vmap rule is generated."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(message)
+
+    return type(name, (Function,), {"__doc__": compute.__doc__, "generate_vmap_rule": True,
+                                    "forward": staticmethod(compute), "backward": staticmethod(backward),
+                                    "setup_context": staticmethod(lambda ctx, inputs, output: None)})
+
+
+def tangent_functions(op: str, **computes):
+    """Terminal Functions (in the order given) that compute forward-mode tangents with plain torch: reverse mode
+    through a tangent raises instead of differentiating those formulas with the statistics held constant."""
+    message = (f"scratchops.{op}: reverse mode through a forward-mode derivative (jacrev of jacfwd, or a third "
+               "derivative) is not implemented; torch.func.hessian (forward over reverse) is")
+    return tuple(terminal_function(name, compute, message) for name, compute in computes.items())
+
+
+def _mse_second(x, y, w, denom, g, u, v):
+    r"""(∂/∂x, ∂/∂w, ∂/∂g) of <u, d> + <v, dw>, d = e · 2s · w, dw = e² s, s = g / D (D a constant here):
+
+        ∂/∂x = u · 2 s w + v · 2 e s = -∂/∂y,    ∂/∂w = u · 2 e s,    ∂/∂g = (u · 2 e w + v · e²) / D
+    (∂/∂g summed over the elements when g is a scalar; empty tensors for what is not asked).
+    """
+    cd = denom.dtype
+    e, s = x.to(cd) - y.to(cd), g.to(cd) / denom
+    wc = w.to(cd) if w is not None else torch.ones((), dtype=cd, device=x.device)
+    gx = gg = torch.zeros((), dtype=cd, device=x.device)
+    gw = x.new_empty(0)
+    if u is not None:
+        gx, gg = gx + u.to(cd) * (2 * s * wc), gg + u.to(cd) * (2 * e * wc)
+        gw = (u.to(cd) * (2 * e * s)).to(w.dtype) if w is not None else gw
+    if v is not None:
+        gx, gg = gx + v.to(cd) * (2 * e * s), gg + v.to(cd) * (e * e)
+    gg = gg / denom
+    return gx.expand(x.shape).to(x.dtype), gw, (gg.sum() if g.dim() == 0 else gg.expand(g.shape)).to(g.dtype)
+
+
+MSESecondFunction = terminal_function("MSESecondFunction", _mse_second,
+                                      "scratchops.mse_loss: a third derivative is not implemented (derivatives "
+                                      "above the second cannot be differentiated again)")
+_DEN_MESSAGE = ("scratchops.mse_loss: the second derivative through a weighted mean's denominator Σ w is not "
+                "implemented (detach the weight, or use reduction='sum')")
+
+
+def _mse_den_grad(out, g, denom, shape):
+    """∂L/∂w_j from the denominator D = Σ w: -L · g / D, for every element of the weight as given."""
+    return (-(out.to(denom.dtype) * g.to(denom.dtype)) / denom).to(out.dtype).expand(shape)
+
+
+MSEDenGradFunction = terminal_function("MSEDenGradFunction", _mse_den_grad, _DEN_MESSAGE)
 
 
 class MSEBackwardFunction(Function):
     r"""(d, dw) = mse_bwd(x, y, w, D, g): d = e · (2g/D) · w, dw = e² g / D (the first backward, differentiable).
 
-    Second derivatives, u = ∂/∂d and v = ∂/∂dw incoming, s = g / D (D a constant here):
-
-        ∂/∂x = u · 2 s w + v · 2 e s = -∂/∂y
-        ∂/∂w = u · 2 e s
-        ∂/∂g = (u · 2 e w + v · e²) / D       (summed over the elements when g is a scalar)
+    Its backward is MSESecondFunction (formulas there). Forward mode along (ẋ, ẏ, ẇ, ġ), s = g / D:
+    ḋ = 2 s w (ẋ - ẏ) + 2 e s ẇ + 2 e w ġ / D,  (dw)˙ = 2 e s (ẋ - ẏ) + e² ġ / D.
+    ``den_sum``: D = Σ w (a weighted mean), whose dependence on w is not differentiated here, so a second
+    derivative with respect to w raises.
     """
+    generate_vmap_rule = True
 
     fresh_outputs = True  # a backward without create_graph calls forward directly (see _backend.Function)
 
     @staticmethod
-    def forward(x, y, w, denom, g, need_w, backend):
+    def forward(x, y, w, denom, g, need_w, den_sum, backend):
         return tuple(mse_bwd_op(backend, x, y, w, denom, g, need_w))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, w, denom, g, _, ctx.backend = inputs
+        x, y, w, denom, g, need_w, ctx.den_sum, ctx.backend = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, y, w, denom, g)
+        if forward_mode():  # what only the jvp reads (its Function is applied only then): no eager host cost
+            ctx.need_w = bool(need_w and w is not None)
+            if not ctx.need_w:
+                ctx.mark_non_differentiable(output[1])  # the empty placeholder: no tangent
+            ctx.save_for_forward(x, y, w, denom, g)
 
     @staticmethod
     def backward(ctx, u, v):
-        _no_third_derivative("mse_loss")
         x, y, w, denom, g = ctx.saved_tensors
-        cd = denom.dtype
-        e = x.to(cd) - y.to(cd)
-        s = g.to(cd) / denom
-        wc = w.to(cd) if w is not None else torch.ones((), dtype=cd, device=x.device)
-        u = None if u is None or u.numel() == 0 else u.to(cd)
-        v = None if v is None or v.numel() == 0 or w is None else v.to(cd)
-        gx = gw = gg = None
-        terms_x, terms_g = [], []
-        if u is not None:
-            terms_x.append(u * (2 * s * wc))
-            terms_g.append(u * (2 * e * wc))
-            gw = (u * (2 * e * s)).to(w.dtype) if w is not None and ctx.needs_input_grad[2] else None
-        if v is not None:
-            terms_x.append(v * (2 * e * s))
-            terms_g.append(v * (e * e))
-        if terms_x:
-            gx = sum(terms_x[1:], terms_x[0])
-            gg = sum(terms_g[1:], terms_g[0]) / denom
-            gg = (gg.sum() if g.dim() == 0 else gg).to(g.dtype)
-        dx = gx.to(x.dtype) if gx is not None and ctx.needs_input_grad[0] else None
-        dy = (-gx).to(y.dtype) if gx is not None and ctx.needs_input_grad[1] else None
-        gg = gg if ctx.needs_input_grad[4] else None
-        return dx, dy, gw, None, gg, None, None  # x, y, w, denom, g, need_w, backend
+        if ctx.den_sum and ctx.needs_input_grad[2]:
+            raise NotImplementedError(_DEN_MESSAGE)
+        u = None if u is None or u.numel() == 0 else u
+        v = None if v is None or v.numel() == 0 or w is None else v
+        if u is None and v is None:
+            return (None,) * 8
+        gx, gw, gg = MSESecondFunction.apply(x, y, w, denom, g, u, v)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, -gx if need[1] else None, gw if need[2] and gw.numel() else None, None,
+                gg if need[4] else None, None, None, None)  # x, y, w, denom, g, need_w, den_sum, backend
 
 
 class MSELossFunction(Function):
     """mse_loss(x, y, w, w_den, reduction, backend) -> (L, D); backward dx = e (2g/D) w = -dy, dw = e² g/D (- L g/D).
 
-    The backward is MSEBackwardFunction (differentiable once more, for double backward).
+    The backward is MSEBackwardFunction (differentiable once more, for double backward). Forward mode: L̇ = Σ d (ẋ -
+    ẏ) + Σ dw ẇ - [mean, D = Σ w] L Σ ẇ_den / D with (d, dw) the backward op at g = 1.
     """
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, y, w, w_den, reduction, backend):
@@ -134,24 +220,73 @@ class MSELossFunction(Function):
         ctx.mark_non_differentiable(denom)
         ctx.set_materialize_grads(False)  # no zero gradients made for the statistics
         ctx.save_for_backward(x, y, w, out, denom)
+        if forward_mode():
+            ctx.save_for_forward(x, y, w, out, denom)
 
     @staticmethod
     def backward(ctx, g, _g_denom):
         x, y, w, out, denom = ctx.saved_tensors
         need_x, need_y, need_w, need_den = ctx.needs_input_grad[:4] if g is not None else (False,) * 4
         dx = dy = dw = dden = None
+        den_sum = ctx.reduction == Reduction.MEAN and ctx.den_shape is not None
         if need_x or need_y or need_w:
-            d, dw = MSEBackwardFunction.apply(x, y, w, denom, g, need_w, ctx.backend)
+            backward = MSEBackwardJvpFunction if forward_mode() else MSEBackwardFunction
+            d, dw = backward.apply(x, y, w, denom, g, need_w, den_sum, ctx.backend)
             dx = d if need_x else None
             dy = -d if need_y else None
             dw = dw if need_w else None
-        if need_den and ctx.reduction == Reduction.MEAN:
-            if torch.is_grad_enabled():
-                raise NotImplementedError("scratchops.mse_loss: double backward through a weighted mean's "
-                                          "denominator Σ w is not implemented (detach the weight, or use sum)")
-            # D = Σ w: ∂L/∂w_j gets -L · g / D from the denominator
-            dden = (-(out.to(denom.dtype) * g.to(denom.dtype)) / denom).to(w.dtype).expand(ctx.den_shape)
+        if need_den and den_sum:  # D = Σ w: ∂L/∂w_j gets -L · g / D from the denominator
+            dden = MSEDenGradFunction.apply(out, g, denom, ctx.den_shape)
         return dx, dy, dw, dden, None, None  # x, y, w, w_den, reduction, backend
+
+
+def _mse_backward_tangents(x, y, w, denom, g, x_t, y_t, w_t, g_t, need_w):
+    """(ḋ, (dw)˙): the first backward's derivative along (ẋ, ẏ, ẇ, ġ) (MSEBackwardFunction's docstring)."""
+    cd = denom.dtype
+    e, s = x.to(cd) - y.to(cd), g.to(cd) / denom
+    wc = w.to(cd) if w is not None else torch.ones((), dtype=cd, device=x.device)
+    et = (0 if x_t is None else x_t.to(cd)) - (0 if y_t is None else y_t.to(cd))
+    d_t = 2 * s * wc * et + (0 if w_t is None else 2 * e * s * w_t.to(cd))
+    dw_t = 2 * e * s * et
+    if g_t is not None:
+        d_t, dw_t = d_t + 2 * e * wc * g_t.to(cd) / denom, dw_t + e * e * g_t.to(cd) / denom
+    d_t = (d_t + torch.zeros_like(e)).to(x.dtype)  # a tangent of x's shape even where a term is a constant
+    return d_t, ((dw_t + torch.zeros_like(e)).to(w.dtype) if need_w else x.new_empty(0))
+
+
+def _mse_backward_jvp(ctx, x_t, y_t, w_t, _denom_t, g_t, *_):
+    if ctx.den_sum and w_t is not None:
+        raise NotImplementedError(_DEN_MESSAGE)
+    d_t, dw_t = MSEBackwardTangentFunction.apply(*ctx.saved_tensors, x_t, y_t, w_t, g_t, ctx.need_w)
+    return d_t, (dw_t if ctx.need_w else None)
+
+
+def _mse_tangent(x, y, w, out, denom, x_t, y_t, w_t, w_den_t, reduction, backend):
+    """L̇ (MSELossFunction's docstring)."""
+    cd = denom.dtype
+    d, dw = mse_bwd_op(backend, x, y, w, denom, denom.new_ones(()), w_t is not None)
+    et = (0 if x_t is None else x_t.to(cd)) - (0 if y_t is None else y_t.to(cd))
+    lt = d.to(cd) * et + (0 if w_t is None else dw.to(cd) * w_t.to(cd))
+    lt = lt + torch.zeros(x.shape, dtype=cd, device=x.device)
+    if reduction == Reduction.NONE:
+        return lt.to(x.dtype)
+    lt = lt.sum()
+    if reduction == Reduction.MEAN and w_den_t is not None:
+        lt = lt - out.to(cd) * w_den_t.to(cd).sum() / denom
+    return lt.to(x.dtype)
+
+
+def _mse_jvp(ctx, x_t, y_t, w_t, w_den_t, *_):
+    return MSETangentFunction.apply(*ctx.saved_tensors, x_t, y_t, w_t, w_den_t, ctx.reduction, ctx.backend), None
+
+
+MSETangentFunction, MSEBackwardTangentFunction = tangent_functions(
+    "mse_loss", MSETangentFunction=_mse_tangent, MSEBackwardTangentFunction=_mse_backward_tangents)
+
+
+# Forward mode (torch.func.jvp / jacfwd / hessian); dynamo cannot trace a Function with jvp.
+MSELossJvpFunction = with_jvp(MSELossFunction, _mse_jvp)
+MSEBackwardJvpFunction = with_jvp(MSEBackwardFunction, _mse_backward_jvp)
 
 
 # ----------------------------------------------------------------- functional
@@ -180,5 +315,6 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: Optional[b
         raise NotImplementedError(f"\"mse_cpu\" not implemented for '{type_name(dtype)}'")
     x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
     w = None if weight is None else weight.to(dtype)
-    out, _ = MSELossFunction.apply(x, y, None if w is None else w.expand(x.shape), w, code, choose_backend(x))
+    function = MSELossJvpFunction if forward_mode() else MSELossFunction
+    out, _ = function.apply(x, y, None if w is None else w.expand(x.shape), w, code, choose_backend(x))
     return out

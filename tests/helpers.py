@@ -250,3 +250,13 @@ def import_timm():
     _TORCHVISION_SHIM.append(lib)  # the definitions live as long as the library object
     import timm
     return timm
+
+
+def check_legacy_reduction(ours, theirs, *inputs):
+    """A loss's deprecated ``size_average`` / ``reduce`` flags: torch's warning and torch's result for each pair."""
+    for size_average, reduce in [(None, False), (False, None), (True, True), (False, True)]:
+        results = []
+        for loss in (ours, theirs):
+            with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+                results.append(loss(*inputs, size_average=size_average, reduce=reduce))
+        torch.testing.assert_close(*results)

@@ -385,9 +385,8 @@ def _cross_entropy_prob_target_grad_overflow():
 
 KNOWN = [
     pytest.param(_conv2d_padding_times_inf, ("reference", "triton"), id="conv2d_padding_times_inf"),  # fixed
-    pytest.param(_cross_entropy_prob_target_grad_overflow, ("reference", "triton"), marks=pytest.mark.xfail(
-        strict=True, reason="cross_entropy's probability-target gradient forms w·log p before scaling by "
-        "grad/N: inf where torch's is 1.2e38"), id="cross_entropy_prob_target_grad_overflow"),
+    pytest.param(_cross_entropy_prob_target_grad_overflow, ("reference", "triton"),
+                 id="cross_entropy_prob_target_grad_overflow"),  # fixed: (-(1-ε) g/D) w log p, torch's order
 ]
 
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
-from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
-                           expect_ops, make)
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_legacy_reduction, check_parity,
+                           check_same_error, check_sass, expect_ops, make)
 
 BLOCK = 1024  # triton_kernels/mse.py BLOCK (elementwise kernels, one partial sum per block)
 REDUCTIONS = ("none", "mean", "sum")
@@ -89,13 +88,7 @@ def test_mse_bad_inputs(backend, name):
 
 
 def test_legacy_reduction_flags(backend):
-    x, y = make((4, 6)), make((4, 6), seed=7)
-    for size_average, reduce in [(None, False), (False, None), (True, True), (False, True)]:
-        with pytest.warns(UserWarning, match="size_average and reduce"):
-            a = SF.mse_loss(x, y, size_average=size_average, reduce=reduce)
-        with pytest.warns(UserWarning, match="size_average and reduce"):
-            b = TF.mse_loss(x, y, size_average=size_average, reduce=reduce)
-        torch.testing.assert_close(a, b)
+    check_legacy_reduction(SF.mse_loss, TF.mse_loss, make((4, 6)), make((4, 6), seed=7))
 
 
 # ----------------------------------------------------------------- modules, registration
@@ -116,21 +109,12 @@ def test_opcheck(backend):
     torch.library.opcheck(M.mse_bwd_op.custom, (backend, x, y, None, denom, make((5, 6)), False))
 
 
-def test_backward_uses_forward_backend(backend):
-    from scratchops._backend import LAUNCHES
-
-    other = {"triton": "reference", "reference": "triton"}[backend]
-    x = make((3, 4), requires_grad=True)
-    loss = SF.mse_loss(x, make((3, 4), seed=1))
-    before = LAUNCHES["mse_bwd", backend]
-    with scratchops.use_backend(other):
-        loss.backward()
-    assert LAUNCHES["mse_bwd", backend] == before + 1
-
-
-def test_aot_compile_sm90():
+def test_aot_streaming_loads_are_128_bit():
+    """sm_90 as launched (the contract compiles it, no spills): every elementwise compile moves its streams with
+    128-bit global accesses (issue 12)."""
     rows = check_aot("scratchops._kernels.mse")
     assert {r["kernel"] for r in rows} == {"_mse_fwd_kernel", "_mse_finish_kernel", "_mse_bwd_kernel"}
+    check_sass(rows, vector128=("_mse_fwd_kernel", "_mse_bwd_kernel"))
 
 
 # ----------------------------------------------------------------- reliability (issue 16)
@@ -174,11 +158,44 @@ def test_mse_gradgradcheck(backend, weighted, reduction):
 
 
 def test_mse_no_graphless_gradient(backend):
+    """A derivative that is not implemented raises where it is taken (create_graph=True and the torch.func
+    transforms always build the graph), never a gradient without one."""
     x, y = make((3,), torch.float64, requires_grad=True), make((3,), torch.float64, seed=1)
     w = make((3,), torch.float64, low=0.5, high=2.0, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        torch.autograd.grad(SF.mse_loss(x, y, weight=w), (x, w), create_graph=True)
+    gx, gw = torch.autograd.grad(SF.mse_loss(x, y, weight=w), (x, w), create_graph=True)
+    torch.testing.assert_close(gw, torch.autograd.grad(TF.mse_loss(x, y, weight=w), w)[0])
+    for first in (gx, gw):  # through the weighted mean's denominator Σ w
+        with pytest.raises(NotImplementedError, match="denominator"):
+            torch.autograd.grad(first.sum(), w, retain_graph=True)
     (gx,) = torch.autograd.grad(SF.mse_loss(x, y), x, create_graph=True)
-    (gxx,) = torch.autograd.grad(gx.sum(), x, retain_graph=True)  # the second derivative itself works
-    with pytest.raises(NotImplementedError, match="above the second"):  # a graph for a third does not
-        torch.autograd.grad(gx.sum(), x, create_graph=True)
+    (gxx,) = torch.autograd.grad(gx.sum(), x, create_graph=True)  # the second derivative itself works
+    torch.testing.assert_close(gxx, torch.full_like(x, 2 / 3))
+    with pytest.raises(NotImplementedError, match="third derivative is not implemented"):
+        torch.autograd.grad(gxx.sum(), x)
+
+
+# ----------------------------------------------------------------- torch.func (issue 13)
+@pytest.mark.parametrize("weighted,reduction", [(False, "mean"), (True, "none"), (True, "sum"), (True, "mean")])
+def test_mse_torch_func(backend, weighted, reduction):
+    """vmap (per-sample losses and gradients), grad, vjp, jacrev, jvp, jacfwd and hessian against torch's (fp64),
+    in the input, the target and (first order) the weight."""
+    x, y = make((2, 3), torch.float64), make((2, 3), torch.float64, seed=1)
+    w = make((2, 3), torch.float64, low=0.5, high=2.0, seed=2) if weighted else None
+    results = {}
+    for name, mse in (("ours", SF.mse_loss), ("torch", TF.mse_loss)):
+        f = lambda x, y, *ws: mse(x, y, reduction=reduction, weight=ws[0] if ws else None)  # noqa: E731
+        total = lambda *a: f(*a).sum()  # noqa: E731
+        args, argnums = ((x, y, w), (0, 1, 2)) if weighted else ((x, y), (0, 1))
+        second = (0, 1) if reduction == "mean" and weighted else argnums  # Σ w's second derivative is refused
+        tangents = tuple(make(a.shape, torch.float64, seed=5 + i) for i, a in enumerate(args))
+        batch = [torch.stack([a, a.flip(0)]) for a in args]
+        results[name] = [torch.func.grad(total, argnums)(*args), torch.func.vjp(f, *args)[1](f(*args)),
+                         torch.func.jacrev(f, argnums)(*args), torch.func.jvp(f, args, tangents),
+                         torch.func.jacfwd(f, argnums)(*args), torch.func.hessian(total, second)(*args)]
+        if name == "ours":
+            results[name] += [torch.func.vmap(f)(*batch), torch.func.vmap(torch.func.grad(total, argnums))(*batch)]
+        else:  # torch's per-sample loop is the oracle of vmap
+            results[name] += [torch.stack([f(*a) for a in zip(*batch)]),
+                              [torch.stack(g) for g in zip(*[torch.func.grad(total, argnums)(*a)
+                                                             for a in zip(*batch)])]]
+    torch.testing.assert_close(results["ours"], results["torch"])

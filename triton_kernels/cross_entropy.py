@@ -198,8 +198,9 @@ def _cross_entropy_bwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, denom_ptr, 
             dx = (p * coef - w * (q * (1.0 - eps) + eps_c)) * scale
             tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:
-            # dq_c = -(1-ε) w_c log p_c · g / D (0 when D = 0: no rows)
-            dq = -(1.0 - eps) * w * log_p * tl.where(tl.load(denom_ptr) == 0, 0.0, scale)
+            # dq_c = -(1-ε) w_c log p_c · g / D (0 when D = 0: no rows), the small factors first as torch's: finite
+            # where w log p alone overflows (a logit near -3.4e38)
+            dq = ((-(1.0 - eps) * tl.where(tl.load(denom_ptr) == 0, 0.0, scale)) * w) * log_p
             tl.store(dt_ptr + out, dq.to(dt_ptr.dtype.element_ty), mask=mask)
     else:
         t = tl.load(t_ptr + n * stride_tn + s * stride_ts).to(tl.int64)
@@ -335,22 +336,36 @@ I64 = {name: "i64" for name in ("R", "C", "S", "stride_xn", "stride_xc", "stride
                                 "stride_ts", "stride_g", "ignore_index")}
 
 
+def _units(prob: bool, rows: bool) -> dict:
+    """The unit strides a launch specializes (triton makes an integer argument equal to 1 a constant): contiguous
+    (N, C) logits (``rows``: S = 1, unit class stride; a class-index target (N,) is (N, 1) with unit strides) or
+    contiguous (N, C, S) ones (unit spatial strides)."""
+    if not rows:
+        return {"stride_xs": 1, "stride_ts": 1}
+    return {"S": 1, "stride_xc": 1, "stride_xs": 1, "stride_ts": 1, **({"stride_tc": 1} if prob else {"stride_tn": 1})}
+
+
 def aot_configs():
-    """Every compile the launchers above get on a GPU (read by tests/aot.py, outside the interpreter)."""
+    """Every compile the launchers above get on a GPU (read by tests/aot.py, outside the interpreter), as launched:
+    contiguous (N, C) logits for every dtype and option, and contiguous (N, C, S) ones (spatial) in fp32."""
     for t in FLOAT_TYPES:
         acc = "fp64" if t == "fp64" else "fp32"
         ACC = tl.float64 if t == "fp64" else tl.float32
         scalars = {**I64, "smoothing": "fp32"}
         for prob in (0, 1):
             ptrs = {"t_ptr": t if prob else "i64", "stats_ptr": acc, "denom_ptr": acc}
-            for has_weight in (0, 1):
+            for has_weight, rows in ((0, True), (1, True), (0, False)):
+                if not rows and t != "fp32":
+                    continue
+                units = _units(prob, rows)
                 for size in (("small",) if t == "fp64" else ("small", "large")):
-                    yield from FWD[size].aot(t, {"HAS_WEIGHT": has_weight, "PROB": prob, "ACC": ACC}, ints=scalars,
-                                             pointers=ptrs)
+                    yield from FWD[size].aot(t, {"HAS_WEIGHT": has_weight, "PROB": prob, "ACC": ACC, **units},
+                                             ints=scalars, pointers=ptrs)
                 needs = ((1, 0), (0, 1), (1, 1)) if prob else ((1, 0),)
                 for need_dx, need_dt in needs:
                     yield from _bwd.aot(t, {"HAS_WEIGHT": has_weight, "PROB": prob, "NEED_DX": need_dx,
-                                            "NEED_DT": need_dt, "ACC": ACC}, ints=scalars, pointers=ptrs)
+                                            "NEED_DT": need_dt, "ACC": ACC, **units}, ints=scalars, pointers=ptrs)
         for reduction in Reduction:
             yield from _reduce.aot(acc, {"REDUCTION": reduction.value, "ACC": ACC}, ints=I64, pointers={"out_ptr": t})
-        yield from _weight_bwd.aot(t, {"ACC": ACC}, ints=scalars, pointers={"stats_ptr": acc, "denom_ptr": acc})
+        yield from _weight_bwd.aot(t, {"ACC": ACC, **_units(True, True)}, ints=scalars,
+                                   pointers={"stats_ptr": acc, "denom_ptr": acc})
