@@ -96,13 +96,14 @@ def _sgd_step_kernel(hyper_ptr, lr_ptr, meta_ptr,  # pointers: fp64 [λ, μ, 1 -
         g_ptr = tl.multiple_of(g_ptr, ALIGN_BYTES)
         b_ptr = tl.multiple_of(b_ptr, ALIGN_BYTES)
     start = chunk * (CHUNK_BLOCKS * BLOCK)
-    n_blocks = tl.minimum(tl.cdiv(numel - start, BLOCK), CHUNK_BLOCKS)
-    for i in range(0, n_blocks):
+    # a constant trip count (triton 3.6's interpreter cannot take a loaded value as a loop bound); blocks past the
+    # tensor's end do nothing
+    for i in range(0, CHUNK_BLOCKS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         if start + (i + 1) * BLOCK <= numel:  # a full block: no masks (a fresh buffer's load is discarded)
             _sgd_update(w_ptr, g_ptr, b_ptr, offs, None, None, fresh, lr, weight_decay, momentum, undamped,
                         sign, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, DTYPE, ACC)
-        else:  # the tensor's last, partial block; a fresh buffer is not read
+        elif start + i * BLOCK < numel:  # the tensor's last, partial block; a fresh buffer is not read
             _sgd_update(w_ptr, g_ptr, b_ptr, offs, offs < numel, offs < b_numel, fresh, lr, weight_decay,
                         momentum, undamped, sign, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, DTYPE, ACC)
 
