@@ -54,8 +54,7 @@ def _padded(numel: int) -> int:
 # ----------------------------------------------------------------- layouts
 def _out_strides(x: torch.Tensor) -> list[int]:
     """The output's (dense) layout, as torch's ``x * empty_like(x)``: x's strides when x is dense, else the
-    memory format empty_like suggests. Asked of a meta tensor: no memory, and it traces under torch.compile.
-    A contiguous x (the common case) is dense: its own strides, without the meta tensor."""
+    memory format empty_like suggests (asked of a meta tensor: it traces under compile); contiguous: its own."""
     if x.is_contiguous():
         return list(x.stride())
     return list(torch.empty_like(x, device="meta").stride())
@@ -222,10 +221,8 @@ class DropoutInplaceFunction(DropoutFunction):
 
 # ----------------------------------------------------------------- autograd: l2_penalty
 def _carve(tensors, flats):
-    """Per tensor, in the caller's order, its row-major piece of its dtype group's flat buffer (a view).
-
-    Walked by position, never keyed by ``id(w)``: torch.compile guards on the identity of a tensor whose id is
-    taken, which recompiled per call (a tensor listed twice gets one piece per entry)."""
+    """Per tensor, in the caller's order, its row-major piece of its dtype group's flat buffer (a view); walked by
+    position, never keyed by ``id(w)`` (torch.compile guards on an id taken: it recompiled per call)."""
     slots = {dtype: [flat, 0] for dtype, flat in zip(dtype_groups(tensors), flats)}
     out = []
     for w in tensors:
@@ -397,8 +394,7 @@ def l2_penalty(tensors, weight_decay: float = 1.0) -> torch.Tensor:
     blocker = next((t for t in tensors if triton_unavailable_reason(t.device, t.dtype, FLOAT_DTYPES)), tensors[0])
     backend = choose_backend(blocker)
     if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        # Dynamo passes ctx to a setup_context Function whose forward takes *args when nothing needs a gradient
-        # (AttributeError 'AutogradFunctionContextVariable' ... 'proxy'): the forward op itself, as apply would
+        # dynamo passes ctx to a *args forward when nothing needs a gradient: the forward op itself, as apply would
         return l2_penalty_fwd_op(backend, tensors, float(weight_decay), out_dtype)
     return L2PenaltyFunction.apply(float(weight_decay), out_dtype, backend, *tensors)
 
