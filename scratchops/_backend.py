@@ -260,6 +260,34 @@ def with_jvp(function, jvp):
     return type(f"{function.__name__}WithJvp", (function,), {"jvp": staticmethod(jvp), "__doc__": function.__doc__})
 
 
+def batch_first(info, t, d):
+    """vmap rules: ``t`` with its batch dim ``d`` at the front (an unbatched ``t`` expanded to the batch; None kept)."""
+    return t if t is None else t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+
+
+def terminal_function(name: str, compute, message: str):
+    """A Function that returns ``compute(*args)`` and whose own backward raises ``NotImplementedError(message)``.
+
+    A derivative that is not implemented fails loudly where it is taken (also under create_graph=True and the
+    torch.func transforms, which always build graphs), never a gradient without a graph. ``compute`` is plain
+    torch, so the vmap rule is generated."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(message)
+
+    return type(name, (Function,), {"__doc__": compute.__doc__, "generate_vmap_rule": True,
+                                    "forward": staticmethod(compute), "backward": staticmethod(backward),
+                                    "setup_context": staticmethod(lambda ctx, inputs, output: None)})
+
+
+def tangent_functions(op: str, **computes):
+    """Terminal Functions (in the order given) that compute forward-mode tangents with plain torch: reverse mode
+    through a tangent raises instead of differentiating those formulas with the statistics held constant."""
+    message = (f"scratchops.{op}: reverse mode through a forward-mode derivative (jacrev of jacfwd, or a third "
+               "derivative) is not implemented; torch.func.hessian (forward over reverse) is")
+    return tuple(terminal_function(name, compute, message) for name, compute in computes.items())
+
+
 def backend_op(name: str, reference, family: str, *, mutates_args=(), fake=None):
     """``scratchops::<name>``: the reference formula or the Triton launcher ``<family>.<name>``.
 

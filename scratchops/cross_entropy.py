@@ -40,12 +40,12 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
+from scratchops._backend import Function, backend_op, choose_backend, forward_mode, tangent_functions, \
+    terminal_function, with_jvp
 from scratchops._common import Reduction, autocast_enabled, check_class_targets, check_same_device, check_tensor, \
     compute_dtype, legacy_reduction, reduction_code, type_name
 from scratchops.cross_entropy_grad import ACTIVE, COEF, LOSS, STATS, WEIGHT, _log_p, _row, _scale, _weights, \
     backward_tangents, bwd_vmap, fwd_vmap, loop_vmap, second
-from scratchops.mse import tangent_functions, terminal_function
 
 KERNELS = "cross_entropy"
 HALF = (torch.float16, torch.bfloat16)

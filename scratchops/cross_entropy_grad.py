@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
+from scratchops._backend import batch_first
 from scratchops._common import Reduction
-from scratchops.mse import batch_first
 
 SHIFT, LOG_S, COEF, LOSS, WEIGHT, ACTIVE = range(6)  # rows of the statistics
 STATS = 6

@@ -25,7 +25,8 @@ from typing import List, Optional
 
 import torch
 
-from scratchops._backend import Function, backend_op, choose_backend, forward_mode, with_jvp
+from scratchops._backend import Function, backend_op, batch_first, choose_backend, forward_mode, tangent_functions, \
+    terminal_function, with_jvp
 from scratchops._common import Reduction, compute_dtype, legacy_reduction, reduction_code, \
     type_name
 
@@ -60,11 +61,6 @@ def mse_bwd(x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], denom: 
 
 
 # ----------------------------------------------------------------- backend ops
-def batch_first(info, t, d):
-    """vmap rules: ``t`` with its batch dim ``d`` at the front (an unbatched ``t`` expanded to the batch; None kept)."""
-    return t if t is None else t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
-
-
 def _mse_fwd_vmap(info, in_dims, backend, x, y, w, w_den, reduction):
     """The whole batch in one launch (elementwise), reduced per sample: Σ ℓ, / D with D = n or Σ w."""
     x, y, w = (batch_first(info, t, d) for t, d in zip((x, y, w), in_dims[1:4]))
@@ -100,29 +96,6 @@ mse_bwd_op.custom.register_vmap(_mse_bwd_vmap)
 
 
 # ----------------------------------------------------------------- autograd
-def terminal_function(name: str, compute, message: str):
-    """A Function that returns ``compute(*args)`` and whose own backward raises ``NotImplementedError(message)``.
-
-    A derivative that is not implemented fails loudly where it is taken (also under create_graph=True and the
-    torch.func transforms, which always build graphs), never a gradient without a graph. ``compute`` is plain
-    torch, so the vmap rule is generated."""
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(message)
-
-    return type(name, (Function,), {"__doc__": compute.__doc__, "generate_vmap_rule": True,
-                                    "forward": staticmethod(compute), "backward": staticmethod(backward),
-                                    "setup_context": staticmethod(lambda ctx, inputs, output: None)})
-
-
-def tangent_functions(op: str, **computes):
-    """Terminal Functions (in the order given) that compute forward-mode tangents with plain torch: reverse mode
-    through a tangent raises instead of differentiating those formulas with the statistics held constant."""
-    message = (f"scratchops.{op}: reverse mode through a forward-mode derivative (jacrev of jacfwd, or a third "
-               "derivative) is not implemented; torch.func.hessian (forward over reverse) is")
-    return tuple(terminal_function(name, compute, message) for name, compute in computes.items())
-
-
 def _mse_second(x, y, w, denom, g, u, v):
     r"""(∂/∂x, ∂/∂w, ∂/∂g) of <u, d> + <v, dw>, d = e · 2s · w, dw = e² s, s = g / D (D a constant here):
 
