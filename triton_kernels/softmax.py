@@ -347,7 +347,7 @@ def _run(inputs, dim: int, is_log: bool, backward: bool) -> torch.Tensor:
     if not all([t.is_contiguous() for t in rows]):  # else each operand's own row strides (or a contiguous copy)
         laid = [_as_rows(t, dim, n_cols, n_inner) for t in rows]
         rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
-    cluster = clusters(out.dtype, out.device)
+    cluster = clusters(out.dtype, out.device) if out.is_cuda else CLUSTERS and out.dtype != torch.float64
     kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(out.dtype, cluster), out.dtype, cluster, is_log,
                                                    backward)
     BRANCHES[branch] += 1
