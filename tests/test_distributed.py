@@ -19,6 +19,7 @@ backend name is passed to the workers, so adding "triton" to ``backends`` runs t
 kernels too (in the interpreter: workers inherit TRITON_INTERPRET from the test
 session's environment, set before anything imports triton).
 """
+import contextlib
 import os
 import socket
 import sys
@@ -93,12 +94,37 @@ def wrap(model, parallel: str):
     return model, torch.optim.SGD
 
 
-def _worker(rank, port, backends, models, path, parallel="ddp"):
+@contextlib.contextmanager
+def _gloo_group(rank, port):
+    """A worker's gloo process group. When the body succeeds, the ranks leave together and the process ends
+    without the interpreter's teardown: there a gloo thread still joinable can make C++ call std::terminate
+    ("terminate called without an active exception", SIGABRT) after all the work is done and saved, about one
+    run in three on 2 busy cores. A body that raised propagates its exception as usual."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _mean_over_ranks(losses):
+    """The full batch's mean loss in place: the mean of the equal halves' losses."""
+    import torch.distributed as dist
+
+    for loss in losses:
+        dist.all_reduce(loss)
+        loss /= WORLD
+
+
+def _worker(rank, port, backends, models, path, parallel="ddp"):
+    with _gloo_group(rank, port):
         results = {}
         for backend in backends:
             for name in models:
@@ -112,25 +138,10 @@ def _worker(rank, port, backends, models, path, parallel="ddp"):
                                    y[rank * half:(rank + 1) * half], optimizer_class)
                 result["ran"] = sum(n for (_, b), n in LAUNCHES.items() if b == backend) - before
                 result["sharded"] = all(hasattr(p, "full_tensor") for p in model.parameters())
-                for loss in result["losses"]:  # the full batch's mean loss: the mean of the equal halves' losses
-                    dist.all_reduce(loss)
-                    loss /= WORLD
+                _mean_over_ranks(result["losses"])
                 results[backend, name] = result
         if rank == 0:
             torch.save(results, path)
-        dist.barrier()  # leave together
-    finally:
-        dist.destroy_process_group()
-    _exit_quietly()
-
-
-def _exit_quietly():
-    """End a worker that succeeded without the interpreter's teardown: there a gloo thread still joinable can
-    make C++ call std::terminate ("terminate called without an active exception", SIGABRT) after all the work
-    is done and saved, about one run in five on 2 busy cores. A worker that raised never gets here."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _free_port() -> int:
@@ -139,18 +150,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_and_compare(tmp_path, parallel, backends, models):
+def _spawn(worker, args, what):
+    """Run ``worker(rank, port, *args)`` on WORLD spawned processes; a worker's exception is raised here, and
+    workers still running after JOIN_SECONDS are killed and fail the test."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    path = str(tmp_path / "rank0.pt")
-    context = mp.start_processes(_worker, args=(_free_port(), backends, models, path, parallel), nprocs=WORLD,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(worker, args=(_free_port(), *args), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_SECONDS
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for p in context.processes:
                 p.kill()
-            pytest.fail(f"{parallel} workers did not finish within {JOIN_SECONDS} s")
+            pytest.fail(f"{what} workers did not finish within {JOIN_SECONDS} s")
+
+
+def _spawn_and_compare(tmp_path, parallel, backends, models):
+    path = str(tmp_path / "rank0.pt")
+    _spawn(_worker, (backends, models, path, parallel), parallel)
     distributed = torch.load(path)
     assert set(distributed) == {(b, m) for b in backends for m in models}
     for backend in backends:
@@ -207,12 +223,9 @@ def _sgd_run(model, forward, x, y):
 
 
 def _fsdp2_sgd_worker(rank, port, path):
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with _gloo_group(rank, port):
         model = build("mlp")  # Linear(16, 3): uneven shards of 2 and 1 rows
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
@@ -221,34 +234,18 @@ def _fsdp2_sgd_worker(rank, port, path):
         x, y = data("mlp")
         half = BATCH // WORLD
         result = _sgd_run(model, model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
-        for loss in result["losses"]:
-            dist.all_reduce(loss)
-            loss /= WORLD
+        _mean_over_ranks(result["losses"])
         if rank == 0:
             torch.save(result, path)
-        dist.barrier()  # leave together
-    finally:
-        dist.destroy_process_group()
-    _exit_quietly()
 
 
 def test_fsdp2_scratchops_sgd_equals_single_process(tmp_path):
     """scratchops.optim.SGD steps FSDP2's sharded (DTensor) parameters shard by shard, momentum buffers as
     DTensors: the losses, parameters and buffers of one process on the whole batch."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
     if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     path = str(tmp_path / "sgd.pt")
-    context = mp.start_processes(_fsdp2_sgd_worker, args=(_free_port(), path), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    for process in context.processes:  # each within JOIN_SECONDS; a hung group is killed
-        process.join(JOIN_SECONDS)
-    if any(process.is_alive() for process in context.processes):
-        for process in context.processes:
-            process.kill()
-        pytest.fail(f"FSDP2 SGD workers did not finish within {JOIN_SECONDS} s")
-    context.join()  # raises a worker's exception, if one failed
+    _spawn(_fsdp2_sgd_worker, (path,), "FSDP2 SGD")
     got = torch.load(path)
     model = build("mlp")
     single = _sgd_run(model, model, *data("mlp"))
