@@ -245,12 +245,12 @@ def _kernel(backward: bool, plan: Plan, dtype: torch.dtype) -> Kernel:
     return _KERNELS[key]
 
 
-def clusters(dtype: torch.dtype, device: torch.device) -> bool:
+def clusters(dtype: torch.dtype, device: torch.device | None = None) -> bool:
     """Whether rows may be spread over a thread-block cluster: CLUSTERS (the installed Triton compiles it), a
-    16- or 32-bit dtype, and an sm_90+ GPU (under the interpreter: the sm_90 plan, as the AOT audit compiles)."""
+    16- or 32-bit dtype, and an sm_90+ CUDA ``device`` (None, CPU tensors in the interpreter: the sm_90 plan)."""
     if not CLUSTERS or dtype == torch.float64:
         return False
-    if device.type != "cuda":
+    if device is None or device.type != "cuda":
         return True
     if device.index not in _CAPABILITY:
         _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)[0]
@@ -347,7 +347,7 @@ def _run(inputs, dim: int, is_log: bool, backward: bool) -> torch.Tensor:
     if not all([t.is_contiguous() for t in rows]):  # else each operand's own row strides (or a contiguous copy)
         laid = [_as_rows(t, dim, n_cols, n_inner) for t in rows]
         rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
-    cluster = clusters(out.dtype, out.device) if out.is_cuda else CLUSTERS and out.dtype != torch.float64
+    cluster = clusters(out.dtype, out.device if out.is_cuda else None)  # no device object for CPU tensors
     kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(out.dtype, cluster), out.dtype, cluster, is_log,
                                                    backward)
     BRANCHES[branch] += 1
@@ -380,7 +380,7 @@ def launch_plans():
     """Every (dtype name, backward, Plan, constexprs) the default plan launches (clusters where CLUSTERS)."""
     for t in FLOAT_TYPES:
         dtype = _TORCH_DTYPES[t]
-        cluster = clusters(dtype, torch.device("cpu"))  # the sm_90 plan
+        cluster = clusters(dtype)  # the sm_90 plan
         cap = row_cap(dtype, cluster)
         rungs, r = {cap}, MIN_BLOCK_N
         while r < cap:
