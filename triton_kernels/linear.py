@@ -61,10 +61,29 @@ FWD_CONFIGS = {
 # The sm_90 TMA + persistent kernels' lists (16-bit and tf32 only: other classes never take that path on a
 # GPU; under the interpreter INTERPRETER runs). Each config's pre_hook sets the descriptors' block shapes.
 FWD_TMA_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"), "y_desc": ("BLOCK_M", "BLOCK_N")}
+# Warp specialization (WARP_SPECIALIZE: the persistent tile loop as tl.range(..., warp_specialize=True), unflattened):
+# Triton's Hopper pass splits such a kernel into a TMA-load warp group and two wgmma warp groups (4 warps become
+# 12, registers rebalanced by setmaxnreg). Checked by compiling for sm_90 on triton 3.6, 3.7.1 and 3.9 (the notes of
+# issue 12): it applies with 4 warps and 64-row tiles (BLOCK_N <= 128); 8 warps or 128-row tiles are left
+# unspecialized or fail to compile; the tf32 dgrad fails and the wgrad is never specialized. Other versions: none.
+WARP_SPECIALIZATION = tuple(int(v) for v in triton.__version__.split(".")[:2]) in ((3, 6), (3, 7), (3, 9))
+
+
+def warp_specialized(*rows) -> list[triton.Config]:
+    """``tiles`` rows as warp-specialized configs (WARP_SPECIALIZE=True), or none where Triton is not known to
+    specialize them (WARP_SPECIALIZATION)."""
+    configs = tiles(GEMM_FIELDS, *rows) if WARP_SPECIALIZATION else []
+    for c in configs:
+        c.kwargs["WARP_SPECIALIZE"] = True
+    return configs
+
+
 FWD_TMA_CONFIGS = {
     "half": tiles(GEMM_FIELDS, (128, 256, 32, 8, 8, 4), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
-                  (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)),
-    "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)),
+                  (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)) +
+    warp_specialized((64, 128, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
+    "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)) +
+    warp_specialized((64, 128, 32, 8, 4, 4)),
 }
 
 
@@ -180,10 +199,13 @@ def _linear_fwd_tma_kernel(
         stride_bm, stride_bn,
         # constexprs
         BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr = False):
     # The sm_90 path: persistent (each program loops over output tiles, in grouped order), operand tiles
-    # loaded by TMA (zero-filled past the edges: no masks), output stored by TMA (clipped at the edges).
-    for tile in tl.range(tl.program_id(0), tile_count(M, N, BLOCK_M, BLOCK_N), tl.num_programs(0), flatten=True):
+    # loaded by TMA (zero-filled past the edges: no masks), output stored by TMA (clipped at the edges); the tile
+    # loop flattened with the K loop, or warp-specialized (WARP_SPECIALIZE; the interpreter ignores both).
+    for tile in tl.range(tl.program_id(0), tile_count(M, N, BLOCK_M, BLOCK_N), tl.num_programs(0),
+                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
         m0, n0 = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k in range(tl.cdiv(K, BLOCK_K)):

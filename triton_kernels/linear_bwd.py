@@ -22,7 +22,7 @@ from .._common import ACTIVATION_CODES, Activation
 from ._gemm import mma, persistent_grid, tile_count, tile_origin, tile_safe, tile_start, tma_descriptors
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, tiles
 from .activations import NONE, activation_grad
-from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class, tma_aot, tma_kernel
+from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class, tma_aot, tma_kernel, warp_specialized
 
 # dX: output tile BLOCK_M x BLOCK_K, reduction over N in BLOCK_N steps.
 INPUT_CONFIGS = {
@@ -45,7 +45,8 @@ _GRAD_Z_BLOCKS = {"dy_desc": ("BLOCK_M", "BLOCK_N"), "y_desc": ("BLOCK_M", "BLOC
 INPUT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "w_desc": ("BLOCK_N", "BLOCK_K"), "dx_desc": ("BLOCK_M", "BLOCK_K")}
 INPUT_TMA_CONFIGS = {
     "half": tiles(GEMM_FIELDS, (128, 64, 256, 8, 8, 3), (128, 64, 128, 8, 8, 4), (128, 64, 128, 8, 4, 4),
-                  (64, 64, 256, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
+                  (64, 64, 256, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)) +
+    warp_specialized((64, 64, 128, 8, 4, 4)),  # (linear.WARP_SPECIALIZATION; none for tf32 or the wgrad)
     "tf32": tiles(GEMM_FIELDS, (128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 4), (128, 32, 64, 8, 4, 4)),
 }
 WEIGHT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "x_desc": ("BLOCK_M", "BLOCK_K"), "dw_desc": ("BLOCK_N", "BLOCK_K")}
@@ -192,10 +193,12 @@ def _linear_bwd_input_tma_kernel(
         M, N, K,
         # constexprs
         ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr = False):
     # dX = dZ·W on the sm_90 path: persistent over the BLOCK_M x BLOCK_K output tiles, TMA loads (zero past
-    # the edges) and stores (clipped).
-    for tile in tl.range(tl.program_id(0), tile_count(M, K, BLOCK_M, BLOCK_K), tl.num_programs(0), flatten=True):
+    # the edges) and stores (clipped); the tile loop flattened or warp-specialized (as linear's forward).
+    for tile in tl.range(tl.program_id(0), tile_count(M, K, BLOCK_M, BLOCK_K), tl.num_programs(0),
+                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
         m0, k0 = tile_origin(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
         for n in range(tl.cdiv(N, BLOCK_N)):
@@ -214,7 +217,8 @@ def _linear_bwd_weight_tma_kernel(
         # constexprs
         ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # dW = dZᵀ·X (and db = Σ_rows dZ in the tiles of the first K columns) on the sm_90 path, as above.
+    # dW = dZᵀ·X (and db = Σ_rows dZ in the tiles of the first K columns) on the sm_90 path, as above (Triton's
+    # Hopper pass leaves this loop unspecialized: no WARP_SPECIALIZE).
     for tile in tl.range(tl.program_id(0), tile_count(N, K, BLOCK_N, BLOCK_K), tl.num_programs(0), flatten=True):
         n0, k0 = tile_origin(tile, N, K, BLOCK_N, BLOCK_K, GROUP_M)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
