@@ -30,6 +30,7 @@ from scratchops.activations import (ActivationGradFunction, ActivationGradJvpFun
 KERNELS = "linear"
 KERNELS_BWD = "linear_bwd"
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 # ----------------------------------------------------------------- reference math
@@ -92,8 +93,10 @@ def _live(args):
     return [torch._C._functorch.unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _call(function, *args):
-    args = _live(args)
+def _call(function, *args, live=False):
+    """``function`` on ``args`` (``live``: no argument can be a dead wrapper, so none is unwrapped: host time)."""
+    if not live:
+        args = _live(args)
     if forward_mode():
         return _JVP[function].apply(*args)
     return function.apply(*args) if torch.is_grad_enabled() else function.forward(*args)
@@ -152,6 +155,8 @@ class LinearFunction(Function):
         # Only what the backward reads: x for dW, W for dX, y for act'(z).
         ctx.save_for_backward(x if need_w else None, w if need_x else None, output if keep_y else None)
         ctx.bias_dim = None if b is None else b.dim()
+        # dead wrappers reach a backward only through tensors made under a torch.func transform (vjp)
+        ctx.live = not _functorch_active()
         if forward_mode():
             ctx.save_for_forward(x, w, output)
 
@@ -163,14 +168,15 @@ class LinearFunction(Function):
         vector_b = need_b and ctx.bias_dim == 1
         dx = dw = db = None
         # dX = dZ · W,  dZ = dY ⊙ act'(z) (formed inside the kernel from dY and y)
+        live = ctx.live
         if need_x:
-            dx = _call(LinearGradInputFunction, dy, w, y, act, backend)
+            dx = _call(LinearGradInputFunction, dy, w, y, act, backend, live=live)
         # dW = dZᵀ · X, with db = Σ_m dZ[m, :] fused in when b needs a gradient too
         if need_w:
-            dw, db_fused = _call(LinearGradWeightFunction, dy, x, y, act, vector_b, backend)
+            dw, db_fused = _call(LinearGradWeightFunction, dy, x, y, act, vector_b, backend, live=live)
             db = db_fused if vector_b else None
         elif vector_b:
-            db = _call(LinearGradBiasFunction, dy, y, act, backend)  # db = Σ_m dZ[m, :]
+            db = _call(LinearGradBiasFunction, dy, y, act, backend, live=live)  # db = Σ_m dZ[m, :]
         if need_b and ctx.bias_dim == 2:
             db = _times_s(dy, y, act, backend)  # a bias per output element: db = dZ
         return dx, dw, db, None, None  # activation, backend
