@@ -126,13 +126,15 @@ def _sm90(index: int) -> tuple[bool, int]:
 
 
 def block_shapes(configs: dict, interpreter, blocks: dict) -> dict:
-    """{dtype class: [block shape of each descriptor of ``blocks``] or None} of a TMA kernel's launches, fixed
-    where the launched config is known in advance (the interpreter's; a list of one), None where the autotuner
-    picks it (its pre_hook, :func:`set_blocks`, sets them). Built once per kernel (:func:`tma_descriptors`)."""
+    """{dtype class: [block shape of each descriptor of ``blocks``]} of a TMA kernel's launches: the launched
+    config's where it is known in advance (the interpreter's; a list of one), else the constexpr names, which the
+    autotuner's pre_hook (:func:`set_blocks`) replaces. One object per distinct shape (:func:`tma_descriptors`
+    shares a descriptor between consecutive arguments given the same tensor and shape). Built once per kernel."""
     shapes = {}
     for cls, cfgs in configs.items():
         fixed = interpreter if interpreting() else cfgs[0] if len(cfgs) == 1 else None
-        shapes[cls] = None if fixed is None else [[fixed.kwargs[d] for d in dims] for dims in blocks.values()]
+        by_dims = {dims: dims if fixed is None else [fixed.kwargs[d] for d in dims] for dims in blocks.values()}
+        shapes[cls] = [by_dims[dims] for dims in blocks.values()]
     return shapes
 
 
@@ -142,7 +144,8 @@ def tma_descriptors(shapes: dict, cls: str, *tensors: torch.Tensor) -> list | No
     tensor-core classes ("half", "tf32"), and under the interpreter for every class (so CPU CI runs it), when
     a descriptor can address every operand (one dtype, unit last stride, 16-byte aligned base and row stride).
 
-    One pass per launch (host time: 3-4 descriptors per GEMM): each operand's strides are read once, and the
+    One pass per launch (host time: 3-4 descriptors per GEMM): each operand's strides are read once, a tensor
+    passed again with the same block shape (dY standing in for Y) shares the previous descriptor, and the
     descriptors are made without ``TensorDescriptor.__init__``, whose checks are the ones made here (its
     ``padding`` and, in 3.7+, ``round_f32_to_tf32`` stay the class defaults). TMA addresses with 64-bit
     offsets, so the operands need no :func:`tile_safe` copy."""
@@ -151,15 +154,18 @@ def tma_descriptors(shapes: dict, cls: str, *tensors: torch.Tensor) -> list | No
                                not _sm90(first.get_device())[0]):
         return None
     dtype, size = first.dtype, first.element_size()
-    blocks = shapes[cls] or (None,) * len(tensors)
-    descs = []
-    for t, block in zip(tensors, blocks):
+    descs, previous, previous_block, desc = [], None, None, None
+    for t, block in zip(tensors, shapes[cls]):
+        if t is previous and block is previous_block:
+            descs.append(desc)
+            continue
         stride = t.stride()
         if t.dtype != dtype or stride[1] != 1 or (stride[0] * size) % 16 or t.data_ptr() % 16:
             return None
         desc = _new_descriptor(TensorDescriptor)
         desc.base, desc.shape, desc.strides, desc.block_shape = t, t.shape, stride, block
         descs.append(desc)
+        previous, previous_block = t, block
     return descs
 
 
