@@ -168,15 +168,14 @@ class LinearFunction(Function):
         vector_b = need_b and ctx.bias_dim == 1
         dx = dw = db = None
         # dX = dZ · W,  dZ = dY ⊙ act'(z) (formed inside the kernel from dY and y)
-        live = ctx.live
         if need_x:
-            dx = _call(LinearGradInputFunction, dy, w, y, act, backend, live=live)
+            dx = _call(LinearGradInputFunction, dy, w, y, act, backend, live=ctx.live)
         # dW = dZᵀ · X, with db = Σ_m dZ[m, :] fused in when b needs a gradient too
         if need_w:
-            dw, db_fused = _call(LinearGradWeightFunction, dy, x, y, act, vector_b, backend, live=live)
+            dw, db_fused = _call(LinearGradWeightFunction, dy, x, y, act, vector_b, backend, live=ctx.live)
             db = db_fused if vector_b else None
         elif vector_b:
-            db = _call(LinearGradBiasFunction, dy, y, act, backend, live=live)  # db = Σ_m dZ[m, :]
+            db = _call(LinearGradBiasFunction, dy, y, act, backend, live=ctx.live)  # db = Σ_m dZ[m, :]
         if need_b and ctx.bias_dim == 2:
             db = _times_s(dy, y, act, backend)  # a bias per output element: db = dZ
         return dx, dw, db, None, None  # activation, backend
@@ -333,7 +332,8 @@ def _check(input, weight, bias) -> None:
     if weight.dim() == 1 and bias is not None and (input.dim() == 2 or bias.dim() != 0):
         # torch adds a 0-d bias to the product with a 1-D weight, except for a 2-D input (its addmm path)
         raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
-    check_same_device(input, weight, bias)
+    if weight.device != input.device or bias is not None and bias.device != input.device:  # (no set per call)
+        check_same_device(input, weight, bias)
     if input.dtype != weight.dtype:
         raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {type_name(input.dtype)} and "
                            f"{type_name(weight.dtype)}")
