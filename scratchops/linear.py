@@ -30,6 +30,7 @@ from scratchops.activations import (ActivationGradFunction, ActivationGradJvpFun
 KERNELS = "linear"
 KERNELS_BWD = "linear_bwd"
 ACTIVATIONS = (None, "relu", "sigmoid", "tanh")
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 # ----------------------------------------------------------------- reference math
@@ -92,8 +93,10 @@ def _live(args):
     return [torch._C._functorch.unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _call(function, *args):
-    args = _live(args)
+def _call(function, *args, live=False):
+    """``function`` on ``args`` (``live``: no argument can be a dead wrapper, so none is unwrapped: host time)."""
+    if not live:
+        args = _live(args)
     if forward_mode():
         return _JVP[function].apply(*args)
     return function.apply(*args) if torch.is_grad_enabled() else function.forward(*args)
@@ -152,6 +155,8 @@ class LinearFunction(Function):
         # Only what the backward reads: x for dW, W for dX, y for act'(z).
         ctx.save_for_backward(x if need_w else None, w if need_x else None, output if keep_y else None)
         ctx.bias_dim = None if b is None else b.dim()
+        # dead wrappers reach a backward only through tensors made under a torch.func transform (vjp)
+        ctx.live = not _functorch_active()
         if forward_mode():
             ctx.save_for_forward(x, w, output)
 
@@ -164,13 +169,13 @@ class LinearFunction(Function):
         dx = dw = db = None
         # dX = dZ · W,  dZ = dY ⊙ act'(z) (formed inside the kernel from dY and y)
         if need_x:
-            dx = _call(LinearGradInputFunction, dy, w, y, act, backend)
+            dx = _call(LinearGradInputFunction, dy, w, y, act, backend, live=ctx.live)
         # dW = dZᵀ · X, with db = Σ_m dZ[m, :] fused in when b needs a gradient too
         if need_w:
-            dw, db_fused = _call(LinearGradWeightFunction, dy, x, y, act, vector_b, backend)
+            dw, db_fused = _call(LinearGradWeightFunction, dy, x, y, act, vector_b, backend, live=ctx.live)
             db = db_fused if vector_b else None
         elif vector_b:
-            db = _call(LinearGradBiasFunction, dy, y, act, backend)  # db = Σ_m dZ[m, :]
+            db = _call(LinearGradBiasFunction, dy, y, act, backend, live=ctx.live)  # db = Σ_m dZ[m, :]
         if need_b and ctx.bias_dim == 2:
             db = _times_s(dy, y, act, backend)  # a bias per output element: db = dZ
         return dx, dw, db, None, None  # activation, backend
@@ -327,7 +332,8 @@ def _check(input, weight, bias) -> None:
     if weight.dim() == 1 and bias is not None and (input.dim() == 2 or bias.dim() != 0):
         # torch adds a 0-d bias to the product with a 1-D weight, except for a 2-D input (its addmm path)
         raise RuntimeError("mat2 must be a matrix, got 1-D tensor")
-    check_same_device(input, weight, bias)
+    if weight.device != input.device or bias is not None and bias.device != input.device:  # (no set per call)
+        check_same_device(input, weight, bias)
     if input.dtype != weight.dtype:
         raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {type_name(input.dtype)} and "
                            f"{type_name(weight.dtype)}")

@@ -392,6 +392,37 @@ def test_tma_path_edges(monkeypatch):
     assert len(calls["_fwd_tma"]) == 2 and len(calls["_weight_tma"]) == 2 and not calls["_input_tma"]
 
 
+def test_tma_warp_specialized_kernels(monkeypatch):
+    # The warp-specialized configs (sm_90 autotune lists, triton 3.6/3.7/3.9) launch the same TMA kernels with
+    # WARP_SPECIALIZE=True: the tile loop unflattened and marked for Triton's Hopper pass. The interpreter runs
+    # that variant too (forward and dX against float64 torch), so the source of the specialized loop is covered.
+    import importlib
+
+    from scratchops._kernels import _gemm
+
+    K = importlib.import_module("scratchops._kernels.linear")
+    KB = importlib.import_module("scratchops._kernels.linear_bwd")
+    if K.WARP_SPECIALIZATION:  # the lists carry them: forward 16-bit and tf32, dX 16-bit
+        for cls, configs in (("half", K.FWD_TMA_CONFIGS), ("tf32", K.FWD_TMA_CONFIGS), ("half", KB.INPUT_TMA_CONFIGS)):
+            assert [c.num_warps for c in configs[cls] if c.kwargs.get("WARP_SPECIALIZE")] and all(
+                c.num_warps == 4 and c.kwargs["BLOCK_M"] == 64 for c in configs[cls] if c.kwargs.get("WARP_SPECIALIZE"))
+    if backend_skip_reason("triton") or DEVICE != "cpu":
+        pytest.skip("launches the kernels under the interpreter")
+    M, N, Kd = 40, 24, 48
+    x, w, b, dy = make((M, Kd)), make((N, Kd)), make((N,)), make((M, N), seed=5)
+    y, dx = torch.empty(M, N), torch.empty(M, Kd)
+    cls, consts = K.launch_class(x.dtype, "BIAS", K.VECTOR_CODE, "ACTIVATION", 2)  # sigmoid
+    descs = _gemm.tma_descriptors(K._fwd_tma.block_shapes, cls, x, w, y)
+    K._fwd_tma((3,), *descs, b, M, N, Kd, 0, 1, cls=cls, WARP_SPECIALIZE=True, **consts)
+    want = torch.sigmoid(x.double() @ w.double().t() + b.double())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    cls, consts = K.launch_class(x.dtype, "ACTIVATION", 2)
+    descs = _gemm.tma_descriptors(KB._input_tma.block_shapes, cls, dy, y, w, dx)
+    KB._input_tma((3,), *descs, M, N, Kd, cls=cls, WARP_SPECIALIZE=True, **consts)
+    want_dx = (dy.double() * want * (1 - want)) @ w.double()
+    torch.testing.assert_close(dx.double(), want_dx, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bytes_saved_for_backward(backend, activation, capsys):
     x, w, b = make((6, 9), requires_grad=True), make((5, 9), requires_grad=True), make((5,), requires_grad=True)

@@ -4,7 +4,7 @@ the int32/int64 offset guard and the precision choice.
 * :func:`tile_ids` / :func:`tile_coords`: grouped tile order, GROUP consecutive tile rows sweep the tile
   columns together (they share the other operand's tiles while those sit in L2); :func:`tile_start`: a
   pointer kernel's prologue (tile origin, wrapped in-tile rows and columns).
-* the sm_90 fast path (:func:`tma_ok`, :func:`descriptors`, :func:`set_blocks`, :func:`persistent_grid`):
+* the sm_90 fast path (:func:`tma_descriptors`, :func:`block_shapes`, :func:`set_blocks`, :func:`persistent_grid`):
   operands as TMA tensor descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, made on the host:
   3.6, 3.7 and 3.9 take them, the interpreter too, and no device allocator is needed as it is for
   ``tl.make_tensor_descriptor``) and a persistent grid, one program per SM looping over the output tiles.
@@ -26,6 +26,7 @@ from ._launch import interpreting
 
 MAX_TILE = 128  # the largest tile side of any GEMM config
 _INT32_LIMIT = 2**31
+_SAFE_NUMEL = _INT32_LIMIT // MAX_TILE
 
 
 @triton.jit
@@ -86,8 +87,10 @@ def tile_safe(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when its strides could overflow the int32 offsets inside a tile.
 
     That holds while every stride is below 2³¹ / MAX_TILE (16M elements): only huge column-major
-    operands need the copy.
+    operands need the copy. (A contiguous tensor of fewer elements has no larger stride: no stride walk.)
     """
+    if t.is_contiguous() and t.numel() < _SAFE_NUMEL:
+        return t
     return t.contiguous() if max(t.stride(), default=0) * MAX_TILE >= _INT32_LIMIT else t
 
 
@@ -108,53 +111,67 @@ def input_precision(cls: str) -> str:
 # ----------------------------------------------------------------- the sm_90 fast path (TMA, persistent)
 _SM90: dict = {}  # device index -> (is sm_90, number of SMs)
 INTERPRETER_PROGRAMS = 3  # the interpreter's "SMs": fewer programs than tiles, so the tile loop runs
+_TENSOR_CORE_CLASSES = ("half", "tf32")
+_new_descriptor = object.__new__
 
 
-def _sm90(device: torch.device) -> tuple[bool, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM90:
-        props = torch.cuda.get_device_properties(index)
-        _SM90[index] = ((props.major, props.minor) == (9, 0), props.multi_processor_count)
-    return _SM90[index]
+def _sm90(index: int) -> tuple[bool, int]:
+    """(whether CUDA device ``index`` (-1 or None: the current one) is sm_90, its number of SMs), read once."""
+    hit = _SM90.get(index)
+    if hit is None:
+        props = torch.cuda.get_device_properties(index if index is not None and index >= 0 else
+                                                 torch.cuda.current_device())
+        hit = _SM90[index] = ((props.major, props.minor) == (9, 0), props.multi_processor_count)
+    return hit
 
 
-def tma_ok(cls: str, *tensors: torch.Tensor) -> bool:
-    """Whether a GEMM of dtype class ``cls`` on these 2-D operands takes the TMA + persistent path: on sm_90 for
-    the tensor-core classes ("half", "tf32"); under the interpreter for every class (so CPU CI runs it). The
-    operands must be what a tensor descriptor addresses: one dtype, unit last stride, 16-byte aligned base
-    and row stride."""
+def block_shapes(configs: dict, interpreter, blocks: dict) -> dict:
+    """{dtype class: [block shape of each descriptor of ``blocks``]} of a TMA kernel's launches: the launched
+    config's where it is known in advance (the interpreter's; a list of one), else the constexpr names, which the
+    autotuner's pre_hook (:func:`set_blocks`) replaces. One object per distinct shape (:func:`tma_descriptors`
+    shares a descriptor between consecutive arguments given the same tensor and shape). Built once per kernel."""
+    shapes = {}
+    for cls, cfgs in configs.items():
+        fixed = interpreter if interpreting() else cfgs[0] if len(cfgs) == 1 else None
+        by_dims = {dims: dims if fixed is None else [fixed.kwargs[d] for d in dims] for dims in blocks.values()}
+        shapes[cls] = [by_dims[dims] for dims in blocks.values()]
+    return shapes
+
+
+def tma_descriptors(shapes: dict, cls: str, *tensors: torch.Tensor) -> list | None:
+    """The 2-D operands of a GEMM of dtype class ``cls`` as host tensor descriptors (``shapes``: the kernel's
+    :func:`block_shapes`), or None where the TMA + persistent path does not apply: it does on sm_90 for the
+    tensor-core classes ("half", "tf32"), and under the interpreter for every class (so CPU CI runs it), when
+    a descriptor can address every operand (one dtype, unit last stride, 16-byte aligned base and row stride).
+
+    One pass per launch (host time: 3-4 descriptors per GEMM): each operand's strides are read once, a tensor
+    passed again with the same block shape (dY standing in for Y) shares the previous descriptor, and the
+    descriptors are made without ``TensorDescriptor.__init__``, whose checks are the ones made here (its
+    ``padding`` and, in 3.7+, ``round_f32_to_tf32`` stay the class defaults). TMA addresses with 64-bit
+    offsets, so the operands need no :func:`tile_safe` copy."""
     first = tensors[0]
-    if not interpreting() and (cls not in ("half", "tf32") or not first.is_cuda or not _sm90(first.device)[0]):
-        return False
+    if not interpreting() and (cls not in _TENSOR_CORE_CLASSES or not first.is_cuda or
+                               not _sm90(first.get_device())[0]):
+        return None
     dtype, size = first.dtype, first.element_size()
-    for t in tensors:
+    descs, previous, previous_block, desc = [], None, None, None
+    for t, block in zip(tensors, shapes[cls]):
+        if t is previous and block is previous_block:
+            descs.append(desc)
+            continue
         stride = t.stride()
         if t.dtype != dtype or stride[1] != 1 or (stride[0] * size) % 16 or t.data_ptr() % 16:
-            return False
-    return True
-
-
-def descriptors(kernel, cls: str, blocks: dict, *tensors: torch.Tensor) -> dict:
-    """{descriptor argument: host tensor descriptor} of each 2-D operand (``blocks``: argument -> the constexpr
-    names of its block shape, in the kernel's order).
-
-    The block shape is the launched config's: set here where the config is known (the interpreter's, a list of
-    one), else by the autotuner through each config's pre_hook (:func:`set_blocks`). The descriptors are built
-    without ``TensorDescriptor.__init__``'s checks (µs each, per launch): :func:`tma_ok` made them already.
-    """
-    configs = kernel.configs[cls]
-    fixed = kernel.interpreter if interpreting() else configs[0] if len(configs) == 1 else None
-    descs = {}
-    for (name, dims), t in zip(blocks.items(), tensors):
-        desc = descs[name] = object.__new__(TensorDescriptor)  # padding (and 3.7's tf32 rounding): class defaults
-        desc.base, desc.shape, desc.strides = t, t.shape, t.stride()
-        desc.block_shape = [fixed.kwargs[d] for d in dims] if fixed is not None else None
+            return None
+        desc = _new_descriptor(TensorDescriptor)
+        desc.base, desc.shape, desc.strides, desc.block_shape = t, t.shape, stride, block
+        descs.append(desc)
+        previous, previous_block = t, block
     return descs
 
 
 def set_blocks(shapes: dict):
     """A config ``pre_hook``: sets each named descriptor's block shape from the config's constexprs (``shapes``
-    as :func:`descriptors`' ``blocks``). The autotuner calls it with the launch's arguments and the config's
+    as :func:`block_shapes`' ``blocks``). The autotuner calls it with the launch's arguments and the config's
     constexprs before each launch."""
     def hook(nargs):
         for name, dims in shapes.items():
@@ -162,9 +179,10 @@ def set_blocks(shapes: dict):
     return hook
 
 
-def persistent_grid(device: torch.device, tiles: int) -> tuple[int]:
-    """One program per SM (fewer when there are fewer tiles); each loops over its share of the tiles."""
-    return (max(1, min(INTERPRETER_PROGRAMS if interpreting() else _sm90(device)[1], tiles)),)
+def persistent_grid(t: torch.Tensor, tiles: int) -> tuple[int]:
+    """One program per SM of ``t``'s device (fewer when there are fewer tiles); each loops over its share of the
+    tiles."""
+    return (max(1, min(INTERPRETER_PROGRAMS if interpreting() else _sm90(t.get_device())[1], tiles)),)
 
 
 # The element types each dtype class runs (for the AOT lists).

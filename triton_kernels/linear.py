@@ -6,8 +6,8 @@ its strides (a transposed W or a sliced X costs no copy; zero-stride gradients w
 * ``_linear_fwd_kernel`` (here): tiled Z = X·Wᵀ (``_gemm.mma``, grouped tile order), then the
   bias and the activation (``activations.activate``, its spill-free variant) in the epilogue.
 * ``_linear_fwd_tma_kernel`` (here): the same product and epilogue on sm_90's fast path: x, W and y
-  as TMA tensor descriptors (``_gemm.descriptors``), a persistent grid (one program per SM looping
-  over the output tiles in grouped order). Launched when ``_gemm.tma_ok`` holds: on sm_90 for the
+  as TMA tensor descriptors (``_gemm.tma_descriptors``), a persistent grid (one program per SM looping
+  over the output tiles in grouped order). Launched where ``_gemm.tma_descriptors`` allows: on sm_90 for the
   tensor-core classes, and under the interpreter for every dtype, so CPU CI runs these kernels.
 * the backward kernels, in ``linear_bwd``: dX = dZ·W, dW = dZᵀ·X with db fused in, db alone,
   and the activation-derivative kernel of the double backward.
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .._common import ACTIVATION_CODES, Activation
-from ._gemm import (CLASS_TYPES, descriptors, dtype_class, input_precision, mma, persistent_grid, set_blocks,
-                    tile_count, tile_origin, tile_safe, tile_start, tma_ok)
+from ._gemm import (CLASS_TYPES, block_shapes, dtype_class, input_precision, mma, persistent_grid, set_blocks,
+                    tile_count, tile_origin, tile_safe, tile_start, tma_descriptors)
 from ._launch import Kernel, acc_dtype, aot_entry, cdiv, config, tiles
 from .activations import activate
 
@@ -42,6 +42,7 @@ class Bias(enum.IntEnum):
 NO_BIAS = tl.constexpr(Bias.NONE.value)
 BIAS_VECTOR = tl.constexpr(Bias.VECTOR.value)
 BIAS_MATRIX = tl.constexpr(Bias.MATRIX.value)
+NO_BIAS_CODE, VECTOR_CODE, MATRIX_CODE = Bias.NONE.value, Bias.VECTOR.value, Bias.MATRIX.value  # host: plain ints
 
 # ----------------------------------------------------------------- configs (shared with linear_bwd)
 # Tile sizes along the M, N and K dims of the problem: each kernel's output tile is two of them, the
@@ -60,20 +61,42 @@ FWD_CONFIGS = {
 # The sm_90 TMA + persistent kernels' lists (16-bit and tf32 only: other classes never take that path on a
 # GPU; under the interpreter INTERPRETER runs). Each config's pre_hook sets the descriptors' block shapes.
 FWD_TMA_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"), "y_desc": ("BLOCK_M", "BLOCK_N")}
+# Warp specialization (WARP_SPECIALIZE: the persistent tile loop as tl.range(..., warp_specialize=True), unflattened):
+# Triton's Hopper pass splits such a kernel into a TMA-load warp group and two wgmma warp groups (4 warps become
+# 12, registers rebalanced by setmaxnreg). Checked by compiling for sm_90 on triton 3.6, 3.7.1 and 3.9 (the notes of
+# issue 12): it applies with 4 warps and 64-row tiles (BLOCK_N <= 128); 8 warps or 128-row tiles are left
+# unspecialized or fail to compile; the tf32 dgrad fails and the wgrad is never specialized. Other versions: none.
+WARP_SPECIALIZATION = tuple(int(v) for v in triton.__version__.split(".")[:2]) in ((3, 6), (3, 7), (3, 9))
+
+
+def warp_specialized(*rows) -> list[triton.Config]:
+    """``tiles`` rows as warp-specialized configs (WARP_SPECIALIZE=True), or none where Triton is not known to
+    specialize them (WARP_SPECIALIZATION)."""
+    configs = tiles(GEMM_FIELDS, *rows) if WARP_SPECIALIZATION else []
+    for c in configs:
+        c.kwargs["WARP_SPECIALIZE"] = True
+    return configs
+
+
 FWD_TMA_CONFIGS = {
     "half": tiles(GEMM_FIELDS, (128, 256, 32, 8, 8, 4), (128, 128, 64, 8, 8, 4), (128, 128, 64, 8, 4, 4),
-                  (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)),
-    "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)),
+                  (64, 256, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)) +
+    warp_specialized((64, 128, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
+    "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4)) +
+    warp_specialized((64, 128, 32, 8, 4, 4)),
 }
 
 
 def tma_kernel(fn, configs, blocks) -> Kernel:
     """A TMA GEMM kernel: ``gemm_kernel``, each GPU config given the pre_hook that sets the descriptors' block
-    shapes (``blocks``: descriptor -> constexpr names; ``_gemm.descriptors`` sets them for the interpreter)."""
+    shapes (``blocks``: descriptor -> constexpr names), and ``block_shapes``, the shapes fixed in advance
+    (``_gemm.block_shapes``: the interpreter's, a single config's) that ``_gemm.tma_descriptors`` sets."""
     for c in (c for cfgs in configs.values() for c in cfgs):
         c.pre_hook = set_blocks(blocks)
-    # "ieee"/"fp64" launch it only under the interpreter (tma_ok): no GPU configs.
-    return Kernel(fn, {**dict.fromkeys(CLASS_TYPES, []), **configs}, interpreter=INTERPRETER, key=AUTOTUNE_KEY)
+    # "ieee"/"fp64" launch it only under the interpreter (tma_descriptors): no GPU configs.
+    kernel = Kernel(fn, {**dict.fromkeys(CLASS_TYPES, []), **configs}, interpreter=INTERPRETER, key=AUTOTUNE_KEY)
+    kernel.block_shapes = block_shapes(kernel.configs, INTERPRETER, blocks)
+    return kernel
 
 
 def gemm_kernel(fn, configs) -> Kernel:
@@ -82,16 +105,19 @@ def gemm_kernel(fn, configs) -> Kernel:
 
 
 _LAUNCH_CLASSES: dict = {}
+_allow_tf32 = torch._C._get_cublas_allow_tf32  # torch.backends.cuda.matmul.allow_tf32, without its module __getattr__
 
 
-def launch_class(dtype: torch.dtype) -> tuple[str, dict]:
-    """The config list (dtype class) of a GEMM on ``dtype`` and the constexprs that go with it (built once per
-    dtype and TF32 setting; callers unpack the dict, never change it)."""
-    key = dtype, torch.backends.cuda.matmul.allow_tf32
+def launch_class(dtype: torch.dtype, *consts) -> tuple[str, dict]:
+    """The config list (dtype class) of a GEMM on ``dtype`` and its constexprs: INPUT_PRECISION, ACC and the
+    launcher's own ``consts`` (name, value, name, value, ...). Built once per (dtype, TF32 setting, consts);
+    callers unpack the dict, never change it."""
+    key = dtype, _allow_tf32(), consts
     hit = _LAUNCH_CLASSES.get(key)
     if hit is None:
-        cls = dtype_class(*key)
-        hit = _LAUNCH_CLASSES[key] = cls, {"INPUT_PRECISION": input_precision(cls), "ACC": acc_dtype(dtype)}
+        cls = dtype_class(dtype, key[1])
+        hit = _LAUNCH_CLASSES[key] = cls, {"INPUT_PRECISION": input_precision(cls), "ACC": acc_dtype(dtype),
+                                           **dict(zip(consts[::2], consts[1::2]))}
     return hit
 
 
@@ -173,10 +199,13 @@ def _linear_fwd_tma_kernel(
         stride_bm, stride_bn,
         # constexprs
         BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr = False):
     # The sm_90 path: persistent (each program loops over output tiles, in grouped order), operand tiles
-    # loaded by TMA (zero-filled past the edges: no masks), output stored by TMA (clipped at the edges).
-    for tile in tl.range(tl.program_id(0), tile_count(M, N, BLOCK_M, BLOCK_N), tl.num_programs(0), flatten=True):
+    # loaded by TMA (zero-filled past the edges: no masks), output stored by TMA (clipped at the edges); the tile
+    # loop flattened with the K loop, or warp-specialized (WARP_SPECIALIZE; the interpreter ignores both).
+    for tile in tl.range(tl.program_id(0), tile_count(M, N, BLOCK_M, BLOCK_N), tl.num_programs(0),
+                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
         m0, n0 = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k in range(tl.cdiv(K, BLOCK_K)):
@@ -198,23 +227,22 @@ _fwd_tma = tma_kernel(_linear_fwd_tma_kernel, FWD_TMA_CONFIGS, FWD_TMA_BLOCKS)
 def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str) -> torch.Tensor:
     """y = act(x Wᵀ + b); b is None, (N,) or (M, N) (any strides, zero included)."""
     (M, K), N = x.shape, w.shape[0]
-    y = x.new_empty((M, N))  # x's dtype and device (cheaper on the host than torch.empty(..., dtype, device))
+    y = x.new_empty(M, N)  # x's dtype and device (sizes as arguments: the cheapest allocation on the host)
     if M == 0 or N == 0:
         return y
-    x, w = tile_safe(x), tile_safe(w)
     if b is None:
-        bias, stride_bm, stride_bn, mode = y, 0, 0, Bias.NONE
+        bias, stride_bm, stride_bn, mode = y, 0, 0, NO_BIAS_CODE
     else:
         bias = tile_safe(b)
-        mode = Bias.VECTOR if b.dim() == 1 else Bias.MATRIX
-        stride_bm, stride_bn = (0, bias.stride(0)) if b.dim() == 1 else bias.stride()
-    cls, consts = launch_class(x.dtype)
-    consts = {**consts, "BIAS": mode.value, "ACTIVATION": ACTIVATION_CODES[activation]}  # a copy: the cache's is shared
-    if K and tma_ok(cls, x, w, y):
-        descs = descriptors(_fwd_tma, cls, FWD_TMA_BLOCKS, x, w, y)
-        _fwd_tma(lambda meta: persistent_grid(y.device, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),
-                 *descs.values(), bias, M, N, K, stride_bm, stride_bn, cls=cls, **consts)
+        mode = VECTOR_CODE if b.dim() == 1 else MATRIX_CODE
+        stride_bm, stride_bn = (0, bias.stride(0)) if mode == VECTOR_CODE else bias.stride()
+    cls, consts = launch_class(x.dtype, "BIAS", mode, "ACTIVATION", ACTIVATION_CODES[activation])
+    descs = tma_descriptors(_fwd_tma.block_shapes, cls, x, w, y) if K else None
+    if descs is not None:
+        _fwd_tma(lambda meta: persistent_grid(y, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),
+                 *descs, bias, M, N, K, stride_bm, stride_bn, cls=cls, **consts)
         return y
+    x, w = tile_safe(x), tile_safe(w)
     _fwd(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),),
          x, w, bias, y, M, N, K, *x.stride(), *w.stride(), stride_bm, stride_bn, *y.stride(), cls=cls, **consts)
     return y

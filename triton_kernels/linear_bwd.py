@@ -9,7 +9,7 @@ y(1 - y), tanh 1 - y²).
   db = Σ_rows dZ is summed alongside by the programs of the first K tile.
 * ``_linear_bwd_bias_kernel``: db alone (when W needs no gradient, or K = 0).
 * ``_linear_bwd_input_tma_kernel``, ``_linear_bwd_weight_tma_kernel``: dX and dW (+ db) on sm_90's
-  fast path (tensor descriptors, persistent grid; see ``linear``), where ``_gemm.tma_ok`` holds.
+  fast path (tensor descriptors, persistent grid; see ``linear``), where ``_gemm.tma_descriptors`` allows.
 
 The GEMM core (tile order, mma, offsets, precision) is ``_gemm``'s; the configs and their dtype
 classes are ``linear``'s (this module imports them; nothing imports this module but its launchers' users).
@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from .._common import ACTIVATION_CODES, Activation
-from ._gemm import descriptors, mma, persistent_grid, tile_count, tile_origin, tile_safe, tile_start, tma_ok
+from ._gemm import mma, persistent_grid, tile_count, tile_origin, tile_safe, tile_start, tma_descriptors
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, tiles
 from .activations import NONE, activation_grad
-from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class, tma_aot, tma_kernel
+from .linear import FP64, GEMM_FIELDS, gemm_aot, gemm_kernel, launch_class, tma_aot, tma_kernel, warp_specialized
 
 # dX: output tile BLOCK_M x BLOCK_K, reduction over N in BLOCK_N steps.
 INPUT_CONFIGS = {
@@ -45,7 +45,8 @@ _GRAD_Z_BLOCKS = {"dy_desc": ("BLOCK_M", "BLOCK_N"), "y_desc": ("BLOCK_M", "BLOC
 INPUT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "w_desc": ("BLOCK_N", "BLOCK_K"), "dx_desc": ("BLOCK_M", "BLOCK_K")}
 INPUT_TMA_CONFIGS = {
     "half": tiles(GEMM_FIELDS, (128, 64, 256, 8, 8, 3), (128, 64, 128, 8, 8, 4), (128, 64, 128, 8, 4, 4),
-                  (64, 64, 256, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)),
+                  (64, 64, 256, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)) +
+    warp_specialized((64, 64, 128, 8, 4, 4)),  # (linear.WARP_SPECIALIZATION; none for tf32 or the wgrad)
     "tf32": tiles(GEMM_FIELDS, (128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 4), (128, 32, 64, 8, 4, 4)),
 }
 WEIGHT_TMA_BLOCKS = {**_GRAD_Z_BLOCKS, "x_desc": ("BLOCK_M", "BLOCK_K"), "dw_desc": ("BLOCK_N", "BLOCK_K")}
@@ -192,10 +193,12 @@ def _linear_bwd_input_tma_kernel(
         M, N, K,
         # constexprs
         ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr = False):
     # dX = dZ·W on the sm_90 path: persistent over the BLOCK_M x BLOCK_K output tiles, TMA loads (zero past
-    # the edges) and stores (clipped).
-    for tile in tl.range(tl.program_id(0), tile_count(M, K, BLOCK_M, BLOCK_K), tl.num_programs(0), flatten=True):
+    # the edges) and stores (clipped); the tile loop flattened or warp-specialized (as linear's forward).
+    for tile in tl.range(tl.program_id(0), tile_count(M, K, BLOCK_M, BLOCK_K), tl.num_programs(0),
+                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
         m0, k0 = tile_origin(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
         for n in range(tl.cdiv(N, BLOCK_N)):
@@ -214,7 +217,8 @@ def _linear_bwd_weight_tma_kernel(
         # constexprs
         ACTIVATION: tl.constexpr, WITH_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # dW = dZᵀ·X (and db = Σ_rows dZ in the tiles of the first K columns) on the sm_90 path, as above.
+    # dW = dZᵀ·X (and db = Σ_rows dZ in the tiles of the first K columns) on the sm_90 path, as above (Triton's
+    # Hopper pass leaves this loop unspecialized: no WARP_SPECIALIZE).
     for tile in tl.range(tl.program_id(0), tile_count(N, K, BLOCK_N, BLOCK_K), tl.num_programs(0), flatten=True):
         n0, k0 = tile_origin(tile, N, K, BLOCK_N, BLOCK_K, GROUP_M)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
@@ -243,25 +247,30 @@ _bias = Kernel(_linear_bwd_bias_kernel, BIAS_CONFIGS, interpreter=BIAS_INTERPRET
 # ----------------------------------------------------------------- launchers
 def _grad_z_args(dy, y, activation):
     """dY and Y (Y stands in for itself only with an activation; else dY is passed, unread)."""
+    return dy, y if activation != "none" else dy
+
+
+def _safe_grad_z_args(dy, y):
+    """dY and Y for the pointer kernels (:func:`_gemm.tile_safe`), and their strides."""
     dy = tile_safe(dy)
-    y = tile_safe(y) if activation != "none" else dy
+    y = tile_safe(y) if y is not dy else dy
     return (dy, y), (*dy.stride(), *y.stride())
 
 
 def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
     (M, N), K = dy.shape, w.shape[1]
-    dx = w.new_empty((M, K))
+    dx = w.new_empty(M, K)
     if M == 0 or K == 0:
         return dx
-    (dy, y), strides = _grad_z_args(dy, y, activation)
-    w = tile_safe(w)
-    cls, consts = launch_class(w.dtype)
-    consts = {**consts, "ACTIVATION": ACTIVATION_CODES[activation]}  # a copy: the cache's is shared
-    if N and tma_ok(cls, dy, y, w, dx):
-        descs = descriptors(_input_tma, cls, INPUT_TMA_BLOCKS, dy, y, w, dx)
-        _input_tma(lambda meta: persistent_grid(dx.device, cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"])),
-                   *descs.values(), M, N, K, cls=cls, **consts)
+    dy, y = _grad_z_args(dy, y, activation)
+    cls, consts = launch_class(w.dtype, "ACTIVATION", ACTIVATION_CODES[activation])
+    descs = tma_descriptors(_input_tma.block_shapes, cls, dy, y, w, dx) if N else None
+    if descs is not None:
+        _input_tma(lambda meta: persistent_grid(dx, cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"])),
+                   *descs, M, N, K, cls=cls, **consts)
         return dx
+    (dy, y), strides = _safe_grad_z_args(dy, y)
+    w = tile_safe(w)
     _input(lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),),
            dy, y, w, dx, M, N, K, *strides, *w.stride(), *dx.stride(), cls=cls, **consts)
     return dx
@@ -269,10 +278,10 @@ def linear_bwd_input(dy: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None, 
 
 def linear_bwd_bias(dy: torch.Tensor, y: torch.Tensor | None, activation: str) -> torch.Tensor:
     M, N = dy.shape
-    db = dy.new_empty((N,))
+    db = dy.new_empty(N)
     if N == 0:
         return db
-    (dy, y), strides = _grad_z_args(dy, y, activation)
+    (dy, y), strides = _safe_grad_z_args(*_grad_z_args(dy, y, activation))
     _bias(lambda meta: (cdiv(N, meta["BLOCK_N"]),), dy, y, db, M, N, *strides,
           ACTIVATION=ACTIVATION_CODES[activation], ACC=acc_dtype(dy.dtype))
     return db
@@ -282,21 +291,21 @@ def linear_bwd_weight(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
                       with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW, db); db is empty (shape (0,)) unless ``with_bias``."""
     (M, N), K = dy.shape, x.shape[1]
-    dw = x.new_empty((N, K))
-    db = dy.new_empty((N if with_bias else 0,))
+    dw = x.new_empty(N, K)
+    db = dy.new_empty(N if with_bias else 0)
     if N == 0:
         return dw, db
     if M == 0 or K == 0:  # no products to take: dW is all zeros; db needs its own reduction
         return dw.zero_(), linear_bwd_bias(dy, y, activation) if with_bias else db
-    (dy, y), strides = _grad_z_args(dy, y, activation)
-    x = tile_safe(x)
-    cls, consts = launch_class(x.dtype)
-    consts = {**consts, "ACTIVATION": ACTIVATION_CODES[activation], "WITH_BIAS": with_bias}
-    if tma_ok(cls, dy, y, x, dw):
-        descs = descriptors(_weight_tma, cls, WEIGHT_TMA_BLOCKS, dy, y, x, dw)
-        _weight_tma(lambda meta: persistent_grid(dw.device, cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"])),
-                    *descs.values(), db if with_bias else dw, M, N, K, cls=cls, **consts)
+    dy, y = _grad_z_args(dy, y, activation)
+    cls, consts = launch_class(x.dtype, "ACTIVATION", ACTIVATION_CODES[activation], "WITH_BIAS", with_bias)
+    descs = tma_descriptors(_weight_tma.block_shapes, cls, dy, y, x, dw)
+    if descs is not None:
+        _weight_tma(lambda meta: persistent_grid(dw, cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"])),
+                    *descs, db if with_bias else dw, M, N, K, cls=cls, **consts)
         return dw, db
+    (dy, y), strides = _safe_grad_z_args(dy, y)
+    x = tile_safe(x)
     _weight(lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(K, meta["BLOCK_K"]),),
             dy, y, x, dw, db if with_bias else dw, M, N, K, *strides, *x.stride(), *dw.stride(), cls=cls, **consts)
     return dw, db
