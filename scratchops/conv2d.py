@@ -229,9 +229,9 @@ class Conv2dFunction(Function):
     def setup_context(ctx, inputs, output):
         x, w, _, *spec = inputs
         ctx.spec, ctx.input_size, ctx.weight_size = spec, list(x.shape), list(w.shape)
-        ctx.out_shape = list(output.shape)  # for the jvp of the bias
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
         if forward_mode():
+            ctx.out_shape = list(output.shape)  # for the jvp of the bias
             ctx.save_for_forward(x, w)
 
     @staticmethod

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .._common import conv_output_size
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma
-from ._launch import Kernel, cdiv, config, tiles
+from ._launch import Kernel, cdiv, config, interpreting, tiles
 
 
 # ----------------------------------------------------------------- index algebra (the one place)
@@ -171,9 +171,14 @@ def launch_class(dtype: torch.dtype) -> tuple[str, dict]:
     return cls, class_constexprs(cls)
 
 
-def gemm_grid(rows: int, cols: int, planes: int):
-    """The grid of a conv GEMM launch: (rows / BLOCK_M, cols / BLOCK_N, planes) for the config chosen."""
-    return lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes)
+def gemm_grid(kernel: Kernel, cls: str, rows: int, cols: int, planes: int):
+    """The grid of a conv GEMM launch, (rows / BLOCK_M, cols / BLOCK_N, planes): a tuple where the config is known
+    before the launch (the interpreter's; a class of one config), else a function of the config the autotuner
+    picks."""
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes)  # noqa: E731
+    configs = kernel.configs[cls]
+    fixed = kernel.interpreter if interpreting() else configs[0] if len(configs) == 1 else None
+    return grid if fixed is None else grid(fixed.kwargs)
 
 
 # ----------------------------------------------------------------- launch plans
@@ -285,7 +290,7 @@ def _fwd_plan(x, w, bias, stride, padding, dilation, groups, channels_last):
     y_strides = out_strides(shape, channels_last)
     cls, consts = launch_class(x.dtype)
     launches = tuple(
-        (chunk, gemm_grid(n * P * Q, K // groups, groups),
+        (chunk, gemm_grid(_fwd, cls, n * P * Q, K // groups, groups),
          scalar_args(_fwd, 4, N=n, C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
                      **strides("x", x.stride(), "nchw"), **strides("w", w.stride(), "kcrs"),
                      stride_b=0 if bias is None else bias.stride(0), **strides("y", y_strides, "nkpq"),

@@ -183,7 +183,7 @@ def _dgrad_plan(dy, w, input_size, stride, padding, dilation, groups, channels_l
     dx_strides = out_strides(shape, channels_last)
     cls, consts = launch_class(dy.dtype)
     launches = tuple(
-        (chunk, gemm_grid(n * H * W, C_G, groups),
+        (chunk, gemm_grid(_dgrad, cls, n * H * W, C_G, groups),
          scalar_args(_dgrad, 3, N=n, C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
                      **strides("dy", dy.stride(), "nkpq"), **strides("w", w.stride(), "kcrs"),
                      **strides("dx", dx_strides, "nchw"), **geometry(stride, padding, dilation), **consts))
@@ -236,11 +236,11 @@ def _wgrad_plan(dy, x, weight_size, stride, padding, dilation, groups, channels_
     launches, plane0 = [], 0
     for (chunk, n), split in zip(batches, splits):
         npq = n * P * Q
-        launches.append((chunk, gemm_grid(K_G, C_G, groups * R * S * split), scalar_args(
-            _wgrad, 3, NPQ=npq, C_G=C_G, H=H, W=W, K_G=K_G, P=P, Q=Q, R=R, S=S, SPLIT=split,
-            CHUNK=cdiv(cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN, PLANE0=plane0, **strides("dy", dy.stride(), "nkpq"),
-            **strides("x", x.stride(), "nchw"), **strides("dw", out_strides5, "zkcrs"),
-            **geometry(stride, padding, dilation), **consts)))
+        chunk_positions = cdiv(cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
+        launches.append((chunk, gemm_grid(_wgrad, cls, K_G, C_G, groups * R * S * split), scalar_args(
+            _wgrad, 3, NPQ=npq, C_G=C_G, H=H, W=W, K_G=K_G, P=P, Q=Q, R=R, S=S, SPLIT=split, CHUNK=chunk_positions,
+            PLANE0=plane0, **strides("dy", dy.stride(), "nkpq"), **strides("x", x.stride(), "nchw"),
+            **strides("dw", out_strides5, "zkcrs"), **geometry(stride, padding, dilation), **consts)))
         plane0 += split
     finish = None if partial is None else (
         lambda meta: (cdiv(numel, meta["BLOCK"]),),
