@@ -169,7 +169,8 @@ WGRAD_KEY = ["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT", "step_h
 _dgrad = Kernel(_conv2d_bwd_input_kernel, gemm_configs(DGRAD_TILES), interpreter=INTERPRETER, key=AUTOTUNE_KEY)
 _wgrad = Kernel(_conv2d_bwd_weight_kernel, gemm_configs(WGRAD_TILES, WGRAD_IEEE_TILES), interpreter=INTERPRETER_WGRAD,
                 key=WGRAD_KEY)
-_sum_planes = Kernel(_conv2d_sum_planes_kernel, [config(4, 3, BLOCK=1024)])
+# 8 warps (4 elements a thread): with 4, the 16-bit channels_last compile spills 8 bytes (triton 3.6 and 3.7.1)
+_sum_planes = Kernel(_conv2d_sum_planes_kernel, [config(8, 3, BLOCK=1024)])
 _bias = Kernel(_conv2d_bwd_bias_kernel, [config(4, 3, BLOCK=1024)])
 
 
