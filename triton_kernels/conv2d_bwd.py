@@ -103,10 +103,8 @@ def _conv2d_bwd_weight_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     start = split * CHUNK  # < 2^31: the launcher splits the batch
     end = tl.minimum(start + CHUNK, NPQ)
-    # a trip count that is a kernel argument, not derived from the program id (triton 3.6's interpreter cannot
-    # take such a loop bound): the last split's steps past NPQ are masked
-    for j0 in range(0, CHUNK, BLOCK_K):
-        j = start + j0 + tl.arange(0, BLOCK_K)
+    for j0 in range(start, end, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
         n, p, q = _split3(j, P, Q)
         ih = _in_coord(p, r, step_h, pad_h, dil_h)
         iw = _in_coord(q, s, step_w, pad_w, dil_w)
