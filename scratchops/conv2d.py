@@ -229,19 +229,25 @@ class Conv2dFunction(Function):
     def setup_context(ctx, inputs, output):
         x, w, _, *spec = inputs
         ctx.spec, ctx.input_size, ctx.weight_size = spec, list(x.shape), list(w.shape)
-        ctx.out_shape = list(output.shape)  # for the jvp of the bias
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
         if forward_mode():
+            ctx.out_shape = list(output.shape)  # for the jvp of the bias
             ctx.save_for_forward(x, w)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        needs, spec = ctx.needs_input_grad, ctx.spec
+        if not (torch.is_grad_enabled() or forward_mode()):  # no graph built: the backend ops directly (_grad)
+            backend, geometry = spec[-1], spec[:-1]
+            return (conv2d_bwd_input_op(backend, dy, w, ctx.input_size, *geometry) if needs[0] else None,
+                    conv2d_bwd_weight_op(backend, dy, x, ctx.weight_size, *geometry) if needs[1] else None,
+                    conv2d_bwd_bias_op(backend, dy) if needs[2] else None, None, None, None, None, None, None)
         if torch.is_grad_enabled() and dy.is_complex():  # the gradient Functions' formulas are for real tensors
             raise RuntimeError("scratchops conv2d: no double backward (create_graph=True) for complex tensors")
-        dx = _grad(Conv2dInputGradFunction, ctx.spec, dy, w, ctx.input_size) if ctx.needs_input_grad[0] else None
-        dw = _grad(Conv2dWeightGradFunction, ctx.spec, dy, x, ctx.weight_size) if ctx.needs_input_grad[1] else None
-        db = _grad(Conv2dBiasGradFunction, ctx.spec[-1:], dy) if ctx.needs_input_grad[2] else None
+        dx = _grad(Conv2dInputGradFunction, spec, dy, w, ctx.input_size) if needs[0] else None
+        dw = _grad(Conv2dWeightGradFunction, spec, dy, x, ctx.weight_size) if needs[1] else None
+        db = _grad(Conv2dBiasGradFunction, spec[-1:], dy) if needs[2] else None
         return (dx, dw, db,
                 None, None, None, None, None, None)  # stride, padding, dilation, groups, channels_last, backend
 

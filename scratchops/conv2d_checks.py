@@ -70,41 +70,43 @@ def resolve_padding(padding, stride, dilation, w) -> list[int]:
 
 
 def check_operands(x, w, bias, stride, padding, dilation, groups):
-    if w.dim() != 4:
+    xs, ws = x.shape, w.shape  # read once: each .shape makes a torch.Size (host time on every call)
+    if len(ws) != 4:
         raise RuntimeError(f"weight of conv2d should be 4-D (out_channels, in_channels/groups, kH, kW), "
-                           f"but got weight of size {list(w.shape)}")
-    if min(stride) <= 0:
+                           f"but got weight of size {list(ws)}")
+    if stride[0] <= 0 or stride[1] <= 0:
         raise RuntimeError("non-positive stride is not supported")
-    if min(dilation) <= 0:
+    if dilation[0] <= 0 or dilation[1] <= 0:
         raise RuntimeError(f"dilation should be greater than zero, but got {dilation}")
     if groups <= 0:
         raise RuntimeError("non-positive groups is not supported")
-    if w.shape[0] == 0 or w.shape[0] % groups:
-        kind = "at least" if w.shape[0] == 0 else "divisible by"
-        raise RuntimeError(f"Given groups={groups}, expected weight to be {kind} {1 if w.shape[0] == 0 else groups} "
-                           f"at dimension 0, but got weight of size [{list(w.shape)}] instead")
-    if x.shape[1] != w.shape[1] * groups:
-        raise RuntimeError(f"Given groups={groups}, weight of size {list(w.shape)}, expected input{list(x.shape)} to "
-                           f"have {w.shape[1] * groups} channels, but got {x.shape[1]} channels instead")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[0]):
-        raise RuntimeError(f"Given weight of size {list(w.shape)}, expected bias to be 1-dimensional with "
-                           f"{w.shape[0]} elements, but got bias of size {list(bias.shape)} instead")
-    padded = [x.shape[2] + padding[0] + padding[1], x.shape[3] + padding[2] + padding[3]]
-    kernel = [dilation[i] * (w.shape[2 + i] - 1) + 1 for i in range(SPATIAL_DIMS)]
-    if any(k > p for k, p in zip(kernel, padded)):
-        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
-                           f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
-    if x.numel() == 0 and x.shape[0] and x.shape[1]:
+    if ws[0] == 0 or ws[0] % groups:
+        kind = "at least" if ws[0] == 0 else "divisible by"
+        raise RuntimeError(f"Given groups={groups}, expected weight to be {kind} {1 if ws[0] == 0 else groups} "
+                           f"at dimension 0, but got weight of size [{list(ws)}] instead")
+    if xs[1] != ws[1] * groups:
+        raise RuntimeError(f"Given groups={groups}, weight of size {list(ws)}, expected input{list(xs)} to "
+                           f"have {ws[1] * groups} channels, but got {xs[1]} channels instead")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != ws[0]):
+        raise RuntimeError(f"Given weight of size {list(ws)}, expected bias to be 1-dimensional with "
+                           f"{ws[0]} elements, but got bias of size {list(bias.shape)} instead")
+    padded_h, padded_w = xs[2] + padding[0] + padding[1], xs[3] + padding[2] + padding[3]
+    kernel_h, kernel_w = dilation[0] * (ws[2] - 1) + 1, dilation[1] * (ws[3] - 1) + 1
+    if kernel_h > padded_h or kernel_w > padded_w:
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded_h} x {padded_w}). Kernel size: "
+                           f"({kernel_h} x {kernel_w}). Kernel size can't be greater than actual input size")
+    if xs[0] and xs[1] and not x.numel():
         raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
-                           f"{list(x.shape)}")
-    if x.dtype == torch.bool:  # torch's kernels dispatch on the input's dtype first
+                           f"{list(xs)}")
+    dtype = x.dtype
+    if dtype == torch.bool:  # torch's kernels dispatch on the input's dtype first
         raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for 'Bool'")
-    if w.dtype != x.dtype:
-        raise RuntimeError(f"Input type ({x.dtype}) and weight type ({w.dtype}) should be the same")
-    if bias is not None and bias.dtype != x.dtype:
-        raise RuntimeError(f"Input type ({x.dtype}) and bias type ({bias.dtype}) should be the same")
-    if not (x.is_floating_point() or x.is_complex()) and x.device.type != "cpu":  # integers: torch's CPU op only
-        raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for '{type_name(x.dtype)}'")
+    if w.dtype != dtype:
+        raise RuntimeError(f"Input type ({dtype}) and weight type ({w.dtype}) should be the same")
+    if bias is not None and bias.dtype != dtype:
+        raise RuntimeError(f"Input type ({dtype}) and bias type ({bias.dtype}) should be the same")
+    if not (dtype.is_floating_point or dtype.is_complex) and not x.is_cpu:  # integers: torch's CPU op only
+        raise NotImplementedError(f"\"slow_conv2d_{x.device.type}\" not implemented for '{type_name(dtype)}'")
 
 
 def check_devices(x, w, bias) -> None:

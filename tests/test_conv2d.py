@@ -601,9 +601,10 @@ def test_launchers_run_no_torch_kernels(backend, channels_last, split, monkeypat
     with Ops() as mode:
         outs = (K.conv2d_fwd(x, w, b, *geometry), KB.conv2d_bwd_input(dy, w, list(x.shape), *geometry),
                 KB.conv2d_bwd_weight(dy, x, list(w.shape), *geometry), KB.conv2d_bwd_bias(dy))
-    glue = [op for op in mode.ops if op not in ("aten.empty", "aten.slice", "aten.unsqueeze")]
+    allocations = ("aten.empty", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided")
+    glue = [op for op in mode.ops if op not in (*allocations, "aten.slice", "aten.unsqueeze")]
     assert not glue, f"torch kernels around the Triton launches: {glue}"
-    assert mode.ops.count("aten.empty") == 4 + (split > 1)  # y, dx, dw, db (+ wgrad's partial planes)
+    assert sum(map(mode.ops.count, allocations)) == 4 + (split > 1)  # y, dx, dw, db (+ wgrad's partial planes)
     expected = (TF.conv2d(x, w, b, padding=1),
                 *torch.ops.aten.convolution_backward(dy, x, w, [4], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                                      [True, True, True]))
@@ -611,6 +612,34 @@ def test_launchers_run_no_torch_kernels(backend, channels_last, split, monkeypat
         torch.testing.assert_close(out, ref)
     for out in outs[:3]:
         assert out.is_contiguous(memory_format=fmt)
+
+
+def test_launch_plans_follow_layout_and_tf32_flag(backend, monkeypatch):
+    """The launchers keep one launch plan per (shapes, strides, dtype, geometry, policy): the same shapes in
+    another layout, or with cudnn.allow_tf32 flipped, get a plan of their own, never a stale one."""
+    if backend != "triton":
+        pytest.skip("launchers of the Triton backend")
+    import scratchops._kernels.conv2d as K
+    from scratchops._kernels._launch import Kernel
+
+    classes = []
+    launch = Kernel.__call__
+
+    def recorded(self, grid, *args, cls="default", **consts):
+        classes.append(cls)
+        return launch(self, grid, *args, cls=cls, **consts)
+
+    monkeypatch.setattr(Kernel, "__call__", recorded)
+    x, w, b = make((2, 3, 6, 5)), make((4, 3, 3, 3)), make((4,))
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1, False)
+    expected = TF.conv2d(x, w, b, padding=1)
+    for layout in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        torch.testing.assert_close(K.conv2d_fwd(layout, w, b, *geometry), expected, rtol=1e-3, atol=1e-3)
+    for allowed in (False, True):
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=allowed):
+            classes.clear()
+            K.conv2d_fwd(x, w, b, *geometry)
+            assert classes == ["tf32" if allowed else "ieee"]
 
 
 # ----------------------------------------------------------------- double backward (issue 13)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .._common import conv_output_size
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma
-from ._launch import Kernel, acc_dtype, cdiv, config, tiles
+from ._launch import Kernel, cdiv, config, interpreting, tiles
 
 
 # ----------------------------------------------------------------- index algebra (the one place)
@@ -135,7 +135,9 @@ TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 # dgrad's divisibility tests need the smaller rows). fp64 (multiply-and-sum: a BLOCK_M×BLOCK_K×BLOCK_N
 # product lives in registers) runs one small tile.
 FWD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
-FWD_IEEE_TILES = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]  # fp32 ieee 64×128 spills (even with BLOCK_K 16)
+# fp32 ieee: 64×128 spills (even with BLOCK_K 16). 64×64 with 4 warps: BLOCK_K 32 spills with triton 3.6 (NCHW: up
+# to 208 bytes), BLOCK_K 16 with 3.9 (channels_last with bias: 8 bytes); each is clean where it is used.
+FWD_IEEE_TILES = [(128, 64, 32, 8, 3), (64, 64, 16 if triton.__version__.startswith("3.6.") else 32, 4, 3)]
 DGRAD_TILES = [(64, 128, 16, 8, 3), (64, 64, 32, 8, 3)]  # 64×128×32: fp32 ieee spills (dgrad masks its acc)
 WGRAD_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
 WGRAD_IEEE_TILES = [(128, 64, 32, 8, 3), (64, 128, 16, 8, 3), (64, 64, 32, 8, 3)]  # ieee 64×128×32, 64×64/4 spill
@@ -165,17 +167,62 @@ def class_constexprs(cls: str) -> dict:
     return {"INPUT_PRECISION": input_precision(cls), "ACC": tl.float64 if cls == "fp64" else tl.float32}
 
 
-_CONSTS: dict = {}  # (dtype class, dtype) -> the constexprs that go with them, built once each
-
-
-def gemm_launch(kernel: Kernel, rows: int, cols: int, planes: int, dtype: torch.dtype, **args) -> None:
-    """Launch a conv GEMM kernel over a (rows / BLOCK_M, cols / BLOCK_N, planes) grid, configs by dtype class."""
+def launch_class(dtype: torch.dtype) -> tuple[str, dict]:
+    """The dtype class of a launch and its constexprs (INPUT_PRECISION, ACC)."""
     cls = precision_class(dtype)
-    consts = _CONSTS.get((cls, dtype))
-    if consts is None:
-        consts = _CONSTS[cls, dtype] = {"INPUT_PRECISION": input_precision(cls), "ACC": acc_dtype(dtype)}
-    kernel(lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes), cls=cls, **consts,
-           **args)
+    return cls, class_constexprs(cls)
+
+
+def gemm_grid(kernel: Kernel, cls: str, rows: int, cols: int, planes: int):
+    """The grid of a conv GEMM launch, (rows / BLOCK_M, cols / BLOCK_N, planes): a tuple where the config is known
+    before the launch (the interpreter's; a class of one config), else a function of the config the autotuner
+    picks."""
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes)  # noqa: E731
+    configs = kernel.configs[cls]
+    fixed = kernel.interpreter if interpreting() else configs[0] if len(configs) == 1 else None
+    return grid if fixed is None else grid(fixed.kwargs)
+
+
+# ----------------------------------------------------------------- launch plans
+# What a launcher computes on the host (output shape and strides, batch chunks, grids, every scalar argument)
+# depends only on the operands' shapes, strides and dtype, the geometry and the launch policy (dtype class, batch
+# limit, split-k). It is computed once per such key and kept: a call then allocates its outputs and launches,
+# the kernel's arguments after its tensors passed as one positional tuple (no keyword dicts per call).
+PLAN_CACHE_SIZE = 512
+_PLANS: dict = {}
+_tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32, without the module property
+
+
+def plan(key: tuple, build, *args):
+    """The plan of ``key`` (its first element names the launcher), made by ``build(*args)`` on first use."""
+    found = _PLANS.get(key)
+    if found is None:
+        if len(_PLANS) >= PLAN_CACHE_SIZE:
+            _PLANS.clear()
+        found = _PLANS[key] = build(*args)
+    return found
+
+
+def scalar_args(kernel: Kernel, tensors: int, **named) -> tuple:
+    """The named arguments of ``kernel`` after its first ``tensors`` parameters, in its parameter order (the
+    configs' constexprs follow them)."""
+    args = []
+    for name in kernel.fn.arg_names[tensors:]:  # JITFunction and the interpreter's InterpretedFunction alike
+        if name not in named:
+            break
+        args.append(named.pop(name))
+    assert not named, f"{kernel.fn.__name__}: arguments out of parameter order: {sorted(named)}"
+    return tuple(args)
+
+
+def out_strides(shape: tuple, channels_last: bool) -> tuple:
+    """The strides torch gives a new 4-D tensor of ``shape`` in its final layout, NCHW or channels_last (torch's
+    rules, zero sizes included: only NCHW counts a zero size as 1)."""
+    _, c, h, w = shape
+    if channels_last:
+        return (h * w * c, 1, w * c, c)
+    w, h = max(w, 1), max(h, 1)
+    return (max(c, 1) * h * w, h * w, w, 1)
 
 
 LAYOUTS = ("nchw", "nhwc")  # the layouts launches specialize: unit stride along W (NCHW) or channels (NHWC)
@@ -200,15 +247,18 @@ def gemm_aot(kernel: Kernel, constexprs: dict | None = None, pointers: dict | No
 MAX_POSITIONS = 2**31 - 2**20
 
 
-def batch_chunks(n: int, positions_per_image: int):
-    """Slices of the batch whose positions (images × positions per image) stay below MAX_POSITIONS."""
+def batch_chunks(n: int, positions_per_image: int) -> list[tuple]:
+    """(slice, images) per launch: chunks of the batch whose positions (images × positions per image) stay below
+    MAX_POSITIONS; the slice is None for the whole batch (the common case: the operands themselves, no views)."""
     step = max(1, MAX_POSITIONS // max(positions_per_image, 1))
-    return [slice(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+    if step >= n:
+        return [(None, n)]
+    return [(slice(n0, min(n, n0 + step)), min(n, n0 + step) - n0) for n0 in range(0, n, step)]
 
 
-def batch_part(t: torch.Tensor, chunk: slice) -> torch.Tensor:
-    """``t[chunk]``; ``t`` itself when the chunk is the whole batch (the common case: no view made)."""
-    return t if chunk.start == 0 and chunk.stop == t.shape[0] else t[chunk]
+def spec_key(dtype: torch.dtype, stride, padding, dilation, groups: int, channels_last: bool) -> tuple:
+    """The part of a plan's key every conv launcher shares: dtype, dtype class policy, batch limit, geometry."""
+    return (dtype, _tf32(), MAX_POSITIONS, *stride, *padding, *dilation, groups, channels_last)
 
 
 def output_hw(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
@@ -217,21 +267,9 @@ def output_hw(h: int, w: int, r: int, s: int, stride, padding, dilation) -> tupl
             conv_output_size(w, s, stride[1], padding[2], padding[3], dilation[1]))
 
 
-def new_4d(shape, like: torch.Tensor, channels_last: bool, dtype=None) -> torch.Tensor:
-    """An uninitialised 4-D output allocated directly in its final layout."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
-
-
-_STRIDE_NAMES: dict = {}
-
-
-def strides(name: str, t: torch.Tensor, dims: str) -> dict:
-    """The ``stride_<name><dim>`` keyword arguments of ``t`` (one dim letter per dimension)."""
-    names = _STRIDE_NAMES.get((name, dims))
-    if names is None:
-        names = _STRIDE_NAMES[name, dims] = tuple(f"stride_{name}{d}" for d in dims)
-    return dict(zip(names, t.stride()))
+def strides(name: str, values: tuple, dims: str) -> dict:
+    """The ``stride_<name><dim>`` keyword arguments of strides ``values`` (one dim letter per dimension)."""
+    return {f"stride_{name}{d}": v for d, v in zip(dims, values)}
 
 
 def geometry(stride, padding, dilation) -> dict:
@@ -245,22 +283,34 @@ _fwd = Kernel(_conv2d_fwd_kernel, gemm_configs(FWD_TILES, FWD_IEEE_TILES, FWD_FP
 
 
 # ----------------------------------------------------------------- launcher
-def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation, groups: int,
-               channels_last: bool) -> torch.Tensor:
-    N, C, H, W = x.shape
+def _fwd_plan(x, w, bias, stride, padding, dilation, groups, channels_last):
+    """y's shape and strides, the dtype class, and per batch chunk (slice, grid, arguments after the tensors)."""
+    N, _, H, W = x.shape
     K, C_G, R, S = w.shape
     P, Q = output_hw(H, W, R, S, stride, padding, dilation)
-    y = new_4d((N, K, P, Q), x, channels_last)
-    if not y.numel():
-        return y
-    for chunk in batch_chunks(N, P * Q):
-        xs, ys = batch_part(x, chunk), batch_part(y, chunk)
-        gemm_launch(_fwd, xs.shape[0] * P * Q, K // groups, groups, x.dtype,
-                    x_ptr=xs, w_ptr=w, b_ptr=ys if bias is None else bias, y_ptr=ys,
-                    N=xs.shape[0], C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
-                    **strides("x", xs, "nchw"), **strides("w", w, "kcrs"),
-                    stride_b=0 if bias is None else bias.stride(0), **strides("y", ys, "nkpq"),
-                    **geometry(stride, padding, dilation), HAS_BIAS=bias is not None)
+    shape = (N, K, P, Q)
+    y_strides = out_strides(shape, channels_last)
+    cls, consts = launch_class(x.dtype)
+    launches = tuple(
+        (chunk, gemm_grid(_fwd, cls, n * P * Q, K // groups, groups),
+         scalar_args(_fwd, 4, N=n, C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
+                     **strides("x", x.stride(), "nchw"), **strides("w", w.stride(), "kcrs"),
+                     stride_b=0 if bias is None else bias.stride(0), **strides("y", y_strides, "nkpq"),
+                     **geometry(stride, padding, dilation), HAS_BIAS=bias is not None, **consts))
+        for chunk, n in batch_chunks(N, P * Q)) if N * K * P * Q else ()
+    return shape, y_strides, cls, launches
+
+
+def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation, groups: int,
+               channels_last: bool) -> torch.Tensor:
+    shape, y_strides, cls, launches = plan(
+        (_fwd_plan, x.shape, x.stride(), w.shape, w.stride(), None if bias is None else bias.stride(0),
+         *spec_key(x.dtype, stride, padding, dilation, groups, channels_last)),
+        _fwd_plan, x, w, bias, stride, padding, dilation, groups, channels_last)
+    y = x.new_empty_strided(shape, y_strides)  # directly in its final layout
+    for chunk, grid, args in launches:
+        xs, ys = (x, y) if chunk is None else (x[chunk], y[chunk])
+        _fwd(grid, xs, w, ys if bias is None else bias, ys, *args, cls=cls)
     return y
 
 

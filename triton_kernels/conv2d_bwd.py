@@ -15,8 +15,8 @@ import triton.language as tl
 from ._gemm import mma
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, flat_offsets
 from .conv2d import (AUTOTUNE_KEY, DGRAD_TILES, INTERPRETER, INTERPRETER_WGRAD, LAYOUTS, WGRAD_IEEE_TILES, WGRAD_TILES,
-                     _in_coord, _out_coord, _position_tile, _split3, _tap_step, batch_chunks, batch_part, gemm_aot,
-                     gemm_configs, gemm_launch, geometry, new_4d, strides, unit_strides)
+                     _in_coord, _out_coord, _position_tile, _split3, _tap_step, batch_chunks, gemm_aot, gemm_configs,
+                     gemm_grid, geometry, launch_class, out_strides, plan, scalar_args, spec_key, strides, unit_strides)
 
 # wgrad splits its N·P·Q reduction over programs when the output tiles alone cannot fill the GPU.
 TARGET_PROGRAMS = 264  # about two waves of 132 SMs (H100)
@@ -167,24 +167,37 @@ WGRAD_KEY = ["NPQ", "C_G", "H", "W", "K_G", "P", "Q", "R", "S", "SPLIT", "step_h
 _dgrad = Kernel(_conv2d_bwd_input_kernel, gemm_configs(DGRAD_TILES), interpreter=INTERPRETER, key=AUTOTUNE_KEY)
 _wgrad = Kernel(_conv2d_bwd_weight_kernel, gemm_configs(WGRAD_TILES, WGRAD_IEEE_TILES), interpreter=INTERPRETER_WGRAD,
                 key=WGRAD_KEY)
-_sum_planes = Kernel(_conv2d_sum_planes_kernel, [config(4, 3, BLOCK=1024)])
+# 8 warps (4 elements a thread): with 4, the 16-bit channels_last compile spills 8 bytes (triton 3.6 and 3.7.1)
+_sum_planes = Kernel(_conv2d_sum_planes_kernel, [config(8, 3, BLOCK=1024)])
 _bias = Kernel(_conv2d_bwd_bias_kernel, [config(4, 3, BLOCK=1024)])
 
 
 # ----------------------------------------------------------------- launchers
-def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last):
+def _dgrad_plan(dy, w, input_size, stride, padding, dilation, groups, channels_last):
+    """dx's shape and strides, the dtype class, and per batch chunk (slice, grid, arguments after the tensors)."""
     N, C, H, W = input_size
     K, C_G, R, S = w.shape
     P, Q = dy.shape[2], dy.shape[3]
-    dx = new_4d((N, C, H, W), dy, channels_last)
-    if not dx.numel():
-        return dx
-    for chunk in batch_chunks(N, H * W):
-        dys, dxs = batch_part(dy, chunk), batch_part(dx, chunk)
-        gemm_launch(_dgrad, dxs.shape[0] * H * W, C_G, groups, dy.dtype,
-                    dy_ptr=dys, w_ptr=w, dx_ptr=dxs, N=dxs.shape[0], C_G=C_G, H=H, W=W, K_G=K // groups,
-                    P=P, Q=Q, R=R, S=S, **strides("dy", dys, "nkpq"), **strides("w", w, "kcrs"),
-                    **strides("dx", dxs, "nchw"), **geometry(stride, padding, dilation))
+    shape = (N, C, H, W)
+    dx_strides = out_strides(shape, channels_last)
+    cls, consts = launch_class(dy.dtype)
+    launches = tuple(
+        (chunk, gemm_grid(_dgrad, cls, n * H * W, C_G, groups),
+         scalar_args(_dgrad, 3, N=n, C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
+                     **strides("dy", dy.stride(), "nkpq"), **strides("w", w.stride(), "kcrs"),
+                     **strides("dx", dx_strides, "nchw"), **geometry(stride, padding, dilation), **consts))
+        for chunk, n in batch_chunks(N, H * W)) if N * C * H * W else ()
+    return shape, dx_strides, cls, launches
+
+
+def conv2d_bwd_input(dy, w, input_size, stride, padding, dilation, groups, channels_last):
+    shape, dx_strides, cls, launches = plan(
+        (_dgrad_plan, dy.shape, dy.stride(), w.shape, w.stride(), *input_size,
+         *spec_key(dy.dtype, stride, padding, dilation, groups, channels_last)),
+        _dgrad_plan, dy, w, input_size, stride, padding, dilation, groups, channels_last)
+    dx = dy.new_empty_strided(shape, dx_strides)  # directly in its final layout
+    for chunk, grid, args in launches:
+        _dgrad(grid, dy if chunk is None else dy[chunk], w, dx if chunk is None else dx[chunk], *args, cls=cls)
     return dx
 
 
@@ -194,46 +207,71 @@ def _split_k(tiles: int, npq: int, on_cuda: bool) -> int:
     return max(1, min(cdiv(TARGET_PROGRAMS, tiles), npq // MIN_SPLIT_CHUNK))
 
 
-def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last):
-    N, C, H, W = x.shape
+def _wgrad_plan(dy, x, weight_size, stride, padding, dilation, groups, channels_last):
+    """dw's shape and strides, the dtype class, the partial planes (None: wgrad writes dw itself; else their
+    shape and dtype), per batch chunk (slice, grid, arguments after the tensors), and the plane sum's (grid,
+    arguments), or ZERO_FILL for an empty reduction."""
+    N, _, H, W = x.shape
     K, C_G, R, S = weight_size
     P, Q = dy.shape[2], dy.shape[3]
     K_G = K // groups
-    dw = new_4d((K, C_G, R, S), x, channels_last)
-    if not dw.numel():
-        return dw
+    shape = (K, C_G, R, S)
+    dw_strides = out_strides(shape, channels_last)
+    cls, consts = launch_class(x.dtype)
+    if not K * C_G * R * S:
+        return shape, dw_strides, cls, None, (), None
     if not N * P * Q:  # an empty reduction: zeros (one fill, no launch)
-        return dw.zero_()
+        return shape, dw_strides, cls, None, (), ZERO_FILL
     tile_m, tile_n = WGRAD_TILES[0][0], WGRAD_TILES[0][1]
     tiles = groups * R * S * cdiv(K_G, tile_m) * cdiv(C_G, tile_n)
     batches = batch_chunks(N, P * Q)
-    splits = [_split_k(tiles, (b.stop - b.start) * P * Q, x.is_cuda) for b in batches]
+    splits = [_split_k(tiles, n * P * Q, x.is_cuda) for _, n in batches]
     planes = sum(splits)
     # One plane: dw itself. Several: partial sums in the compute dtype, one plane per split, then summed.
-    out = dw[None] if planes == 1 else torch.empty((planes, K, C_G, R, S), dtype=dw.dtype if dw.dtype ==
-                                                   torch.float64 else torch.float32, device=x.device)
-    plane0 = 0
-    for batch, split in zip(batches, splits):
-        dys, xs = batch_part(dy, batch), batch_part(x, batch)
-        npq = xs.shape[0] * P * Q
-        chunk = cdiv(cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
-        gemm_launch(_wgrad, K_G, C_G, groups * R * S * split, x.dtype,
-                    dy_ptr=dys, x_ptr=xs, dw_ptr=out, NPQ=npq, C_G=C_G, H=H, W=W, K_G=K_G, P=P, Q=Q, R=R, S=S,
-                    SPLIT=split, CHUNK=chunk, PLANE0=plane0, **strides("dy", dys, "nkpq"),
-                    **strides("x", xs, "nchw"), **strides("dw", out, "zkcrs"), **geometry(stride, padding, dilation))
+    numel = K * C_G * R * S
+    partial = None if planes == 1 else ((planes, *shape), torch.float64 if x.dtype == torch.float64 else
+                                        torch.float32)
+    out_strides5 = (numel, *dw_strides) if partial is None else (numel, C_G * R * S, R * S, S, 1)
+    launches, plane0 = [], 0
+    for (chunk, n), split in zip(batches, splits):
+        npq = n * P * Q
+        chunk_positions = cdiv(cdiv(npq, split), SPLIT_ALIGN) * SPLIT_ALIGN
+        launches.append((chunk, gemm_grid(_wgrad, cls, K_G, C_G, groups * R * S * split), scalar_args(
+            _wgrad, 3, NPQ=npq, C_G=C_G, H=H, W=W, K_G=K_G, P=P, Q=Q, R=R, S=S, SPLIT=split, CHUNK=chunk_positions,
+            PLANE0=plane0, **strides("dy", dy.stride(), "nkpq"), **strides("x", x.stride(), "nchw"),
+            **strides("dw", out_strides5, "zkcrs"), **geometry(stride, padding, dilation), **consts)))
         plane0 += split
-    if planes > 1:
-        n = dw.numel()
-        _sum_planes(lambda meta: (cdiv(n, meta["BLOCK"]),), out, dw, n, planes, C_G, R, S,
-                    *dw.stride(), ACC=acc_dtype(dw.dtype))
+    finish = None if partial is None else (
+        lambda meta: (cdiv(numel, meta["BLOCK"]),),
+        scalar_args(_sum_planes, 2, n=numel, PLANES=planes, C_G=C_G, R=R, S=S, **strides("dw", dw_strides, "kcrs"),
+                    ACC=acc_dtype(x.dtype)))
+    return shape, dw_strides, cls, partial, tuple(launches), finish
+
+
+ZERO_FILL = "zero fill"
+
+
+def conv2d_bwd_weight(dy, x, weight_size, stride, padding, dilation, groups, channels_last):
+    shape, dw_strides, cls, partial, launches, finish = plan(
+        (_wgrad_plan, dy.shape, dy.stride(), x.shape, x.stride(), *weight_size, _split_k, x.is_cuda,
+         *spec_key(x.dtype, stride, padding, dilation, groups, channels_last)),
+        _wgrad_plan, dy, x, weight_size, stride, padding, dilation, groups, channels_last)
+    dw = x.new_empty_strided(shape, dw_strides)  # directly in its final layout
+    if finish is ZERO_FILL:
+        return dw.zero_()
+    out = dw if partial is None else torch.empty(partial[0], dtype=partial[1], device=x.device)
+    for chunk, grid, args in launches:
+        _wgrad(grid, dy if chunk is None else dy[chunk], x if chunk is None else x[chunk], out, *args, cls=cls)
+    if finish is not None:
+        _sum_planes(finish[0], out, dw, *finish[1])
     return dw
 
 
 def conv2d_bwd_bias(dy):
     N, K, P, Q = dy.shape
-    db = torch.empty(K, dtype=dy.dtype, device=dy.device)
+    db = dy.new_empty((K,))
     if K:
-        _bias((K,), dy, db, N * P * Q, P, Q, *dy.stride(), ACC=acc_dtype(dy.dtype))
+        _bias((K,), dy, db, N * P * Q, P, Q, *dy.stride(), acc_dtype(dy.dtype))
     return db
 
 
