@@ -7,7 +7,7 @@ import scratchops
 import scratchops.functional as SF
 import scratchops.nn as SN
 from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_compile_fullgraph, check_gradcheck, check_parity,
-                           check_same_error, expect_ops, make)
+                           check_same_error, check_sass, expect_ops, make)
 
 BLOCK = 1024  # triton_kernels.activations.BLOCK: sizes around it exercise the masks
 OPS = {"sigmoid": (SF.sigmoid, torch.sigmoid), "relu": (SF.relu, TF.relu), "tanh": (SF.tanh, torch.tanh)}
@@ -252,6 +252,8 @@ def test_aot_compile_sm90():
     assert {r["kernel"] for r in rows} == {"_activation_fwd_kernel", "_activation_bwd_kernel",
                                            "_activation_bwd_y_kernel"}
     assert len(rows) == 3 * 3 * 4 + 5  # sigmoid, relu, tanh x fwd, bwd, bwd_y x 4 float types, + relu fwd on ints
+    # contiguous streams: 16-byte accesses in every compile (1-byte relu takes 2 warps: 16 elements a thread)
+    check_sass(rows, vector128=("_activation_fwd_kernel", "_activation_bwd_kernel", "_activation_bwd_y_kernel"))
 
 
 @pytest.mark.gpu

@@ -465,9 +465,13 @@ def test_aot_compile_sm90():
     assert {r["kernel"] for r in rows} == {"_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel"}
     second = check_aot("scratchops._kernels.linear_cross_entropy_bwd2")  # the double backward's: no spills either
     assert {r["kernel"] for r in second} == {"_lce_bwd2_kernel"}
-    check_sass([r for r in rows + second if {"*fp16", "*bf16"} & set(r["dtypes"])  # the GEMMs (db's row sums: none)
-                and r["constexprs"].get("PRODUCT", "True") == "True"],
-               hgmma=("_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel", "_lce_bwd2_kernel"))
+    # wgmma in every 16-bit and tf32 GEMM (fp16/bf16 rows carry INPUT_PRECISION "tf32" too; db's row sums: no product)
+    tensor_core = [r for r in rows + second if r["constexprs"]["INPUT_PRECISION"] == "tf32"
+                   and r["constexprs"].get("PRODUCT", "True") == "True"]
+    assert {t for r in tensor_core for t in r["dtypes"]} >= {"*fp16", "*bf16", "*fp32"}
+    assert {r["kernel"] for r in tensor_core} == {"_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel",
+                                                  "_lce_bwd2_kernel"}
+    check_sass(tensor_core, hgmma=("_lce_fwd_kernel", "_lce_dlogits_kernel", "_lce_gemm_kernel", "_lce_bwd2_kernel"))
 
 
 

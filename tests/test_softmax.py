@@ -11,8 +11,9 @@ import scratchops.functional as SF
 import scratchops.nn as SN
 import scratchops.softmax as S
 import scratchops._kernels.softmax as K
-from tests.helpers import (DEVICE, PARITY_DTYPES, check_gradcheck, check_parity, check_same_error,
-                           expect_ops, make, tolerances)
+import scratchops._kernels.softmax_bwd2 as K2
+from tests.helpers import (DEVICE, PARITY_DTYPES, check_aot, check_gradcheck, check_parity, check_same_error,
+                           check_sass, expect_ops, make, tolerances)
 
 OPS = {"softmax": (SF.softmax, TF.softmax), "log_softmax": (SF.log_softmax, TF.log_softmax)}
 NAMES = sorted(OPS)
@@ -321,6 +322,18 @@ def test_aot_configs_list_every_launch():
     assert K.CLUSTERS == any(p[2].ctas > 1 for p in plans)
 
 
+def test_aot_vector_accesses_sm90():
+    """As launched for sm_90 (the compiles test_contract's AOT check makes, read from the same cache): every launch
+    plan of a contiguous row (unit column stride) moves data in 16-byte accesses, forward and backward, every dtype;
+    so does the double backward along the last dim (n_inner = 1; rows along an inner dim are strided)."""
+    rows = check_aot("scratchops._kernels.softmax")
+    check_sass(rows, vector128=("_softmax_fwd_kernel", "_softmax_bwd_kernel"))
+    second = check_aot("scratchops._kernels.softmax_bwd2")
+    last_dim = [r for r in second if r["constexprs"].get("n_inner") == "1"]
+    assert len(last_dim) == len(second) // 2 == 16, second  # 2 kernels x 2 ops x 4 dtypes
+    check_sass(last_dim, vector128=("_softmax_bwd2_kernel", "_softmax_bwd_jvp_kernel"))
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
 def test_autocast_dtypes_as_torch(backend, name, autocast_dtype):
@@ -374,11 +387,14 @@ def test_traffic_one_read(name, n):
 TORCH_OPS = {"softmax": torch.softmax, "log_softmax": torch.log_softmax}
 
 
+BWD2_STEP = K2._bwd2.configs["default"][0].kwargs["BLOCK_N"]  # the second-derivative kernels' columns a step
+
+
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("shape,dim", [((3, 5), 1), ((2, 3, 4), 0), ((2, 300), 1), ((4, 3), -2), ((), 0)])
+@pytest.mark.parametrize("shape,dim", [((3, 5), 1), ((2, 3, 4), 0), ((2, BWD2_STEP + 76), 1), ((4, 3), -2), ((), 0)])
 def test_gradgradcheck(backend, name, shape, dim):
     x = make(shape, torch.float64, requires_grad=True)
-    fast = x.numel() > 100  # rows longer than the second-derivative kernel's 256-column step: a random direction
+    fast = x.numel() > 100  # rows longer than the second-derivative kernel's column step: a random direction
     with expect_ops([f"{name}_bwd2"]):
         assert torch.autograd.gradgradcheck(_partial(OPS[name][0], dim), (x,), fast_mode=fast)
 

@@ -116,7 +116,9 @@ def _activation_bwd_y_kernel(y_ptr, dy_ptr, g_ptr, out_ptr, n,
 
 
 ELEMENTWISE = [config(BLOCK=1024, num_warps=4)]
-_fwd = Kernel(_activation_fwd_kernel, ELEMENTWISE)
+# 1-byte integers (relu): 2 warps, so that each thread moves 16 elements = one 16-byte access (same BLOCK and grid)
+BYTES = [config(BLOCK=1024, num_warps=2)]
+_fwd = Kernel(_activation_fwd_kernel, {"default": ELEMENTWISE, "bytes": BYTES})
 _bwd = Kernel(_activation_bwd_kernel, ELEMENTWISE)
 _bwd_y = Kernel(_activation_bwd_y_kernel, ELEMENTWISE)
 
@@ -129,7 +131,8 @@ def _forward(activation: int, x: torch.Tensor, y: torch.Tensor) -> None:
     """y = act(x) for x and y of the same dense layout (x may be y: in place); ``activation``: an int code."""
     n = y.numel()
     if n:
-        _fwd((cdiv(n, BLOCK),), x, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype))
+        _fwd((cdiv(n, BLOCK),), x, y, n, ACTIVATION=activation, ACC=acc_dtype(y.dtype),
+             cls="bytes" if y.element_size() == 1 else "default")
 
 
 def _unary(activation: int, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +197,7 @@ def aot_configs():
         types = FLOAT_TYPES + (INT_TYPES if act == Activation.RELU else ())
         for t in types:
             consts = {"ACTIVATION": act.value, "ACC": tl.float64 if t == "fp64" else tl.float32}
-            yield from _fwd.aot(t, consts, ints={"n": "i64"})
+            yield from _fwd.aot(t, consts, ints={"n": "i64"}, cls="bytes" if t in ("i8", "u8") else "default")
             if t in FLOAT_TYPES:
                 yield from _bwd.aot(t, consts, ints={"n": "i64"})
                 yield from _bwd_y.aot(t, consts, ints={"n": "i64"})

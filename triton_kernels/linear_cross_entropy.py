@@ -2,25 +2,24 @@ r"""Triton kernels for the fused linear + cross-entropy (formulas: ``scratchops/
 
 Shapes as there: x (N, H), W (C, S, H), b (C, S); one launch sequence per position s (S = 1 without out_features).
 
-* ``_lce_fwd_kernel``: one program per BLOCK_N token rows sweeps every class tile: the logits tile Z = X Wᵀ (+ b)
-  is made by the K loop (``_gemm.mma``) and consumed on chip by the online log-sum-exp (running max from -inf,
-  masked lanes at -inf, shift 0 for an all -inf row), which also gathers z_t and Σ b_c (m - z_c).
-  Written: the row losses and the stats (m, log s, Σ_a) only.
+* ``_lce_fwd_kernel``: one program per BLOCK_N token rows sweeps every class tile: the logits tile Z = X Wᵀ (+ b) is
+  made by the K loop (``_gemm.mma``) and consumed on chip by the online log-sum-exp (running max from -inf, masked
+  lanes at -inf, shift 0 for an all -inf row), which also gathers z_t and Σ b_c (m - z_c). Written: the row losses
+  and the stats (m, log s, Σ_a) only.
 * ``_lce_dlogits_kernel``: for one chunk of classes [v0, v0 + V_c), recomputes each logits tile from x, W and the
-  stats and writes dZ = (p Σ_a - a) g_r / D for the chunk (and, for probability targets, d target and the
-  class-weight gradient by atomic adds).
-* ``_lce_gemm_kernel``: C (+)= A·B with fp32 (fp64) accumulation, or the row sums of A:
-  dX += dZ W_chunk (into one accumulator), dW_chunk = dZᵀ X, db_chunk = Σ_n dZ.
+  stats and writes dZ = (p Σ_a - a) g_r / D for the chunk (and, for probability targets, d target and the class-weight
+  gradient by atomic adds).
+* ``_lce_gemm_kernel``: C (+)= A·B with fp32 (fp64) accumulation, or the row sums of A: dX += dZ W_chunk (into one
+  accumulator), dW_chunk = dZᵀ X, db_chunk = Σ_n dZ.
 
-Peak memory. The forward allocates the row losses and the stats: 4·N·S·a bytes (a = 4, or 8 for
-fp64), and O(N·S) row temporaries (target checks, D). The backward adds, at most at once,
+Peak memory. The forward allocates the row losses and the stats: 4·N·S·a bytes (a = 4, or 8 for fp64), and O(N·S)
+row temporaries (target checks, D). The backward adds, at most at once,
 
     N·V_c·e  (one dZ chunk, e = x's element size)  +  N·H·4 (the fp32 dX accumulator; fp16/bf16 only)
     + C·a (class-weight gradient, probability targets only),   V_c = min(C, max(H, 512)) rounded up to 128,
 
-next to the gradients (dX, dW, db, d target: their inputs' sizes). No (N, C) logits or dlogits tensor: at B·T =
-16384, H = 4096, C = 128256, bf16, that is 128 + 256 MiB instead of 4 GiB of bf16 logits (plus their softmax and
-gradient) on the unfused path.
+next to the gradients (dX, dW, db, d target: their inputs' sizes). No (N, C) logits or dlogits tensor: at B·T = 16384,
+H = 4096, C = 128256, bf16, that is 128 + 256 MiB instead of 4 GiB of bf16 logits (plus softmax, gradient) unfused.
 """
 import torch
 import triton
@@ -33,11 +32,15 @@ from ._launch import Kernel, acc_dtype, cdiv, config, tiles
 CHUNK_MIN = 512  # V_c >= this many classes (and >= H): dZ chunk about the size of x
 ROW_FIELDS = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "GROUP")
 GEMM_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP")
-ROW_CONFIGS = {"half": tiles(ROW_FIELDS, (128, 64, 64, 8, 8, 3)), "tf32": tiles(ROW_FIELDS, (64, 64, 32, 8, 8, 3)),
-               "ieee": tiles(ROW_FIELDS, (32, 64, 32, 8, 4, 2)), "fp64": tiles(ROW_FIELDS, (16, 16, 8, 8, 4, 2))}
-GEMM_CONFIGS = {"half": tiles(GEMM_FIELDS, (128, 128, 64, 8, 8, 3)),
-                "tf32": tiles(GEMM_FIELDS, (128, 128, 32, 8, 8, 3)),
-                "ieee": tiles(GEMM_FIELDS, (64, 64, 32, 8, 4, 2)), "fp64": tiles(GEMM_FIELDS, (32, 32, 8, 8, 4, 2))}
+# Tiles chosen against spills with triton 3.6 / 3.7.1's ptxas: "half_prob" (row kernels, 16-bit probability targets:
+# 128x32, not 128x64), "<class>_acc" (dX += dZ W, C's tile and the product live at once: 64 columns, not 128); fp64 K 16
+ROW_CONFIGS = {name: tiles(ROW_FIELDS, row) for name, row in [
+    ("half", (128, 64, 64, 8, 8, 3)), ("half_prob", (128, 32, 64, 8, 8, 3)), ("tf32", (64, 64, 32, 8, 8, 3)),
+    ("ieee", (32, 64, 32, 8, 4, 2)), ("fp64", (16, 16, 16, 8, 4, 2))]}
+GEMM_CONFIGS = {name: tiles(GEMM_FIELDS, row) for name, row in [
+    ("half", (128, 128, 64, 8, 8, 3)), ("half_acc", (128, 64, 64, 8, 8, 3)), ("tf32", (128, 128, 32, 8, 8, 3)),
+    ("tf32_acc", (128, 64, 32, 8, 8, 3)), ("ieee", (64, 64, 32, 8, 4, 2)), ("ieee_acc", (64, 64, 32, 8, 4, 2)),
+    ("fp64", (32, 32, 8, 8, 4, 2)), ("fp64_acc", (32, 16, 8, 8, 4, 2))]}
 ROW_INTERPRETER = config(4, 1, BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, GROUP=4)
 GEMM_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP=4)
 
@@ -47,8 +50,7 @@ GEMM_INTERPRETER = config(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP=4)
 def _logits_tile(x_rows, w_ptr, b_ptr, cols, H, stride_xk, stride_wv, stride_wk, stride_b,
                  HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Z = X Wᵀ (+ b) for the row pointers ``x_rows`` and the (in-range) class indices ``cols``, rounded to
-    x's dtype as torch's linear output is, in ACC."""
+    """Z = X Wᵀ (+ b) of rows ``x_rows``, in-range classes ``cols``, in x's dtype (as torch's linear), in ACC."""
     rk = tl.arange(0, BLOCK_K)
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
     acc = tl.zeros((BLOCK_N, BLOCK_V), ACC)
@@ -117,12 +119,10 @@ def _class_mass(t_ptr, cw_ptr, rows, cols, mask, active, C, stride_tn, stride_tv
 def _lce_fwd_kernel(
         # pointers: x (N, H), W (C, H), b (C,), target (N,) or (N, C), class weight (C,), outputs
         x_ptr, w_ptr, b_ptr, t_ptr, cw_ptr, loss_ptr, stats_ptr,
-        # sizes
-        N, C, H,
+        N, C, H,  # sizes
         # strides
         stride_xn, stride_xk, stride_wv, stride_wk, stride_b, stride_tn, stride_tv, stride_ln, stride_sq, stride_sn,
-        # scalars
-        ignore_index, eps,
+        ignore_index, eps,  # scalars
         # constexprs
         PROB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
         ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -183,8 +183,7 @@ def _lce_dlogits_kernel(
         # strides
         stride_xn, stride_xk, stride_wv, stride_wk, stride_b, stride_tn, stride_tv, stride_sq, stride_sn, stride_gn,
         stride_dzn, stride_dzv, stride_dqn, stride_dqv,
-        # scalars
-        ignore_index, eps,
+        ignore_index, eps,  # scalars
         # constexprs
         PROB: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
         NEED_DQ: tl.constexpr, NEED_DCW: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -226,8 +225,7 @@ def _lce_dlogits_kernel(
 def _lce_gemm_kernel(
         # pointers: C (M, N) (+)= A (M, K) · B (K, N); rs (M,) = Σ_k A
         a_ptr, b_ptr, c_ptr, rs_ptr,
-        # sizes
-        M, N, K,
+        M, N, K,  # sizes
         # strides
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rs,
         # constexprs (PRODUCT False: the row sums alone)
@@ -283,12 +281,15 @@ def _target_strides(target, s):
 
 
 def _common_args(x, w, b, target, weight, label_smoothing):
-    c = w.shape[0]
-    eps = float(label_smoothing) if label_smoothing > 0 and c else 0.0
+    eps = float(label_smoothing) if label_smoothing > 0 and w.shape[0] else 0.0
     cls = dtype_class(x.dtype, torch.backends.cuda.matmul.allow_tf32)
     consts = dict(PROB=target.is_floating_point(), HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None,
                   SMOOTH=eps > 0, ACC=acc_dtype(x.dtype), INPUT_PRECISION=input_precision(cls))
-    return eps, cls, consts
+    return eps, cls, row_class(cls, consts["PROB"]), consts
+
+
+def row_class(cls: str, prob: bool) -> str:  # the row kernels' config class of a dtype class (ROW_CONFIGS)
+    return "half_prob" if prob and cls == "half" else cls
 
 
 def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.Tensor, weight,
@@ -298,7 +299,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     if not target.is_floating_point():
         check_class_targets(target, c, ignore_index)
-    eps, cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
+    eps, _, row_cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
     loss = torch.empty((n, s_len), dtype=cd, device=x.device)
     stats = torch.empty((3, n, s_len), dtype=cd, device=x.device)
     for s in range(s_len if n else 0):
@@ -309,7 +310,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
         _fwd(lambda meta: (cdiv(n, meta["BLOCK_N"]),), x, ws, bs, ts, weight if weight is not None else ws, ls, ss,
              n, c, h,
              x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), bs.stride(0), stride_tn, stride_tv, ls.stride(0),
-             ss.stride(0), ss.stride(1), ignore_index, eps, cls=cls, **consts)
+             ss.stride(0), ss.stride(1), ignore_index, eps, cls=row_cls, **consts)
     d_fwd, d_bwd = class_loss_denominator(x, target, weight, ignore_index, reduction, cd)
     return [reduce_rows(loss, d_fwd, reduction), d_bwd, stats]
 
@@ -320,8 +321,8 @@ def _gemm_launch(a, b, c_out, rs, cls, *, product: bool, accumulate: bool, row_s
         return
     _gemm(lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(ncols, meta["BLOCK_N"]),), a, b, c_out, rs, m, ncols, k,
           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_out.stride(0), c_out.stride(1), rs.stride(0),
-          cls=cls, PRODUCT=product, ACCUMULATE=accumulate, ROW_SUM=row_sum, ACC=acc_dtype(a.dtype),
-          INPUT_PRECISION=precision)
+          cls=cls + "_acc" if accumulate else cls, PRODUCT=product, ACCUMULATE=accumulate, ROW_SUM=row_sum,
+          ACC=acc_dtype(a.dtype), INPUT_PRECISION=precision)
 
 
 def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.Tensor, weight,
@@ -331,7 +332,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
     n, h = x.shape
     c, s_len = w.shape[0], w.shape[1]
     cd = stats.dtype
-    eps, cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
+    eps, cls, row_cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
     dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else x.new_empty((0,))  # the accumulator
     dw = torch.empty(w.shape, dtype=w.dtype, device=x.device) if need_w else x.new_empty((0,))
     db = torch.empty((c, s_len), dtype=x.dtype, device=x.device) if need_b else x.new_empty((0,))
@@ -357,7 +358,7 @@ def linear_cross_entropy_bwd(x: torch.Tensor, w: torch.Tensor, b, target: torch.
                          x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), bs.stride(0), stride_tn, stride_tv,
                          ss.stride(0), ss.stride(1), gs.stride(0) if gs.dim() else 0,
                          dzc.stride(0), dzc.stride(1), dqs.stride(0), dqs.stride(1),
-                         ignore_index, eps, NEED_DQ=need_target, NEED_DCW=need_weight, cls=cls, **consts)
+                         ignore_index, eps, NEED_DQ=need_target, NEED_DCW=need_weight, cls=row_cls, **consts)
             precision = consts["INPUT_PRECISION"]
             if need_x:  # dX += dZ W_chunk
                 _gemm_launch(dzc, ws[v0:v0 + wd], dx, dx[0] if n else dx.view(-1), cls, product=True,
@@ -384,16 +385,16 @@ def aot_configs():
                 flags = dict(PROB=prob, HAS_BIAS=has_bias, HAS_WEIGHT=has_weight, SMOOTH=smooth,
                              stride_xk=1, stride_wk=1, stride_b=1, stride_sn=1, **consts)
                 flags.update(stride_tv=1) if prob else flags.update(stride_tn=1)
-                pointers = {"t_ptr": t if prob else "i64", **dict.fromkeys(("loss_ptr", "stats_ptr", "g_ptr", "d_ptr",
-                                                                           "dcw_ptr"), acc)}
-                kw = dict(cls=cls, ints={"ignore_index": "i32", "eps": "fp32"}, pointers=pointers)  # -100: i32
+                outs = dict.fromkeys(("loss_ptr", "stats_ptr", "g_ptr", "d_ptr", "dcw_ptr"), acc)
+                kw = dict(cls=row_class(cls, prob), pointers={"t_ptr": t if prob else "i64",
+                          **outs}, ints={"ignore_index": "i32", "eps": "fp32"})  # ignore_index -100: i32
                 yield from _fwd.aot(t, {**flags, "stride_ln": 1}, **kw)
                 bwd = {"NEED_DQ": prob, "NEED_DCW": prob, "stride_dzv": 1, "stride_dqv": 1}
                 yield from _dlogits.aot(t, {**flags, **bwd}, **kw)
             gemm = {**consts, "stride_bn": 1, "stride_cn": 1, "stride_rs": 1}
             # dX += dZ W_chunk (fp32/fp64 accumulator); dW_chunk = dZᵀ X; db_chunk = Σ_n dZ
             yield from _gemm.aot(t, {**gemm, "PRODUCT": True, "ACCUMULATE": True, "ROW_SUM": False, "stride_ak": 1},
-                                 cls=cls, pointers={"c_ptr": acc, "rs_ptr": acc})
+                                 cls=cls + "_acc", pointers={"c_ptr": acc, "rs_ptr": acc})
             for product in (True, False):
                 yield from _gemm.aot(t, {**gemm, "PRODUCT": product, "ACCUMULATE": False, "ROW_SUM": not product,
                                          "stride_am": 1}, cls=cls)

@@ -22,7 +22,7 @@ import triton.language as tl
 from ._gemm import CLASS_TYPES, input_precision
 from ._launch import Kernel, cdiv, tiles
 from .linear_cross_entropy import (ROW_CONFIGS, ROW_FIELDS, ROW_INTERPRETER, _chunk_tile, _class_mass, _common_args,
-                                   _gemm_launch, _logits_tile, _row_target, _target_strides, chunk_width)
+                                   _gemm_launch, _logits_tile, _row_target, _target_strides, chunk_width, row_class)
 
 
 @triton.jit
@@ -45,6 +45,8 @@ def _lce_bwd2_kernel(
         HAS_UQ: tl.constexpr, HAS_UCW: tl.constexpr,
         NEED_DQ: tl.constexpr, NEED_DCW: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    if not ROWS:  # 1/D first: an fp64 division is a subroutine call, and little is live here
+        inv_d = 1.0 / tl.load(d_ptr).to(ACC)
     rows, n_mask, local, v_mask, cols, mask, x_rows, stats_rows, z = _chunk_tile(
         x_ptr, w_ptr, b_ptr, stats_ptr, N, H, v_start, width, stride_xn, stride_xk, stride_wv, stride_wk, stride_b,
         stride_sn, HAS_BIAS, ACC, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K, GROUP)
@@ -91,7 +93,7 @@ def _lce_bwd2_kernel(
         tl.atomic_add(rho_rows + stride_rq, tl.sum(tl.where(live, gamma, 0.0), axis=1), mask=n_mask)
     else:
         rho = tl.load(rho_rows)
-        scale = tl.load(g_ptr + rows.to(tl.int64) * stride_gn).to(ACC) / tl.load(d_ptr)  # g_r / D
+        scale = tl.load(g_ptr + rows.to(tl.int64) * stride_gn).to(ACC) * inv_d  # g_r / D
         gz = (scale * sum_a)[:, None] * p * (cot - rho[:, None])
         if HAS_UQ or HAS_UCW:
             gz -= scale[:, None] * (kk - p * tl.load(rho_rows + 2 * stride_rq)[:, None])
@@ -121,6 +123,7 @@ def _lce_bwd2_kernel(
 
 # The forward's row tiles, but half-size 16-bit ones: with the tiles Z, G and K live at once, 128 rows spill.
 CONFIGS = {**ROW_CONFIGS, "half": tiles(ROW_FIELDS, (64, 64, 32, 8, 8, 3))}
+CONFIGS["half_prob"] = tiles(ROW_FIELDS, (64, 32, 32, 8, 8, 3))  # 16-bit probability targets (64 classes: spilled)
 _bwd2 = Kernel(_lce_bwd2_kernel, CONFIGS, interpreter=ROW_INTERPRETER)
 
 
@@ -136,7 +139,7 @@ def linear_cross_entropy_bwd2(x: torch.Tensor, w: torch.Tensor, b, target: torch
     n, h = x.shape
     c, s_len = w.shape[0], w.shape[1]
     cd = stats.dtype
-    eps, cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
+    eps, cls, row_cls, consts = _common_args(x, w, b, target, weight, label_smoothing)
     consts.update(HAS_UX=ux is not None, HAS_UW=uw is not None, HAS_UB=ub is not None, HAS_UQ=uq is not None,
                   HAS_UCW=ucw is not None)
     gx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else x.new_empty((0,))
@@ -174,7 +177,7 @@ def linear_cross_entropy_bwd2(x: torch.Tensor, w: torch.Tensor, b, target: torch
                        rs.stride(1), gzc.stride(0),
                        gzc.stride(1), dqs.stride(0), dqs.stride(1))
             flags = dict(consts, NEED_DQ=need_target and not rows_pass, NEED_DCW=need_weight and not rows_pass)
-            _launch(rows_pass, n, c, h, v0, wd, tensors, strides, ignore_index, eps, cls, flags)
+            _launch(rows_pass, n, c, h, v0, wd, tensors, strides, ignore_index, eps, row_cls, flags)
             if rows_pass or not (need_x or need_w or need_b):
                 continue
             if need_x:  # gX += G_Z W_c (+ dZ U_W,c)
@@ -221,5 +224,5 @@ def aot_configs():
                     flags.update(stride_tv=1) if prob else flags.update(stride_tn=1)
                     pointers = {"t_ptr": t if prob else "i64",
                                 **dict.fromkeys(("stats_ptr", "g_ptr", "d_ptr", "rho_ptr", "dcw_ptr"), acc)}
-                    yield from _bwd2.aot(t, flags, cls=cls, ints={"ignore_index": "i32", "eps": "fp32"},
-                                         pointers=pointers)
+                    yield from _bwd2.aot(t, flags, cls=row_class(cls, prob),
+                                         ints={"ignore_index": "i32", "eps": "fp32"}, pointers=pointers)

@@ -1,48 +1,42 @@
 """Triton kernels for softmax and log-softmax along one dim of a strided tensor.
 
-The launchers see the tensor as a (rows, N) matrix with N the size of ``dim``. A row r splits into
-(outer, inner) = (r // n_inner, r % n_inner), "outer" collapsing the dims before ``dim`` and "inner"
-the dims after it; an element sits at ``outer * stride_<t>o + inner * stride_<t>i + col * stride_<t>n``.
-Each operand has its own three strides, so a transposed, sliced or expanded (zero-stride) tensor
-needs no copy as long as the dims before ``dim`` form one arithmetic progression and so do the dims
-after it; otherwise the launcher copies that operand contiguous explicitly (``_as_rows``). Outputs
-are contiguous, as torch's. ``IS_LOG`` picks log-softmax.
+The launchers see the tensor as a (rows, N) matrix with N the size of ``dim``. A row r splits into (outer, inner) =
+(r // n_inner, r % n_inner), "outer" collapsing the dims before ``dim`` and "inner" the dims after it; an element
+sits at ``outer * stride_<t>o + inner * stride_<t>i + col * stride_<t>n``. Each operand has its own three strides,
+so a transposed, sliced or expanded (zero-stride) tensor needs no copy as long as the dims before ``dim`` form one
+arithmetic progression and so do the dims after it; otherwise the launcher copies that operand contiguous explicitly
+(``_as_rows``). Outputs are contiguous, as torch's. ``IS_LOG`` picks log-softmax.
 
-Two kernels, ``_softmax_fwd_kernel`` and ``_softmax_bwd_kernel``, each with two bodies (the ``LOOPED``
-constexpr); the host's :class:`Plan` (:func:`_plan`) picks one from the row length, the dtype and the GPU:
+Two kernels, ``_softmax_fwd_kernel`` and ``_softmax_bwd_kernel``, each with two bodies (the ``LOOPED`` constexpr);
+the host's :class:`Plan` (:func:`_plan`) picks one from the row length, the dtype and the GPU:
 
-* single block (``LOOPED=False``): a program holds BLOCK_M whole rows in registers, BLOCK_N = the first
-  of 64, 256, 1024, 4096, 16384, 32768, 65536 that holds N. Each operand is read once:
-  forward: x held, m = max, s = Σ e^{x-m}, then y written; log-softmax backward: dY held, Σ dY taken,
-  then Y streamed in one half-row at a time, dX = dY - e^Y Σ dY; softmax backward: both held (dX =
-  Y ⊙ (dY - Σ dY⊙Y) needs both after the sum).
-  One CTA (1024 threads at 32 warps, 64 registers each: the 256 KiB register file) holds 32768 values
-  (ROW_ELEMENTS; fp64: 8192), so on one CTA a row is capped at 32768 columns and softmax's backward
-  above 16384 holds Y and reads dY twice (``REREAD_DY``): two 128 KiB fp32 operands are the whole
-  register file, and Triton has no explicit shared memory. There a backward row above cap / 2 takes a
-  single block only with exactly BLOCK_N columns (``EVEN_N``: per-element masks would make it spill).
-  On sm_90 with Triton >= 3.9 (``CLUSTERS``) a program is a thread-block cluster of ``num_ctas`` CTAs
-  that splits the row between them (Triton reduces across them through distributed shared memory): each
-  CTA holds at most 32768 forward or 2 x 16384 backward values, so rows of up to 65536 16/32-bit
-  columns are read once, forward and backward (2 CTAs for a 65536-column forward, 4 for its backward).
-  16-bit rows do not go further on one CTA: the compiler widens the held row to fp32.
-* looped (``LOOPED=True``): one row per program, LOOP_BLOCK_N columns a step, for longer rows. The
-  forward keeps a running max m (from -inf) and a running sum s = Σ e^{x - m} (from 0), rescaled by
-  e^{m_old - m_new} when the max grows (online softmax), then writes the row in a second sweep; the
-  backward sums in a first sweep. They read their inputs twice.
+* single block (``LOOPED=False``): a program holds BLOCK_M whole rows in registers, BLOCK_N = the first of 64, 256,
+  1024, 4096, 16384, 32768, 65536 that holds N. Each operand is read once: forward: x held, m = max, s = Σ e^{x-m},
+  then y written; log-softmax backward: dY held, Σ dY taken, then Y streamed in one half-row at a time, dX = dY -
+  e^Y Σ dY; softmax backward: both held (dX = Y ⊙ (dY - Σ dY⊙Y) needs both after the sum). One CTA (1024 threads at
+  32 warps, 64 registers each: the 256 KiB register file) holds 32768 values (ROW_ELEMENTS; fp64: 8192), so on one
+  CTA a row is capped at 32768 columns and softmax's backward above 16384 holds Y and reads dY twice
+  (``REREAD_DY``): two 128 KiB fp32 operands are the whole register file, and Triton has no explicit shared memory.
+  There a backward row above cap / 2 takes a single block only with exactly BLOCK_N columns (``EVEN_N``: per-element
+  masks would make it spill). On sm_90 with Triton >= 3.9 (``CLUSTERS``) a program is a thread-block cluster of
+  ``num_ctas`` CTAs that splits the row between them (Triton reduces across them through distributed shared memory):
+  each CTA holds at most 32768 forward or 2 x 16384 backward values, so rows of up to 65536 16/32-bit columns are
+  read once, forward and backward (2 CTAs for a 65536-column forward, 4 for its backward). 16-bit rows do not go
+  further on one CTA: the compiler widens the held row to fp32.
+* looped (``LOOPED=True``): one row per program, LOOP_BLOCK_N columns a step, for longer rows. The forward keeps a
+  running max m (from -inf) and a running sum s = Σ e^{x - m} (from 0), rescaled by e^{m_old - m_new} when the max
+  grows (online softmax), then writes the row in a second sweep; the backward sums in a first sweep. They read their
+  inputs twice.
 
-Launch shapes come from one place, :func:`launch_config`, wrapped in one :class:`Kernel` per (kernel,
-LOOPED, BLOCK_N, CTAs): the interpreter and a GPU run the same plan (the interpreter ignores num_ctas).
-``aot_configs()`` lists exactly the shapes the default plan launches (:func:`launch_plans`).
-
-Special values, as torch: while the running max is -inf the shift is 0, so -inf entries add 0 (no
--inf - (-inf)); a row that is -inf everywhere ends with m = -inf and gives NaN (x - m = NaN), as
-torch does; a NaN or +inf in a row makes the row NaN through the sum (inf - inf), as in torch.
+Launch shapes come from one place, :func:`launch_config`, one :class:`Kernel` per (kernel, LOOPED, BLOCK_N, CTAs);
+the host builds a launch once per (shape, dim, dtype, kind) (:func:`_launch`) and looks it up on later calls. The
+interpreter and a GPU run the same plan (the interpreter ignores num_ctas); ``aot_configs()`` lists exactly the
+shapes the default plan launches (:func:`launch_plans`). Special values, as torch: while the running max is -inf the
+shift is 0 (no -inf - (-inf)); an all -inf row gives NaN (x - m = NaN); a NaN or +inf makes the row NaN.
 """
 from __future__ import annotations
 
 import collections
-import functools
 import math
 from typing import NamedTuple
 
@@ -263,7 +257,6 @@ def row_cap(dtype: torch.dtype, cluster: bool = False) -> int:
     return min(MAX_BLOCK_N, widest)
 
 
-@functools.lru_cache(maxsize=1024)
 def _plan(n_cols: int, cap: int, backward: bool, cluster: bool = False) -> Plan:
     """The plan for rows of ``n_cols`` under the single-block cap ``cap``, on one CTA or a ``cluster`` (module
     docstring: BLOCK_N is the first rung that holds the row, or ``cap``; REREAD_DY, EVEN_N, CTAs)."""
@@ -283,9 +276,7 @@ def _plan(n_cols: int, cap: int, backward: bool, cluster: bool = False) -> Plan:
 def _constexprs(is_log: bool, plan: Plan, backward: bool, dtype) -> dict:
     """The kernel's constexprs for a plan (log-softmax's backward streams Y: it never re-reads)."""
     consts = {"IS_LOG": is_log, "LOOPED": plan.looped, "EVEN_N": plan.even, "ACC": acc_dtype(dtype)}
-    if backward:
-        consts["REREAD_DY"] = plan.reread and not is_log
-    return consts
+    return {**consts, "REREAD_DY": plan.reread and not is_log} if backward else consts
 
 
 # ----------------------------------------------------------------- row geometry
@@ -306,9 +297,7 @@ def _rows_layout(t: torch.Tensor, dim: int):
     """(n_inner, stride_o, stride_i, stride_n) of ``t`` seen as rows along ``dim``, or None."""
     outer = _collapse(t.shape[:dim], t.stride()[:dim])
     inner = _collapse(t.shape[dim + 1:], t.stride()[dim + 1:])
-    if outer is None or inner is None:
-        return None
-    return inner[0], outer[1], inner[1], t.stride(dim)
+    return None if outer is None or inner is None else (inner[0], outer[1], inner[1], t.stride(dim))
 
 
 def _as_rows(t: torch.Tensor, dim: int, n_cols: int, n_inner: int):
@@ -323,35 +312,45 @@ def _as_rows(t: torch.Tensor, dim: int, n_cols: int, n_inner: int):
 
 
 # ----------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=1024)
-def _launch_plan(n_cols: int, cap: int, dtype: torch.dtype, cluster: bool, is_log: bool, backward: bool):
-    """(Kernel, BLOCK_M, branch name, constexprs) of a launch: built once per row length, cap, dtype and kind."""
-    plan = _plan(n_cols, cap, backward, cluster)
-    consts = _constexprs(is_log, plan, backward, dtype)
+_LAUNCHES: dict = {}  # (shape, dim, dtype, CUDA device, is_log, backward, cap, CLUSTERS) -> _launch's tuple
+
+
+def _launch(shape, dim: int, dtype: torch.dtype, device, is_log: bool, backward: bool):
+    """(grid, sizes, one contiguous operand's row strides, Kernel, branch name, constexprs): once per key."""
+    n_cols, n_inner = shape[dim], math.prod(shape[dim + 1:])
+    n_rows, cluster = math.prod(shape) // n_cols, clusters(dtype, device)
+    plan = _plan(n_cols, row_cap(dtype, cluster), backward, cluster)
+    consts, kernel = _constexprs(is_log, plan, backward, dtype), _kernel(backward, plan, dtype)
     variant = "_looped" if plan.looped else "_reread" if consts.get("REREAD_DY") else ""
     branch = ("bwd" if backward else "fwd") + variant + (f"_x{plan.ctas}" if plan.ctas > 1 else "")
-    kernel = _kernel(backward, plan, dtype)
-    return kernel, kernel.configs["default"][0].kwargs["BLOCK_M"], branch, consts
+    grid = (cdiv(n_rows, kernel.configs["default"][0].kwargs["BLOCK_M"]),)
+    return grid, (n_rows, n_cols, n_inner), (n_cols * n_inner, 1, n_inner), kernel, branch, consts
 
 
 def _run(inputs, dim: int, is_log: bool, backward: bool) -> torch.Tensor:
     """The forward or backward over ``inputs`` (a contiguous output): the plan's kernel over each operand's rows."""
-    if inputs[0].dim() == 0:
-        return _run([t.reshape(1) for t in inputs], 0, is_log, backward).reshape(())
     out = torch.empty_like(inputs[0], memory_format=torch.contiguous_format)  # torch.empty(shape, ...): slower
+    shape = out.shape
+    if not shape:
+        return _run([t.reshape(1) for t in inputs], 0, is_log, backward).reshape(())
     if not out.numel():
         return out
-    dim %= out.dim()
-    n_rows, n_cols, n_inner = out.numel() // out.shape[dim], out.shape[dim], math.prod(out.shape[dim + 1:])
-    rows, strides = inputs + [out], (n_cols * n_inner, 1, n_inner) * (len(inputs) + 1)  # contiguous operands
-    if not all([t.is_contiguous() for t in rows]):  # else each operand's own row strides (or a contiguous copy)
-        laid = [_as_rows(t, dim, n_cols, n_inner) for t in rows]
+    dim %= len(shape)
+    key = shape, dim, out.dtype, out.device if out.is_cuda else None, is_log, backward, MAX_BLOCK_N, CLUSTERS
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= 4096:  # many shapes (dynamic sizes): start over
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = _launch(*key[:6])
+    grid, sizes, strides, kernel, branch, consts = launch
+    rows = inputs + [out]
+    if all([t.is_contiguous() for t in inputs]):
+        strides = strides * len(rows)
+    else:  # each operand's own row strides (or a contiguous copy)
+        laid = [_as_rows(t, dim, sizes[1], sizes[2]) for t in rows]
         rows, strides = [t for t, _ in laid], [s for _, st in laid for s in st]
-    cluster = clusters(out.dtype, out.device if out.is_cuda else None)  # no device object for CPU tensors
-    kernel, block_m, branch, consts = _launch_plan(n_cols, row_cap(out.dtype, cluster), out.dtype, cluster, is_log,
-                                                   backward)
     BRANCHES[branch] += 1
-    kernel((cdiv(n_rows, block_m),), *rows, n_rows, n_cols, n_inner, *strides, **consts)
+    kernel(grid, *rows, *sizes, *strides, **consts)
     return out
 
 
