@@ -200,7 +200,7 @@ if _launch._DIRECT_LAUNCH:
     assert len(tuned.cache) == 1 and tuned.best_config is configs[1], tuned.cache
     assert not kernel._compiled
     launch(1000)  # the cached config through _launch_compiled: Triton's JITFunction.run once, its kernel kept
-    assert len(kernel._compiled) == 1 and next(iter(kernel._compiled))[1] == ("tf32", configs[1])
+    assert len(kernel._compiled) == 1 and next(iter(kernel._compiled))[1] == ("tf32", id(configs[1]))
     direct, direct_hook = launch(1000)  # the autotuned fast path
     _launch._DIRECT_LAUNCH = False
     plain, plain_hook = launch(1000)  # Autotuner.run + JITFunction.run

@@ -116,7 +116,7 @@ class Kernel:
                         for name, c in self.configs.items() if len(c) == 1}
         self._compiled = {}  # compiled launches: specialization key -> CompiledKernel (_launch_compiled)
         self._arg_names, self._arg_set = fn.arg_names, set(fn.arg_names)
-        self._config_kwargs = {}  # autotuned launches: config -> its all_kwargs() (_launch_tuned)
+        self._config_kwargs = {}  # autotuned launches: id(config) -> its all_kwargs() (_launch_tuned)
 
     def __call__(self, grid, *args, cls: str = "default", **consts):
         """Launch over ``grid`` (a tuple, or a function of the chosen config's constexprs)."""
@@ -167,12 +167,13 @@ class Kernel:
             tuned[grid](*args, **consts)
             return
         tuned.best_config = config
-        kwargs = self._config_kwargs.get(config)
+        # by id: Triton 3.9's Config.__hash__ builds all_kwargs() each call (the configs live as long as the Kernel)
+        kwargs = self._config_kwargs.get(id(config))
         if kwargs is None:
-            kwargs = self._config_kwargs[config] = config.all_kwargs()
+            kwargs = self._config_kwargs[id(config)] = config.all_kwargs()
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(names, args)), "grid": grid, "warmup": False, **consts, **kwargs})
-        self._launch_compiled((cls, config), grid, args, {**consts, **kwargs})
+        self._launch_compiled((cls, id(config)), grid, args, {**consts, **kwargs})
 
     def _launch_compiled(self, cls, grid, args: tuple, kwargs: dict) -> None:
         """``fn.run(*args, grid=grid, warmup=False, **kwargs)`` with its per-launch Python trimmed.
@@ -183,7 +184,7 @@ class Kernel:
         (device, config class, debug and instrumentation knobs). A later launch with the same key binds the
         arguments with the same binder and calls the CompiledKernel's launcher as ``JITFunction.run`` does,
         skipping the string cache key, the options parsing and the globals check. ``cls`` is the config class,
-        or (class, config) for an autotuned launch; ``grid`` a tuple or a function of the bound arguments.
+        or (class, id(config)) for an autotuned launch; ``grid`` a tuple or a function of the bound arguments.
         """
         fn, active = self.fn, _driver.active
         device = active.get_current_device()
