@@ -7,7 +7,8 @@ One launch policy for every family:
 * A :class:`Kernel` wraps a ``@triton.jit`` function with its ``triton.Config`` lists, keyed by name
   (a dtype class such as ``"half"`` / ``"tf32"`` / ``"fp64"``, or ``"default"``), built with
   :func:`config` / :func:`tiles`. A launch picks the list by name; a list of one config launches it
-  directly, a longer one is autotuned on a GPU (cached per name); under the interpreter, which
+  directly, a longer one is autotuned on a GPU (cached per name; once the Autotuner has chosen a config
+  for a key, later launches go straight to that config's compiled kernel); under the interpreter, which
   cannot autotune and pays per program, the kernel's one ``interpreter`` config runs.
 * ``Kernel.aot(...)`` lists the sm_90 compiles of exactly those configs: the signature is derived
   from the kernel's own parameters (:func:`signature`), so no family types argument names twice.
@@ -40,9 +41,10 @@ INT_TYPES = ("i8", "u8", "i16", "i32", "i64")
 _INTERPRETER_LOCK = threading.RLock() if _INTERPRETING else contextlib.nullcontext()
 
 
-# Compiled launches past Triton's per-launch Python (Kernel._launch_compiled): only on the Triton versions whose
-# JITFunction.run it mirrors (3.6, 3.7 and 3.9: the same binder, cache key inputs and launcher call), and not
-# under the interpreter. Any other version takes JITFunction.run every launch.
+# Compiled launches past Triton's per-launch Python (Kernel._launch_compiled, and Kernel._launch_tuned for autotuned
+# lists): only on the Triton versions whose JITFunction.run and Autotuner.run they mirror (3.6, 3.7 and 3.9: the
+# same binder, cache key inputs and launcher call; the same autotuning key, config cache and pre_hook call), and
+# not under the interpreter. Any other version takes Autotuner.run / JITFunction.run every launch.
 _DIRECT_LAUNCH = not _INTERPRETING and tuple(int(v) for v in triton.__version__.split(".")[:2]) in ((3, 6), (3, 7),
                                                                                                    (3, 9))
 if _DIRECT_LAUNCH:
