@@ -130,3 +130,109 @@ def test_compiled_launch_matches_triton_path():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
     if "direct False" in result.stdout:
         pytest.skip("this Triton version takes JITFunction.run for every launch (no compiled fast path)")
+
+
+TUNED_SCRIPT = r"""
+import itertools
+import torch
+from scratchops import _hostbench
+_hostbench.prepare("launch")  # compiled for sm_90, launched down to the stand-in driver (no GPU)
+import triton
+import triton.language as tl
+from triton.runtime import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
+from scratchops._kernels import _launch
+from scratchops._kernels._gemm import set_blocks
+
+# The stand-in's benchmarker times each config faster than the one before: the autotuner picks the last (BM=32),
+# so the launched descriptor's block shape (made [16, 16]) comes from the pre_hook, as on a GPU.
+times = itertools.count(100, -1)
+driver.active.get_benchmarker = lambda: lambda fn, quantiles=None, **kw: [float(next(times))] * len(quantiles or [0])
+
+
+@triton.jit
+def _tile_kernel(x_desc, y_ptr, n, alpha, BM: tl.constexpr, BN: tl.constexpr):
+    tile = x_desc.load([0, 0])
+    offs = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(y_ptr + offs, tile * alpha, mask=offs < n)
+
+
+configs = [_launch.config(4, 2, BM=16, BN=16), _launch.config(4, 3, BM=32, BN=16)]
+HOOKED = []
+for c in configs:
+    blocks = set_blocks({"x_desc": ("BM", "BN")})
+    c.pre_hook = lambda nargs, blocks=blocks: (HOOKED.append(dict(nargs)), blocks(nargs))
+kernel = _launch.Kernel(_tile_kernel, {"tf32": configs}, key=["n"])
+x, y = torch.randn(64, 16), torch.empty(64, 16)
+
+
+def launch(n):
+    desc = TensorDescriptor.from_tensor(x, [16, 16])
+    before, hooked = _hostbench.LAUNCHES[0], len(HOOKED)
+    kernel(lambda meta: (triton.cdiv(n, meta["BM"] * meta["BN"]),), desc, y, n, 0.5, cls="tf32")
+    assert _hostbench.LAUNCHES[0] == before + 1 and len(HOOKED) == hooked + 1
+    return _hostbench.LAST_LAUNCH[0], HOOKED[-1]
+
+
+def equal(u, v):
+    if type(u).__name__ == "LazyDict":  # launch metadata: a new one each launch (Triton's own path too)
+        return type(v) is type(u) and u.get() == v.get()
+    if isinstance(u, TensorDescriptor):  # a new descriptor each launch: same tensor, shape, strides, block
+        return type(v) is TensorDescriptor and u.base is v.base and [list(u.shape), list(u.strides), u.block_shape] == [
+            list(v.shape), list(v.strides), v.block_shape]
+    if callable(u) and type(u).__name__ == "function":  # the grid lambda: a new one each launch
+        return callable(v)
+    return u is v or (type(u) is type(v) and not isinstance(u, torch.Tensor) and u == v)
+
+
+def same(a, b):
+    return len(a) == len(b) and all(equal(u, v) for u, v in zip(a, b))
+
+
+def same_hook(a, b):
+    return list(a) == list(b) and all(equal(a[k], b[k]) for k in a)
+
+
+print("direct", _launch._DIRECT_LAUNCH)
+if _launch._DIRECT_LAUNCH:
+    launch(1000)  # a new autotuning key: the Autotuner benchmarks (stand-in times), caches BM=32, compiles it
+    tuned = kernel._tuned["tf32"]
+    assert len(tuned.cache) == 1 and tuned.best_config is configs[1], tuned.cache
+    assert not kernel._compiled
+    launch(1000)  # the cached config through _launch_compiled: Triton's JITFunction.run once, its kernel kept
+    assert len(kernel._compiled) == 1 and next(iter(kernel._compiled))[1] == ("tf32", id(configs[1]))
+    direct, direct_hook = launch(1000)  # the autotuned fast path
+    _launch._DIRECT_LAUNCH = False
+    plain, plain_hook = launch(1000)  # Autotuner.run + JITFunction.run
+    _launch._DIRECT_LAUNCH = True
+    assert same(direct, plain), (direct, plain)
+    assert same_hook(direct_hook, plain_hook), (direct_hook, plain_hook)
+    desc = [a for a in direct if isinstance(a, TensorDescriptor)]
+    assert len(desc) == 1 and desc[0].block_shape == [32, 16], desc  # the pre_hook's block shape was launched
+    assert direct_hook["BM"] == 32 and direct_hook["num_stages"] == 3 and direct_hook["grid"] is not None
+    assert direct[:3] == (2, 1, 1), direct[:3]  # grid from the chosen config: cdiv(1000, 32 * 16), not 16 * 16
+    launch(16)  # a new key (n): the Autotuner's own path again (it benchmarks; the counter picks BM=32 again)
+    assert len(tuned.cache) == 2
+print("ok")
+"""
+
+
+def test_tuned_launch_matches_autotuner_path(tmp_path):
+    """Kernel's autotuned fast path (the Autotuner's cached config, its pre_hook, the kept CompiledKernel) hands
+    the driver's launcher exactly what Autotuner.run + JITFunction.run do: the chosen config's constexprs and
+    grid, and the block shape its pre_hook (set_blocks) writes into a TMA descriptor; a new autotuning key takes
+    the Autotuner's own path."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "tuned_launch.py"  # @triton.jit needs its source in a file
+    script.write_text(TUNED_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, cwd=root,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    if "direct False" in result.stdout:
+        pytest.skip("this Triton version takes Autotuner.run for every launch (no compiled fast path)")

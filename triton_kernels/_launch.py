@@ -7,7 +7,8 @@ One launch policy for every family:
 * A :class:`Kernel` wraps a ``@triton.jit`` function with its ``triton.Config`` lists, keyed by name
   (a dtype class such as ``"half"`` / ``"tf32"`` / ``"fp64"``, or ``"default"``), built with
   :func:`config` / :func:`tiles`. A launch picks the list by name; a list of one config launches it
-  directly, a longer one is autotuned on a GPU (cached per name); under the interpreter, which
+  directly, a longer one is autotuned on a GPU (cached per name; once the Autotuner has chosen a config
+  for a key, later launches go straight to that config's compiled kernel); under the interpreter, which
   cannot autotune and pays per program, the kernel's one ``interpreter`` config runs.
 * ``Kernel.aot(...)`` lists the sm_90 compiles of exactly those configs: the signature is derived
   from the kernel's own parameters (:func:`signature`), so no family types argument names twice.
@@ -40,9 +41,10 @@ INT_TYPES = ("i8", "u8", "i16", "i32", "i64")
 _INTERPRETER_LOCK = threading.RLock() if _INTERPRETING else contextlib.nullcontext()
 
 
-# Compiled launches past Triton's per-launch Python (Kernel._launch_compiled): only on the Triton versions whose
-# JITFunction.run it mirrors (3.6, 3.7 and 3.9: the same binder, cache key inputs and launcher call), and not
-# under the interpreter. Any other version takes JITFunction.run every launch.
+# Compiled launches past Triton's per-launch Python (Kernel._launch_compiled, and Kernel._launch_tuned for autotuned
+# lists): only on the Triton versions whose JITFunction.run and Autotuner.run they mirror (3.6, 3.7 and 3.9: the
+# same binder, cache key inputs and launcher call; the same autotuning key, config cache and pre_hook call), and
+# not under the interpreter. Any other version takes Autotuner.run / JITFunction.run every launch.
 _DIRECT_LAUNCH = not _INTERPRETING and tuple(int(v) for v in triton.__version__.split(".")[:2]) in ((3, 6), (3, 7),
                                                                                                    (3, 9))
 if _DIRECT_LAUNCH:
@@ -115,6 +117,8 @@ class Kernel:
                                "num_ctas": c[0].num_ctas}
                         for name, c in self.configs.items() if len(c) == 1}
         self._compiled = {}  # compiled launches: specialization key -> CompiledKernel (_launch_compiled)
+        self._arg_names, self._arg_set = fn.arg_names, set(fn.arg_names)
+        self._config_kwargs = {}  # autotuned launches: id(config) -> its all_kwargs() (_launch_tuned)
 
     def __call__(self, grid, *args, cls: str = "default", **consts):
         """Launch over ``grid`` (a tuple, or a function of the chosen config's constexprs)."""
@@ -136,9 +140,44 @@ class Kernel:
         tuned = self._tuned.get(cls)
         if tuned is None:
             tuned = self._tuned[cls] = triton.autotune(configs=configs, key=self.key)(self.fn)
-        tuned[grid](*args, **consts)
+        if _DIRECT_LAUNCH and not self.fn.pre_run_hooks:
+            self._launch_tuned(tuned, cls, grid, args, consts)
+        else:
+            tuned[grid](*args, **consts)
 
-    def _launch_compiled(self, cls: str, grid: tuple, args: tuple, kwargs: dict) -> None:
+    def _launch_tuned(self, tuned, cls: str, grid, args: tuple, consts: dict) -> None:
+        """``tuned[grid](*args, **consts)`` with the Autotuner's per-launch Python trimmed (``Autotuner.run`` of
+        Triton 3.6, 3.7 and 3.9, read for this: the same key, config cache, pre_hook call and launch).
+
+        The Autotuner's own key (the ``key`` arguments' values, then ``str(dtype)`` of every argument that has a
+        dtype) looks up the config it chose; none yet (a new key): the Autotuner's own path, which benchmarks
+        and caches it. Else the config's pre_hook (the TMA kernels' :func:`set_blocks`) runs with the arguments
+        the Autotuner gives it, and the config's kwargs launch as :meth:`_launch_compiled` (keyed by the
+        config too: num_warps/num_stages are options, not part of the specialization).
+        """
+        names = self._arg_names
+        nargs = dict(zip(names, args))
+        if consts:
+            nargs.update(consts if consts.keys() <= self._arg_set else
+                         {k: v for k, v in consts.items() if k in self._arg_set})
+        key = [nargs[k] for k in tuned.keys if k in nargs]
+        for value in nargs.values():
+            if hasattr(value, "dtype"):
+                key.append(str(value.dtype))
+        config = tuned.cache.get(tuple(key))
+        if config is None:
+            tuned[grid](*args, **consts)
+            return
+        tuned.best_config = config
+        # by id: Triton 3.9's Config.__hash__ builds all_kwargs() each call (the configs live as long as the Kernel)
+        kwargs = self._config_kwargs.get(id(config))
+        if kwargs is None:
+            kwargs = self._config_kwargs[id(config)] = config.all_kwargs()
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(names, args)), "grid": grid, "warmup": False, **consts, **kwargs})
+        self._launch_compiled((cls, id(config)), grid, args, {**consts, **kwargs})
+
+    def _launch_compiled(self, cls, grid, args: tuple, kwargs: dict) -> None:
         """``fn.run(*args, grid=grid, warmup=False, **kwargs)`` with its per-launch Python trimmed.
 
         The first launch of a specialization takes Triton's own path (binding, cache key, compile, launch) and
@@ -146,7 +185,8 @@ class Kernel:
         types, alignments, values of 1, divisibility, constexprs) and by what else keys Triton's cache here
         (device, config class, debug and instrumentation knobs). A later launch with the same key binds the
         arguments with the same binder and calls the CompiledKernel's launcher as ``JITFunction.run`` does,
-        skipping the string cache key, the options parsing and the globals check.
+        skipping the string cache key, the options parsing and the globals check. ``cls`` is the config class,
+        or (class, id(config)) for an autotuned launch; ``grid`` a tuple or a function of the bound arguments.
         """
         fn, active = self.fn, _driver.active
         device = active.get_current_device()
@@ -163,6 +203,8 @@ class Kernel:
             if key is not None and kernel is not None:
                 self._compiled[key] = kernel
             return
+        if callable(grid):  # as JITFunction.run: a function of the bound arguments (constexprs included)
+            grid = grid(bound)
         stream = active.get_current_stream(device)
         values = bound.values()
         size = len(grid)
