@@ -244,7 +244,8 @@ def _cross_entropy_weight_bwd_kernel(x_ptr, t_ptr, stats_ptr, g_ptr, denom_ptr, 
     tl.store(dw_ptr + c, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-# One program per row: the small block for short rows (and fp64), the wide one (16 warps) for vocabularies.
+# One program per row: the small block for short rows (and fp64, and spatial rows), the wide one (16 warps) for
+# vocabularies.
 SMALL_C = 256
 FWD = {"small": Kernel(_cross_entropy_fwd_kernel, [config(BLOCK=SMALL_C, num_warps=4)]),
        "large": Kernel(_cross_entropy_fwd_kernel, [config(BLOCK=4096, num_warps=16)])}
@@ -309,9 +310,11 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
         stats[WEIGHT].fill_(float("nan") if prob else 0.0)
         stats[ACTIVE].fill_(1.0 if prob else 0.0)
     elif rows:
-        FWD[fwd_size(c, x.dtype)]((rows,), x, target, x if weight is None else weight, stats, rows, c, s, *x_strides,
-                                  *_target_strides(target, prob), ignore_index, label_smoothing,
-                                  _eps_c(label_smoothing, c), HAS_WEIGHT=weight is not None, PROB=prob, ACC=acc)
+        # spatial rows (class stride S: gathers, no vector loads to gain from a wide block) take the small block
+        size = fwd_size(c, x.dtype) if s == 1 else "small"
+        FWD[size]((rows,), x, target, x if weight is None else weight, stats, rows, c, s, *x_strides,
+                  *_target_strides(target, prob), ignore_index, label_smoothing, _eps_c(label_smoothing, c),
+                  HAS_WEIGHT=weight is not None, PROB=prob, ACC=acc)
     if reduction == Reduction.NONE:
         out = x.new_empty(rows)
         _reduce((max(1, cdiv(rows, ROWS_BLOCK)),), stats, out, denom, rows, REDUCTION=0, ACC=acc)
@@ -379,7 +382,7 @@ def aot_configs():
                 if not rows and t != "fp32":
                     continue
                 units = _units(prob, rows)
-                for size in (("small",) if t == "fp64" else ("small", "large")):
+                for size in (("small",) if t == "fp64" or not rows else ("small", "large")):
                     yield from FWD[size].aot(t, {"HAS_WEIGHT": has_weight, "PROB": prob, "ACC": ACC, **units},
                                              ints=scalars, pointers=ptrs)
                 needs = ((1, 0), (0, 1), (1, 1)) if prob else ((1, 0),)
