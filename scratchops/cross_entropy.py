@@ -42,6 +42,7 @@ from scratchops._backend import Function, backend_op, choose_backend, forward_mo
     terminal_function, with_jvp
 from scratchops._common import Reduction, autocast_enabled, check_class_targets, check_same_device, check_tensor, \
     compute_dtype, legacy_reduction, reduction_code, type_name
+from scratchops.cross_entropy_checks import check_index_targets
 from scratchops.cross_entropy_grad import ACTIVE, COEF, LOSS, STATS, WEIGHT, _log_p, _row, _scale, _weights, \
     as_3d, as_given, backward_tangents, bwd_vmap, cross_entropy_weight_bwd, fwd_vmap, loop_vmap, second
 
@@ -270,6 +271,25 @@ class CrossEntropyFunction(Function):
         return dx, dt, dw, None, None, None, None  # x, target, weight, ignore_index, ε, reduction, backend
 
 
+class CrossEntropyEagerFunction(Function):
+    """CrossEntropyFunction for a plain eager call (no torch.func transform, no forward AD, not compiling): a ctx
+    forward that returns the loss alone and saves the statistics (no setup_context call, no non-differentiable
+    outputs to wrap: host time); the same backward."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend):
+        out, stats, denom = cross_entropy_fwd_op(backend, x, target, weight, ignore_index, label_smoothing, reduction)
+        ctx.ignore_index, ctx.label_smoothing, ctx.reduction, ctx.backend = ignore_index, label_smoothing, reduction, \
+            backend
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, target, weight, stats, denom)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return CrossEntropyFunction.backward(ctx, g, None, None)
+
+
 def _tangent(x, target, weight, stats, denom, x_t, q_t, w_t, ignore_index, label_smoothing, reduction, backend):
     """L̇ (CrossEntropyFunction's docstring)."""
     x, target, x_t, q_t = as_3d(x, target, x_t, q_t)
@@ -304,32 +324,6 @@ CrossEntropyBackwardJvpFunction = with_jvp(CrossEntropyBackwardFunction, _backwa
 
 
 # ----------------------------------------------------------------- functional
-def _check_index_targets(input, target, weight):
-    """torch's shape and dtype checks for class-index targets (nll_loss / nll_loss2d)."""
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {type_name(target.dtype)}")
-    if input.dim() == 1:
-        if target.dim() == 1 and target.numel() != 1:
-            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
-    elif input.dim() == 2:
-        if target.dim() > 1:
-            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        if target.dim() == 0 or target.size(0) != input.size(0):
-            raise ValueError(f"Expected input batch_size ({input.size(0)}) to match target batch_size "
-                             f"({target.size(0) if target.dim() else 0}).")
-    else:
-        if target.dim() >= 1 and target.size(0) != input.size(0):
-            raise ValueError(f"Expected input batch_size ({input.size(0)}) to match target batch_size "
-                             f"({target.size(0)}).")
-        expected = [input.size(0), *input.shape[2:]]
-        if list(target.shape) != expected:
-            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-        if target.dtype != torch.int64:
-            raise RuntimeError("expected scalar type Long but found Byte")
-    if weight is not None and weight.dtype != input.dtype:
-        raise RuntimeError(f"expected scalar type {type_name(input.dtype)} but found {type_name(weight.dtype)}")
-
-
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
@@ -378,7 +372,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         input, target = input.to(dtype), target.to(dtype)
         weight = None if weight is None else weight.to(dtype)
     else:
-        _check_index_targets(input, target, weight)
+        check_index_targets(input, target, weight)
         if classes == 0 and dim > 2:  # torch's nll_loss2d view of (N, 0, ...) logits
             raise RuntimeError(f"size mismatch (got input: {[input.size(0), 0, 0, 0]} , target: "
                                f"{[target.size(0), 1, math.prod(target.shape[1:])]}")
@@ -391,8 +385,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         n = 1 if dim == 1 else input.size(0)
         x = input.reshape(n, classes, math.prod(input.shape[2:]))
         t = target.reshape(x.shape) if prob else target.reshape(n, x.size(2))
-    function = CrossEntropyJvpFunction if forward_mode() else CrossEntropyFunction
-    out = function.apply(x, t, weight, int(ignore_index), float(label_smoothing), code, choose_backend(x))[0]
+    args = (x, t, weight, int(ignore_index), float(label_smoothing), code, choose_backend(x))
+    if forward_mode() or _is_compiling():  # the setup_context Function (torch.func, dynamo), its outputs a tuple
+        out = (CrossEntropyJvpFunction if forward_mode() else CrossEntropyFunction).apply(*args)[0]
+    else:
+        out = CrossEntropyEagerFunction.apply(*args)
     if code != Reduction.NONE or dim == 2:
         return out
     return out.reshape(input.shape[:1] + input.shape[2:] if dim > 1 else ())
