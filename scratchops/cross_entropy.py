@@ -386,8 +386,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         x = input.reshape(n, classes, math.prod(input.shape[2:]))
         t = target.reshape(x.shape) if prob else target.reshape(n, x.size(2))
     args = (x, t, weight, int(ignore_index), float(label_smoothing), code, choose_backend(x))
-    if forward_mode() or _is_compiling():  # the setup_context Function (torch.func, dynamo), its outputs a tuple
-        out = (CrossEntropyJvpFunction if forward_mode() else CrossEntropyFunction).apply(*args)[0]
+    if _is_compiling():  # the setup_context Functions (dynamo; torch.func, forward AD), their outputs a tuple
+        out = CrossEntropyFunction.apply(*args)[0]
+    elif forward_mode():
+        out = CrossEntropyJvpFunction.apply(*args)[0]
     else:
         out = CrossEntropyEagerFunction.apply(*args)
     if code != Reduction.NONE or dim == 2:
