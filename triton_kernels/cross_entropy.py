@@ -287,7 +287,9 @@ def _eps_c(label_smoothing, classes):
     return label_smoothing / classes if label_smoothing > 0 and classes else 0.0
 
 
-_ACC = {dtype: (compute_dtype(dtype), acc_dtype(dtype)) for dtype in FLOAT_DTYPES}  # per dtype: (compute dtype, ACC)
+# per dtype: (compute dtype, ACC, the dtype keyword for a compute-dtype allocation: none when it is x's own)
+_ACC = {dtype: (compute_dtype(dtype), acc_dtype(dtype),
+                {} if compute_dtype(dtype) == dtype else {"dtype": compute_dtype(dtype)}) for dtype in FLOAT_DTYPES}
 
 
 def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reduction):
@@ -299,8 +301,8 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
             check_class_targets(target, c, ignore_index)
         if target.dtype != torch.int64:
             target = target.long()  # uint8 targets: one kernel signature for every index dtype (a rows-sized copy)
-    cd, acc = _ACC[x.dtype]
-    stats, denom = x.new_empty((STATS, rows), dtype=cd), x.new_empty((), dtype=cd)  # new_empty: cheaper than empty
+    _, acc, cd = _ACC[x.dtype]
+    stats, denom = x.new_empty((STATS, rows), **cd), x.new_empty((), **cd)  # new_empty: cheaper than empty
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     if rows and not c:
         # no classes: every row's loss is 0 (nan with class indices and smoothing: torch's ε/C · 0); D is nan for
@@ -331,7 +333,8 @@ def cross_entropy_bwd(x, target, weight, stats, denom, g, ignore_index, label_sm
     prob = target.is_floating_point()
     if not prob and target.dtype != torch.int64:
         target = target.long()
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)  # x's shape
+    dx = (torch.empty_like(x) if x.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)) \
+        if need_dx else x.new_empty(0)  # x's shape, contiguous
     dt = torch.empty_like(target, memory_format=torch.contiguous_format) if need_dt else x.new_empty(0)
     g, stride_g = _row_grad(g, n * s)
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
