@@ -108,9 +108,14 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_a
 
 def check_class_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
     """torch's IndexError for a class index outside [0, classes) that is not ``ignore_index``."""
-    if not target.numel():
+    numel = target.numel()
+    if not numel:
         return
-    low, high = torch.stack(torch.aminmax(target)).tolist()  # common case (all in range): two kernels, one read-back
+    if numel <= 64:  # a few indices: one read-back as a list, no kernel (~0.5 µs instead of ~2.4 µs)
+        values = target.tolist() if target.dim() == 1 else target.reshape(-1).tolist()
+        low, high = min(values), max(values)
+    else:  # common case (all in range): two kernels, one read-back
+        low, high = torch.stack(torch.aminmax(target)).tolist()
     if low >= 0 and high < classes:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))

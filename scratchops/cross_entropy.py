@@ -26,10 +26,8 @@ p = e^{(z - k) - log s}, exact for rows shifted far from 0 (±1e4, ±1e30: z - k
 cancellation). Saved for backward: the logits (an input), the target, the weight and the
 statistics.
 
-Higher order and torch.func (scratchops/cross_entropy_grad.py): the first backward is a Function whose own
-backward is the second derivative; every Function has a vmap rule and a jvp (forward mode applied only under
-transforms), so vmap, grad, vjp, jacrev, jvp, jacfwd and hessian work. What is not implemented (a third derivative,
-reverse mode over forward mode, a second derivative in the class weight) raises where it is taken.
+Higher order and torch.func (vmap, grad, vjp, jacrev, jvp, jacfwd, hessian; what is not implemented raises where
+it is taken): scratchops/cross_entropy_grad.py, with the class-weight gradient's reference formula.
 
 Bad class indices: CPU tensors get torch's IndexError from a host check before anything runs. On
 CUDA there is no host check (it would synchronise the stream every call): the row of a bad target
@@ -44,22 +42,25 @@ from scratchops._backend import Function, backend_op, choose_backend, forward_mo
     terminal_function, with_jvp
 from scratchops._common import Reduction, autocast_enabled, check_class_targets, check_same_device, check_tensor, \
     compute_dtype, legacy_reduction, reduction_code, type_name
+from scratchops.cross_entropy_checks import check_index_targets
 from scratchops.cross_entropy_grad import ACTIVE, COEF, LOSS, STATS, WEIGHT, _log_p, _row, _scale, _weights, \
-    backward_tangents, bwd_vmap, fwd_vmap, loop_vmap, second
+    as_3d, as_given, backward_tangents, bwd_vmap, cross_entropy_weight_bwd, fwd_vmap, loop_vmap, second
 
 KERNELS = "cross_entropy"
 HALF = (torch.float16, torch.bfloat16)
+_grad_enabled, _is_compiling = torch.is_grad_enabled, torch.compiler.is_compiling
 
 
 # ----------------------------------------------------------------- reference math
 def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
                       label_smoothing: float, reduction: int) -> List[torch.Tensor]:
-    """x: (N, C, S) logits; target: (N, S) class indices or (N, C, S) probabilities.
+    """x: (N, C, S) or (N, C) logits; target: (N, S) / (N,) class indices or probabilities shaped as x.
 
     Returns [out, stats, D]: out is (N·S,) for none else 0-d (x's dtype); stats (STATS, N·S) and the
     backward's D (0-d) are in the compute dtype.
     """
     cd = compute_dtype(x.dtype)
+    x, target = as_3d(x, target)
     n, c, s = x.shape
     prob = target.is_floating_point()
     if not prob and x.device.type == "cpu":
@@ -112,16 +113,18 @@ def cross_entropy_fwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
 
 def _cross_entropy_fwd_fake(backend, x, target, weight, ignore_index, label_smoothing, reduction):
-    n, c, s = x.shape
+    rows = x.size(0) * (x.size(2) if x.dim() == 3 else 1)
     cd = compute_dtype(x.dtype)
-    out = x.new_empty((n * s,) if reduction == Reduction.NONE else ())
-    return [out, x.new_empty((STATS, n * s), dtype=cd), x.new_empty((), dtype=cd)]
+    out = x.new_empty((rows,) if reduction == Reduction.NONE else ())
+    return [out, x.new_empty((STATS, rows), dtype=cd), x.new_empty((), dtype=cd)]
 
 
 def cross_entropy_bwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], stats: torch.Tensor,
                       denom: torch.Tensor, g: torch.Tensor, ignore_index: int, label_smoothing: float, need_dx: bool,
                       need_dt: bool) -> List[torch.Tensor]:
     """[dz, dq]: dz = ∂ℓ_r/∂z_r · g_r / D; dq = -(1-ε) w log p · g_r / D (probabilities); empty when not needed."""
+    shape = x.shape
+    x, target = as_3d(x, target)
     n, c, s = x.shape
     cd = denom.dtype
     prob = target.is_floating_point()
@@ -147,18 +150,7 @@ def cross_entropy_bwd(x: torch.Tensor, target: torch.Tensor, weight: Optional[to
         if eps:
             grad = grad - eps / c * w
         dx = torch.where(active, grad * scale, p * 0).to(x.dtype)  # ignored rows: 0, nan where p is nan (torch)
-    return [dx, dt]
-
-
-def cross_entropy_weight_bwd(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, denom: torch.Tensor,
-                             g: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """dw_c = Σ_r -q'_rc log p_rc · g_r / D (probability targets)."""
-    n, c, s = x.shape
-    cd = denom.dtype
-    eps = label_smoothing if label_smoothing > 0 and c else 0.0
-    logp = _log_p(x, stats, cd)
-    q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
-    return (-(q * logp) * _scale(g, denom, n, s)).sum(dim=(0, 2)).to(x.dtype)
+    return list(as_given(shape, dx, dt))
 
 
 # ----------------------------------------------------------------- backend ops and their vmap rules
@@ -201,8 +193,8 @@ class CrossEntropyBackwardFunction(Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, target, weight, stats, denom, g)
         if forward_mode():  # what only the jvp reads (its Function is applied only then): no eager host cost
-            ctx.has_output = [o.dim() == 3 for o in output]
-            ctx.mark_non_differentiable(*[o for o in output if o.dim() != 3])  # the empty placeholders: no tangent
+            ctx.has_output = [o.dim() > 1 for o in output]
+            ctx.mark_non_differentiable(*[o for o in output if o.dim() == 1])  # the empty placeholders: no tangent
             ctx.save_for_forward(x, target, weight, stats, denom, g)
 
     @staticmethod
@@ -267,17 +259,40 @@ class CrossEntropyFunction(Function):
         need_dx, need_dt, need_dw = ctx.needs_input_grad[:3] if g is not None else (False,) * 3
         dx = dt = dw = None
         if need_dx or need_dt:
-            backward = CrossEntropyBackwardJvpFunction if forward_mode() else CrossEntropyBackwardFunction
-            dx, dt = backward.apply(x, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing,
-                                    need_dx, need_dt, ctx.backend)
+            args = (x, target, weight, stats, denom, g, ctx.ignore_index, ctx.label_smoothing, need_dx, need_dt)
+            if _grad_enabled() or forward_mode() or _is_compiling():  # a graph to record: the Function
+                backward = CrossEntropyBackwardJvpFunction if forward_mode() else CrossEntropyBackwardFunction
+                dx, dt = backward.apply(*args, ctx.backend)
+            else:  # what its apply does then (fresh_outputs), without the apply
+                dx, dt = cross_entropy_bwd_op(ctx.backend, *args)
             dx, dt = (dx if need_dx else None), (dt if need_dt else None)
         if need_dw:  # probability targets only (the functional refuses it for class indices, as torch)
             dw = CrossEntropyWeightGradFunction.apply(x, target, stats, denom, g, ctx.label_smoothing, ctx.backend)
         return dx, dt, dw, None, None, None, None  # x, target, weight, ignore_index, ε, reduction, backend
 
 
+class CrossEntropyEagerFunction(Function):
+    """CrossEntropyFunction for a plain eager call (no torch.func transform, no forward AD, not compiling): a ctx
+    forward that returns the loss alone and saves the statistics (no setup_context call, no non-differentiable
+    outputs to wrap: host time); the same backward."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, reduction, backend):
+        out, stats, denom = cross_entropy_fwd_op(backend, x, target, weight, ignore_index, label_smoothing, reduction)
+        ctx.ignore_index, ctx.label_smoothing, ctx.reduction, ctx.backend = ignore_index, label_smoothing, reduction, \
+            backend
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, target, weight, stats, denom)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return CrossEntropyFunction.backward(ctx, g, None, None)
+
+
 def _tangent(x, target, weight, stats, denom, x_t, q_t, w_t, ignore_index, label_smoothing, reduction, backend):
     """L̇ (CrossEntropyFunction's docstring)."""
+    x, target, x_t, q_t = as_3d(x, target, x_t, q_t)
     (n, c, s), cd, prob = x.shape, denom.dtype, target.is_floating_point()
     if w_t is not None and not prob:
         raise NotImplementedError("scratchops.cross_entropy: forward-mode derivatives with respect to the class "
@@ -309,32 +324,6 @@ CrossEntropyBackwardJvpFunction = with_jvp(CrossEntropyBackwardFunction, _backwa
 
 
 # ----------------------------------------------------------------- functional
-def _check_index_targets(input, target, weight):
-    """torch's shape and dtype checks for class-index targets (nll_loss / nll_loss2d)."""
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {type_name(target.dtype)}")
-    if input.dim() == 1:
-        if target.dim() == 1 and target.numel() != 1:
-            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
-    elif input.dim() == 2:
-        if target.dim() > 1:
-            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        if target.dim() == 0 or target.size(0) != input.size(0):
-            raise ValueError(f"Expected input batch_size ({input.size(0)}) to match target batch_size "
-                             f"({target.size(0) if target.dim() else 0}).")
-    else:
-        if target.dim() >= 1 and target.size(0) != input.size(0):
-            raise ValueError(f"Expected input batch_size ({input.size(0)}) to match target batch_size "
-                             f"({target.size(0)}).")
-        expected = [input.size(0), *input.shape[2:]]
-        if list(target.shape) != expected:
-            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-        if target.dtype != torch.int64:
-            raise RuntimeError("expected scalar type Long but found Byte")
-    if weight is not None and weight.dtype != input.dtype:
-        raise RuntimeError(f"expected scalar type {type_name(input.dtype)} but found {type_name(weight.dtype)}")
-
-
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
@@ -343,17 +332,19 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"cross_entropy_loss(): argument 'weight' (position 3) must be Tensor, not "
                         f"{type(weight).__name__}")
-    if not hasattr(ignore_index, "__index__"):
+    if type(ignore_index) is not int and not hasattr(ignore_index, "__index__"):
         raise TypeError(f"cross_entropy_loss(): argument 'ignore_index' (position 5) must be int, not "
                         f"{type(ignore_index).__name__}")
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
     code = reduction_code(reduction)
-    check_same_device(input, target, weight)
+    if not (input.is_cpu and target.is_cpu and (weight is None or weight.is_cpu)):  # no device objects if all CPU
+        check_same_device(input, target, weight)
     if autocast_enabled(input):
         # torch's autocast runs cross_entropy in float32 (an fp32-policy op): 16-bit floats are cast up
         input, target, weight = (t.float() if t is not None and t.dtype in HALF else t for t in (input, target, weight))
-    if input.dim() == 0:
+    dim = input.dim()
+    if dim == 0:
         if target.is_floating_point():  # torch's class-probability path indexes dim 1 of the 0-d input
             raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
         raise RuntimeError("Expected floating point type for target with class probabilities, got "
@@ -362,7 +353,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     if not input.is_floating_point():
         raise NotImplementedError(f"\"log_softmax_lastdim_kernel_impl\" not implemented for "
                                   f"'{type_name(input.dtype)}'")
-    classes = input.size(0 if input.dim() == 1 else 1)
+    classes = input.size(0 if dim == 1 else 1)
     prob = input.shape == target.shape
     if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
         raise RuntimeError(f"{'cross_entropy: ' if prob else ''}weight tensor should be defined either for all "
@@ -381,19 +372,26 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         input, target = input.to(dtype), target.to(dtype)
         weight = None if weight is None else weight.to(dtype)
     else:
-        _check_index_targets(input, target, weight)
-        if classes == 0 and input.dim() > 2:  # torch's nll_loss2d view of (N, 0, ...) logits
+        check_index_targets(input, target, weight)
+        if classes == 0 and dim > 2:  # torch's nll_loss2d view of (N, 0, ...) logits
             raise RuntimeError(f"size mismatch (got input: {[input.size(0), 0, 0, 0]} , target: "
                                f"{[target.size(0), 1, math.prod(target.shape[1:])]}")
     if not prob and weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("scratchops.cross_entropy: the gradient with respect to 'weight' is not implemented "
                            "(torch's class-index path refuses it too); pass weight.detach()")
-    n = 1 if input.dim() == 1 else input.size(0)
-    x = input.reshape(n, classes, math.prod(input.shape[2:]))
-    t = target.reshape(x.shape) if prob else target.reshape(n, x.size(2))
-    function = CrossEntropyJvpFunction if forward_mode() else CrossEntropyFunction
-    out, _, _ = function.apply(x, t, weight, int(ignore_index), float(label_smoothing), code,
-                                           choose_backend(x))
-    if code != Reduction.NONE:
+    if dim == 2:  # (N, C) as it is: no view node in the graph (the kernels take 2-D logits)
+        x, t = input, target
+    else:
+        n = 1 if dim == 1 else input.size(0)
+        x = input.reshape(n, classes, math.prod(input.shape[2:]))
+        t = target.reshape(x.shape) if prob else target.reshape(n, x.size(2))
+    args = (x, t, weight, int(ignore_index), float(label_smoothing), code, choose_backend(x))
+    if _is_compiling():  # the setup_context Functions (dynamo; torch.func, forward AD), their outputs a tuple
+        out = CrossEntropyFunction.apply(*args)[0]
+    elif forward_mode():
+        out = CrossEntropyJvpFunction.apply(*args)[0]
+    else:
+        out = CrossEntropyEagerFunction.apply(*args)
+    if code != Reduction.NONE or dim == 2:
         return out
-    return out.reshape(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
+    return out.reshape(input.shape[:1] + input.shape[2:] if dim > 1 else ())

@@ -1,5 +1,10 @@
-r"""cross_entropy's second derivatives and torch.func batching rules (the forward and first backward, the
-autograd.Functions and the functional are in scratchops/cross_entropy.py).
+r"""cross_entropy's class-weight gradient (reference formula), second derivatives and torch.func batching rules (the
+forward and first backward, the autograd.Functions and the functional are in scratchops/cross_entropy.py).
+
+The first backward is a Function whose own backward is the second derivative; every Function has a vmap rule and a
+jvp (forward mode applied only under transforms), so vmap, grad, vjp, jacrev, jvp, jacfwd and hessian work. What is
+not implemented (a third derivative, reverse mode over forward mode, a second derivative in the class weight) raises
+where it is taken.
 
 Everything here is plain torch on the saved tensors: the logits z, the target, the class weight and the per-row
 statistics (rows SHIFT .. ACTIVE below), from which p = e^{(z - k) - log s} is rebuilt exactly.
@@ -20,6 +25,19 @@ SHIFT, LOG_S, COEF, LOSS, WEIGHT, ACTIVE = range(6)  # rows of the statistics
 STATS = 6
 
 
+def as_3d(x: torch.Tensor, *tensors):
+    """(N, C) logits (the functional passes them as they are: no view node in the autograd graph) as (N, C, 1), with
+    the tensors shaped like them or like the target ((N,) class indices, (N, C) probabilities; None kept)."""
+    if x.dim() != 2:
+        return (x, *tensors)
+    return (x.unsqueeze(2), *(None if t is None else t.unsqueeze(-1) for t in tensors))
+
+
+def as_given(shape, *outs) -> tuple:
+    """Outputs of the logits' size back in the logits' own shape ``shape`` (empty placeholders kept)."""
+    return tuple(o.reshape(shape) if o.dim() == 3 and len(shape) == 2 else o for o in outs)
+
+
 def _row(t: torch.Tensor, n: int, s: int) -> torch.Tensor:
     return t.reshape(n, 1, s)
 
@@ -38,6 +56,18 @@ def _log_p(x: torch.Tensor, stats: torch.Tensor, cd: torch.dtype) -> torch.Tenso
     """log p = (z - k) - log s, exact for rows shifted far from 0 (z - k has no cancellation)."""
     n, _, s = x.shape
     return (x.to(cd) - _row(stats[SHIFT], n, s)) - _row(stats[LOG_S], n, s)
+
+
+def cross_entropy_weight_bwd(x: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, denom: torch.Tensor,
+                             g: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """dw_c = Σ_r -q'_rc log p_rc · g_r / D (probability targets)."""
+    x, target = as_3d(x, target)
+    n, c, s = x.shape
+    cd = denom.dtype
+    eps = label_smoothing if label_smoothing > 0 and c else 0.0
+    logp = _log_p(x, stats, cd)
+    q = target.to(cd) * (1 - eps) + eps / c if eps else target.to(cd)
+    return (-(q * logp) * _scale(g, denom, n, s)).sum(dim=(0, 2)).to(x.dtype)
 
 
 # ----------------------------------------------------------------- second derivatives
@@ -69,6 +99,8 @@ def second(x, target, weight, stats, denom, g, u, ut, ignore_index, label_smooth
 
     Ignored rows have coef = 0 and A = 0, so they contribute nothing.
     """
+    shape = x.shape
+    x, target, u, ut = as_3d(x, target, u, ut)
     scale, p, logp, coef, w, eps, a, active = _pieces(x, target, weight, stats, denom, g, ignore_index,
                                                       label_smoothing)
     cd = denom.dtype
@@ -87,7 +119,8 @@ def second(x, target, weight, stats, denom, g, u, ut, ignore_index, label_smooth
         gz = gz - (1 - eps) * torch.where(denom == 0, 0, scale) * (utw - p * utw.sum(dim=1, keepdim=True))
         gg = gg + (-(1 - eps) * utw * logp).sum(dim=1, keepdim=True) * torch.where(denom == 0, 0, 1 / denom)
     gg = gg.expand(x.size(0), 1, x.size(2))
-    return gz.expand(x.shape).to(x.dtype), gq, (gg.sum() if g.dim() == 0 else gg.reshape(g.shape)).to(g.dtype)
+    return (*as_given(shape, gz.expand(x.shape).to(x.dtype), gq),
+            (gg.sum() if g.dim() == 0 else gg.reshape(g.shape)).to(g.dtype))
 
 
 def backward_tangents(x, target, weight, stats, denom, g, x_t, q_t, g_t, ignore_index, label_smoothing):
@@ -97,6 +130,8 @@ def backward_tangents(x, target, weight, stats, denom, g, x_t, q_t, g_t, ignore_
         ḋz = s coef p (ż - Σ p ż) + (1-ε) s (p Σ w q̇ - w q̇) + A ġ / D
         ḋq = -(1-ε) s' w (ż - Σ p ż) - (1-ε) w log p ġ / D        (s' and 1/D taken as 0 when D = 0)
     """
+    shape = x.shape
+    x, target, x_t, q_t = as_3d(x, target, x_t, q_t)
     scale, p, logp, coef, w, eps, a, active = _pieces(x, target, weight, stats, denom, g, ignore_index,
                                                       label_smoothing)
     cd, (n, _, s) = denom.dtype, x.shape
@@ -112,7 +147,7 @@ def backward_tangents(x, target, weight, stats, denom, g, x_t, q_t, g_t, ignore_
         dz_t = dz_t + a * _scale(g_t, denom, n, s)
         dq_t = dq_t - (1 - eps) * w * logp * _scale(g_t, torch.where(denom == 0, torch.inf, denom), n, s)
     dz_t = dz_t if active is None else torch.where(active, dz_t, 0)
-    return dz_t.to(x.dtype), dq_t.to(target.dtype if target.is_floating_point() else x.dtype)
+    return as_given(shape, dz_t.to(x.dtype), dq_t.to(target.dtype if target.is_floating_point() else x.dtype))
 
 
 # ----------------------------------------------------------------- vmap rules of the backend ops
@@ -130,10 +165,13 @@ def loop_vmap(op):
 
 
 def _fold(info, in_dims, x, target):
-    """x and target with the batch folded into the N rows, and (B, N, C, S)."""
+    """x and target with the batch folded into the N rows, (B, N, C, S) and the batched logits' shape."""
     x, target = (batch_first(info, t, d) for t, d in zip((x, target), in_dims))
+    shape = x.shape
+    if x.dim() == 3:  # (N, C) samples
+        x, target = x.unsqueeze(3), target.unsqueeze(-1)
     b, n, c, s = x.shape
-    return x.reshape(b * n, c, s), target.reshape(b * n, *target.shape[2:]), (b, n, c, s)
+    return x.reshape(b * n, c, s), target.reshape(b * n, *target.shape[2:]), (b, n, c, s), shape
 
 
 def fwd_vmap(op):
@@ -142,7 +180,7 @@ def fwd_vmap(op):
     def rule(info, in_dims, backend, x, target, weight, ignore_index, label_smoothing, reduction):
         if in_dims[3] is not None:
             return loop_vmap(op)(info, in_dims, backend, x, target, weight, ignore_index, label_smoothing, reduction)
-        xf, tf, (b, n, c, s) = _fold(info, in_dims[1:3], x, target)
+        xf, tf, (b, n, c, s), _ = _fold(info, in_dims[1:3], x, target)
         out, stats, one = op(backend, xf, tf, weight, ignore_index, label_smoothing, Reduction.NONE)
         stats = stats.view(STATS, b, n * s)
         if reduction == Reduction.NONE:
@@ -167,7 +205,7 @@ def bwd_vmap(op):
         args = (x, target, weight, stats, denom, g, ignore_index, label_smoothing, need_dx, need_dt)
         if in_dims[3] is not None:
             return loop_vmap(op)(info, in_dims, backend, *args)
-        xf, tf, (b, n, c, s) = _fold(info, in_dims[1:3], x, target)
+        xf, tf, (b, n, c, s), shape = _fold(info, in_dims[1:3], x, target)
         if in_dims[4] is not None:
             stats = stats.movedim(in_dims[4], 1)
         else:
@@ -176,6 +214,6 @@ def bwd_vmap(op):
         scale = (g.to(denom.dtype).reshape(b, -1) / denom.view(b, 1)).expand(b, n * s).reshape(-1)
         outs = op(backend, xf, tf, weight, stats.reshape(STATS, b * n * s), denom.new_ones(()), scale, ignore_index,
                   label_smoothing, need_dx, need_dt)
-        return [o.view(b, n, c, s) if o.dim() == 3 else o for o in outs], [0 if o.dim() == 3 else None for o in outs]
+        return [o.view(shape) if o.dim() == 3 else o for o in outs], [0 if o.dim() == 3 else None for o in outs]
 
     return rule

@@ -31,6 +31,7 @@ from scratchops._common import Reduction, compute_dtype, legacy_reduction, reduc
     type_name
 
 KERNELS = "mse"
+_grad_enabled, _is_compiling = torch.is_grad_enabled, torch.compiler.is_compiling
 
 
 # ----------------------------------------------------------------- reference math
@@ -203,8 +204,11 @@ class MSELossFunction(Function):
         dx = dy = dw = dden = None
         den_sum = ctx.reduction == Reduction.MEAN and ctx.den_shape is not None
         if need_x or need_y or need_w:
-            backward = MSEBackwardJvpFunction if forward_mode() else MSEBackwardFunction
-            d, dw = backward.apply(x, y, w, denom, g, need_w, den_sum, ctx.backend)
+            if _grad_enabled() or forward_mode() or _is_compiling():  # a graph to record: the Function
+                backward = MSEBackwardJvpFunction if forward_mode() else MSEBackwardFunction
+                d, dw = backward.apply(x, y, w, denom, g, need_w, den_sum, ctx.backend)
+            else:  # what its apply does then (fresh_outputs), without the apply
+                d, dw = mse_bwd_op(ctx.backend, x, y, w, denom, g, need_w)
             dx = d if need_x else None
             dy = -d if need_y else None
             dw = dw if need_w else None
@@ -286,7 +290,9 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average: Optional[b
         dtype = torch.float32
     if not dtype.is_floating_point:
         raise NotImplementedError(f"\"mse_cpu\" not implemented for '{type_name(dtype)}'")
-    x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
+    x, y = (t if t.dtype == dtype else t.to(dtype) for t in (input, target))
+    if x.shape != y.shape:  # equal shapes (the common case) need no broadcast views (no expand nodes in the graph)
+        x, y = torch.broadcast_tensors(x, y)
     w = None if weight is None else weight.to(dtype)
     function = MSELossJvpFunction if forward_mode() else MSELossFunction
     out, _ = function.apply(x, y, None if w is None else w.expand(x.shape), w, code, choose_backend(x))

@@ -242,6 +242,12 @@ def test_ce_out_of_range_targets(backend):
                      torch.tensor([1, 2, 200], device=DEVICE).byte(), match="Target 200 is out of bounds")
     check_same_error(SF.cross_entropy, _torch_cpu(TF.cross_entropy), make((2, 5, 3)),
                      torch.tensor([[1, 9, 3], [0, 0, 8]], device=DEVICE), match="Target 9 is out of bounds")
+    # more than 64 indices: the host check's reduction path (a few indices are read back as a list)
+    many = torch.arange(70, device=DEVICE) % 5
+    many[[3, 40]] = -100
+    many[50] = 5
+    check_same_error(SF.cross_entropy, _torch_cpu(TF.cross_entropy), make((70, 5)), many,
+                     match="^Target 5 is out of bounds.$")
 
 
 BAD_CE = {

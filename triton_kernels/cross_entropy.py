@@ -1,32 +1,30 @@
 """Triton kernels for cross_entropy (formulas in scratchops/cross_entropy.py).
 
-Logits are viewed as (N, C, S): row r = (n, s) holds the C class logits z_r (class stride
-``stride_xc``).
+Logits are viewed as (N, C, S) (class stride ``stride_xc``; (N, C) logits are (N, C, 1)): row r = (n, s) holds the
+C class logits z_r.
 
-* ``_cross_entropy_fwd_kernel``: one program per row reads the row ONCE in BLOCK-wide chunks: an
-  online log-sum-exp (running max m, Σ e^{z - k} rescaled whenever m grows; k = m, or 0 while every
-  logit so far is -inf) plus Σ v_c (k - z_c) and Σ v_c for the smoothing / probability terms. It
-  writes only per-row statistics: the shift k, log Σ e^{z - k}, the gradient coefficient, the row's
-  loss and its weight in D. Nothing of size N·C is written: no_grad costs one read of the logits.
-  ``BLOCK >= C`` runs the loop once (one read, in registers); a longer row loops.
-* ``_cross_entropy_reduce_kernel``: the row losses to the output (cast for none; Σ, / D for mean).
-  For mean it also writes the backward's D: Σ w_t, or 1 when every row is ignored.
-* ``_cross_entropy_bwd_kernel``: a (rows, class blocks) grid reads the logits once more and writes
-  dlogits once, p = e^{(z - k) - log s} rebuilt from the statistics and scaled by g_r / D; for
-  probability targets the same pass writes the target gradient when asked.
-* ``_cross_entropy_weight_bwd_kernel``: the class-weight gradient for probability targets, one program
-  per class block summing over rows (only when the weight requires grad).
+* ``_cross_entropy_fwd_kernel``: one program per row reads the row ONCE in BLOCK-wide chunks: an online
+  log-sum-exp (running max m, Σ e^{z - k} rescaled whenever m grows; k = m, or 0 while every logit so far is -inf)
+  plus Σ v_c (k - z_c) and Σ v_c for the smoothing / probability terms. It writes only per-row statistics: the
+  shift k, log Σ e^{z - k}, the gradient coefficient, the row's loss and its weight in D. Nothing of size N·C is
+  written: no_grad costs one read of the logits. ``BLOCK >= C`` runs the loop once (one read, in registers).
+* ``_cross_entropy_reduce_kernel``: the row losses to the output (cast for none; Σ, / D for mean). For mean it
+  also writes the backward's D: Σ w_t, or 1 when every row is ignored.
+* ``_cross_entropy_bwd_kernel``: a (rows, class blocks) grid reads the logits once more and writes dlogits once,
+  p = e^{(z - k) - log s} rebuilt from the statistics and scaled by g_r / D; for probability targets the same pass
+  writes the target gradient when asked.
+* ``_cross_entropy_weight_bwd_kernel``: the class-weight gradient for probability targets, one program per class
+  block summing over rows (only when the weight requires grad).
 
-Bad class indices on CUDA: no host check (it would synchronise the stream); a target outside
-[0, C) that is not ignore_index makes its row's loss and gradient NaN, written asynchronously on
-the device. CPU tensors get torch's IndexError from the host check before any launch.
-Offsets are int64; math in the ACC dtype.
+Bad class indices on CUDA: no host check (it would synchronise the stream); a target outside [0, C) that is not
+ignore_index makes its row's loss and gradient NaN, written asynchronously on the device. CPU tensors get torch's
+IndexError from the host check before any launch. Offsets are int64; math in the ACC dtype.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .._common import Reduction, check_class_targets, compute_dtype
+from .._common import FLOAT_DTYPES, Reduction, check_class_targets, compute_dtype
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config
 
 NONE = tl.constexpr(Reduction.NONE.value)
@@ -41,17 +39,18 @@ STATS = 6
 def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr,  # pointers (w unused unless HAS_WEIGHT)
                               R, C, S,  # sizes: rows N·S, classes, spatial
                               stride_xn, stride_xc, stride_xs, stride_tn, stride_tc, stride_ts,  # strides
-                              ignore_index, smoothing,  # scalars
+                              ignore_index, smoothing, smoothing_c,  # scalars: ε, ε / C (from the host)
                               HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    n = row // S
-    s = row % S
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64)
+    n = (pid // S).to(tl.int64)  # 32-bit division (the grid bounds the rows): no 64-bit division subroutine
+    s = (pid % S).to(tl.int64)
     x_row = x_ptr + n * stride_xn + s * stride_xs
     t_row = t_ptr + n * stride_tn + s * stride_ts
     cols = tl.arange(0, BLOCK)
     eps = tl.full((), smoothing, ACC)
     eps = tl.where(eps > 0, eps, 0.0)  # torch ignores a negative label_smoothing
-    eps_c = eps / C
+    eps_c = tl.full((), smoothing_c, ACC)  # 0 then too; divided on the host, as torch's: no division here
     m = tl.full((), float("-inf"), ACC)  # running max (-inf until a logit above -inf is seen)
     k = tl.full((), 0.0, ACC)  # the shift: m, or 0 while m = -inf (z - k stays -inf, never -inf - -inf)
     s_exp = tl.full((), 0.0, ACC)  # Σ e^{z - k}
@@ -124,12 +123,14 @@ def _cross_entropy_fwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr,  # pointers (w unu
         loss = tl.where(bad, float("nan"), loss)
         coef = tl.where(bad, float("nan"), coef)
         active = tl.where(is_active, 1.0, 0.0).to(ACC)
-    tl.store(stats_ptr + 0 * R + row, k)
-    tl.store(stats_ptr + 1 * R + row, log_s)
-    tl.store(stats_ptr + 2 * R + row, coef)
-    tl.store(stats_ptr + 3 * R + row, loss)
-    tl.store(stats_ptr + 4 * R + row, w_t)
-    tl.store(stats_ptr + 5 * R + row, active)
+    stat = stats_ptr + row  # one statistic after the other, R apart (pointer steps: no 32-bit j · R to overflow)
+    tl.store(stat, k)
+    tl.store(stat + R, log_s)
+    tl.store(stat + R + R, coef)
+    stat += R + R + R
+    tl.store(stat, loss)
+    tl.store(stat + R, w_t)
+    tl.store(stat + R + R, active)
 
 
 @triton.jit
@@ -141,18 +142,19 @@ def _cross_entropy_reduce_kernel(stats_ptr, out_ptr, denom_ptr,  # pointers
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + cols
         mask = offs < R
-        tl.store(out_ptr + offs, tl.load(stats_ptr + 3 * R + offs, mask=mask).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + offs, tl.load(stats_ptr + R + R + R + offs, mask=mask).to(out_ptr.dtype.element_ty),
                  mask=mask)
         tl.store(denom_ptr, tl.full((), 1.0, ACC), mask=pid == 0)  # unused by the backward of none
     else:  # one program: L = Σ ℓ_r (/ D = Σ w_t for mean)
         total = tl.zeros([BLOCK], dtype=ACC)
         wsum = tl.zeros([BLOCK], dtype=ACC)
         count = tl.zeros([BLOCK], dtype=ACC)
+        losses = stats_ptr + R + R + R  # the LOSS, WEIGHT and ACTIVE statistics (pointer steps, no 32-bit j · R)
         for start in range(0, R, BLOCK):
             mask = start + cols < R
-            total += tl.load(stats_ptr + 3 * R + start + cols, mask=mask, other=0)
-            wsum += tl.load(stats_ptr + 4 * R + start + cols, mask=mask, other=0)
-            count += tl.load(stats_ptr + 5 * R + start + cols, mask=mask, other=0)
+            total += tl.load(losses + start + cols, mask=mask, other=0)
+            wsum += tl.load(losses + R + start + cols, mask=mask, other=0)
+            count += tl.load(losses + R + R + start + cols, mask=mask, other=0)
         loss = tl.sum(total, 0)
         denom = tl.full((), 1.0, ACC)
         if REDUCTION == MEAN:
@@ -168,21 +170,22 @@ def _cross_entropy_reduce_kernel(stats_ptr, out_ptr, denom_ptr,  # pointers
 def _cross_entropy_bwd_kernel(x_ptr, t_ptr, w_ptr, stats_ptr, g_ptr, denom_ptr, dx_ptr, dt_ptr,  # pointers
                               R, C, S,  # sizes
                               stride_xn, stride_xc, stride_xs, stride_tn, stride_tc, stride_ts, stride_g,  # strides
-                              ignore_index, smoothing,  # scalars
+                              ignore_index, smoothing, smoothing_c,  # scalars: ε, ε / C (from the host)
                               HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, NEED_DX: tl.constexpr,
                               NEED_DT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64)
     c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
-    n = row // S
-    s = row % S
+    n = (pid // S).to(tl.int64)  # 32-bit division (the grid bounds the rows)
+    s = (pid % S).to(tl.int64)
     k = tl.load(stats_ptr + row)
     log_s = tl.load(stats_ptr + R + row)
-    coef = tl.load(stats_ptr + 2 * R + row)
+    coef = tl.load(stats_ptr + R + R + row)
     scale = tl.load(g_ptr + row * stride_g).to(ACC) / tl.load(denom_ptr)
     eps = tl.full((), smoothing, ACC)
     eps = tl.where(eps > 0, eps, 0.0)
-    eps_c = eps / C
+    eps_c = tl.full((), smoothing_c, ACC)
     z = tl.load(x_ptr + n * stride_xn + c * stride_xc + s * stride_xs, mask=mask, other=0).to(ACC)
     log_p = (z - k) - log_s
     p = tl.exp(log_p)
@@ -221,7 +224,7 @@ def _cross_entropy_weight_bwd_kernel(x_ptr, t_ptr, stats_ptr, g_ptr, denom_ptr, 
                                      R, C, S,  # sizes
                                      stride_xn, stride_xc, stride_xs, stride_tn, stride_tc, stride_ts,
                                      stride_g,  # strides
-                                     smoothing,  # scalars
+                                     smoothing, smoothing_c,  # scalars
                                      ACC: tl.constexpr, BLOCK: tl.constexpr):
     # probability targets: dw_c = Σ_r -q'_rc log p_rc · g_r / D
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -231,21 +234,23 @@ def _cross_entropy_weight_bwd_kernel(x_ptr, t_ptr, stats_ptr, g_ptr, denom_ptr, 
     denom = tl.load(denom_ptr)
     acc = tl.zeros([BLOCK], dtype=ACC)
     for row in range(0, R):
-        n = row // S
-        s = row % S
+        n = (row // S).to(tl.int64)  # 32-bit division as launched (R, S < 2^31: the forward's grid bounds the rows)
+        s = (row % S).to(tl.int64)
         z = tl.load(x_ptr + n * stride_xn + c * stride_xc + s * stride_xs, mask=mask, other=0).to(ACC)
         q = tl.load(t_ptr + n * stride_tn + c * stride_tc + s * stride_ts, mask=mask, other=0).to(ACC)
         log_p = (z - tl.load(stats_ptr + row)) - tl.load(stats_ptr + R + row)
         scale = tl.load(g_ptr + row * stride_g).to(ACC) / denom
-        acc += -(q * (1.0 - eps) + eps / C) * log_p * scale
+        acc += -(q * (1.0 - eps) + smoothing_c) * log_p * scale
     tl.store(dw_ptr + c, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-# One program per row: the small block for short rows (and fp64), the wide one (16 warps) for vocabularies.
+# One program per row: the small block for short rows (and fp64, and spatial rows), the wide one (16 warps) for
+# vocabularies.
 SMALL_C = 256
 FWD = {"small": Kernel(_cross_entropy_fwd_kernel, [config(BLOCK=SMALL_C, num_warps=4)]),
        "large": Kernel(_cross_entropy_fwd_kernel, [config(BLOCK=4096, num_warps=16)])}
-ROWS = [config(BLOCK=1024, num_warps=4)]
+ROWS_BLOCK = 1024  # the grids below are computed from it
+ROWS = [config(BLOCK=ROWS_BLOCK, num_warps=4)]
 _reduce = Kernel(_cross_entropy_reduce_kernel, ROWS)
 _bwd = Kernel(_cross_entropy_bwd_kernel, ROWS)
 _weight_bwd = Kernel(_cross_entropy_weight_bwd_kernel, ROWS)
@@ -257,8 +262,16 @@ def fwd_size(classes: int, dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------- launchers
+def _dims(x):
+    """(N, C, S) and the three logit strides: (N, C) logits are (N, C, 1) (spatial stride 1, as a contiguous view's)."""
+    return (*x.shape, 1, (*x.stride(), 1)) if x.dim() == 2 else (*x.shape, x.stride())
+
+
 def _target_strides(target, prob):
-    return tuple(target.stride()) if prob else (target.stride(0), 0, target.stride(1))
+    """(n, c, s) strides of the target: probabilities like the logits; class indices (N, S) or (N,) with c = 0."""
+    if prob:
+        return (*target.stride(), 1) if target.dim() == 2 else target.stride()
+    return (target.stride(0), 0, target.stride(1) if target.dim() == 2 else 1)
 
 
 def _row_grad(g, rows):
@@ -269,8 +282,18 @@ def _row_grad(g, rows):
     return g, g.stride(0)
 
 
+def _eps_c(label_smoothing, classes):
+    """ε / C in double precision, as torch's (0 without smoothing or classes)."""
+    return label_smoothing / classes if label_smoothing > 0 and classes else 0.0
+
+
+# per dtype: (compute dtype, ACC, the dtype keyword for a compute-dtype allocation: none when it is x's own)
+_ACC = {dtype: (compute_dtype(dtype), acc_dtype(dtype),
+                {} if compute_dtype(dtype) == dtype else {"dtype": compute_dtype(dtype)}) for dtype in FLOAT_DTYPES}
+
+
 def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reduction):
-    n, c, s = x.shape
+    n, c, s, x_strides = _dims(x)
     rows = n * s
     prob = target.is_floating_point()
     if not prob:
@@ -278,9 +301,9 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
             check_class_targets(target, c, ignore_index)
         if target.dtype != torch.int64:
             target = target.long()  # uint8 targets: one kernel signature for every index dtype (a rows-sized copy)
-    cd = compute_dtype(x.dtype)
-    stats = torch.empty((STATS, rows), dtype=cd, device=x.device)
-    weight = None if weight is None else weight.contiguous()
+    _, acc, cd = _ACC[x.dtype]
+    stats, denom = x.new_empty((STATS, rows), **cd), x.new_empty((), **cd)  # new_empty: cheaper than empty
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     if rows and not c:
         # no classes: every row's loss is 0 (nan with class indices and smoothing: torch's ε/C · 0); D is nan for
         # probabilities (torch divides by numel / C = 0 / 0) and Σ w_t = 0 for class indices (all rows ignored)
@@ -289,51 +312,55 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
         stats[WEIGHT].fill_(float("nan") if prob else 0.0)
         stats[ACTIVE].fill_(1.0 if prob else 0.0)
     elif rows:
-        FWD[fwd_size(c, x.dtype)]((rows,), x, target, x if weight is None else weight, stats, rows, c, s, *x.stride(),
-                                  *_target_strides(target, prob), ignore_index, label_smoothing,
-                                  HAS_WEIGHT=weight is not None, PROB=prob, ACC=acc_dtype(x.dtype))
-    denom = torch.empty((), dtype=cd, device=x.device)
-    out = torch.empty(rows if reduction == Reduction.NONE else (), dtype=x.dtype, device=x.device)
+        # spatial rows (class stride S: gathers, no vector loads to gain from a wide block) take the small block
+        size = fwd_size(c, x.dtype) if s == 1 else "small"
+        FWD[size]((rows,), x, target, x if weight is None else weight, stats, rows, c, s, *x_strides,
+                  *_target_strides(target, prob), ignore_index, label_smoothing, _eps_c(label_smoothing, c),
+                  HAS_WEIGHT=weight is not None, PROB=prob, ACC=acc)
     if reduction == Reduction.NONE:
-        _reduce(lambda meta: (max(1, cdiv(rows, meta["BLOCK"])),), stats, out, denom, rows, REDUCTION=0,
-                ACC=acc_dtype(x.dtype))
+        out = x.new_empty(rows)
+        _reduce((max(1, cdiv(rows, ROWS_BLOCK)),), stats, out, denom, rows, REDUCTION=0, ACC=acc)
     else:
-        _reduce((1,), stats, out, denom, rows, REDUCTION=int(reduction), ACC=acc_dtype(x.dtype))
+        out = x.new_empty(())
+        _reduce((1,), stats, out, denom, rows, REDUCTION=int(reduction), ACC=acc)
         if not rows and not c and not prob and label_smoothing > 0:
             out.fill_(float("nan"))  # torch's ε/C · Σ 0 is nan even with no rows
     return [out, stats, denom]
 
 
 def cross_entropy_bwd(x, target, weight, stats, denom, g, ignore_index, label_smoothing, need_dx, need_dt):
-    n, c, s = x.shape
+    n, c, s, x_strides = _dims(x)
     prob = target.is_floating_point()
     if not prob and target.dtype != torch.int64:
         target = target.long()
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else x.new_empty(0)  # (n, c, s)
-    dt = torch.empty((n, c, s), dtype=target.dtype, device=x.device) if need_dt else x.new_empty(0)
+    dx = (torch.empty_like(x) if x.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)) \
+        if need_dx else x.new_empty(0)  # x's shape, contiguous
+    dt = torch.empty_like(target, memory_format=torch.contiguous_format) if need_dt else x.new_empty(0)
     g, stride_g = _row_grad(g, n * s)
-    weight = None if weight is None else weight.contiguous()
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     if (need_dx or need_dt) and n * c * s:
-        _bwd(lambda meta: (n * s, cdiv(c, meta["BLOCK"])), x, target, x if weight is None else weight, stats, g,
-             denom, dx, dt, n * s, c, s, *x.stride(), *_target_strides(target, prob), stride_g, ignore_index,
-             label_smoothing, HAS_WEIGHT=weight is not None, PROB=prob, NEED_DX=bool(need_dx),
-             NEED_DT=bool(need_dt and prob), ACC=acc_dtype(x.dtype))
+        _bwd((n * s, cdiv(c, ROWS_BLOCK)), x, target, x if weight is None else weight, stats, g, denom, dx, dt, n * s,
+             c, s, *x_strides, *_target_strides(target, prob), stride_g, ignore_index, label_smoothing,
+             _eps_c(label_smoothing, c), HAS_WEIGHT=weight is not None, PROB=prob, NEED_DX=bool(need_dx),
+             NEED_DT=bool(need_dt and prob), ACC=_ACC[x.dtype][1])
     return [dx, dt]
 
 
 def cross_entropy_weight_bwd(x, target, stats, denom, g, label_smoothing):
-    n, c, s = x.shape
-    dw = torch.empty(c, dtype=x.dtype, device=x.device)
+    n, c, s, x_strides = _dims(x)
+    dw = x.new_empty(c)
     g, stride_g = _row_grad(g, n * s)
     if c:
-        _weight_bwd(lambda meta: (cdiv(c, meta["BLOCK"]),), x, target, stats, g, denom, dw, n * s, c, s,
-                    *x.stride(), *target.stride(), stride_g, label_smoothing, ACC=acc_dtype(x.dtype))
+        _weight_bwd((cdiv(c, ROWS_BLOCK),), x, target, stats, g, denom, dw, n * s, c, s, *x_strides,
+                    *_target_strides(target, True), stride_g, label_smoothing, _eps_c(label_smoothing, c),
+                    ACC=_ACC[x.dtype][1])
     return dw
 
 
 # ----------------------------------------------------------------- ahead-of-time compiles
-I64 = {name: "i64" for name in ("R", "C", "S", "stride_xn", "stride_xc", "stride_xs", "stride_tn", "stride_tc",
-                                "stride_ts", "stride_g", "ignore_index")}
+# Integers as a launch types them (i32 below 2^31): R = N·S and S always are (one forward program per row).
+I64 = {name: "i64" for name in ("C", "stride_xn", "stride_xc", "stride_xs", "stride_tn", "stride_tc", "stride_ts",
+                                "stride_g", "ignore_index")} | {"R": "i32", "S": "i32"}
 
 
 def _units(prob: bool, rows: bool) -> dict:
@@ -351,14 +378,14 @@ def aot_configs():
     for t in FLOAT_TYPES:
         acc = "fp64" if t == "fp64" else "fp32"
         ACC = tl.float64 if t == "fp64" else tl.float32
-        scalars = {**I64, "smoothing": "fp32"}
+        scalars = {**I64, "smoothing": "fp32", "smoothing_c": "fp32"}
         for prob in (0, 1):
             ptrs = {"t_ptr": t if prob else "i64", "stats_ptr": acc, "denom_ptr": acc}
             for has_weight, rows in ((0, True), (1, True), (0, False)):
                 if not rows and t != "fp32":
                     continue
                 units = _units(prob, rows)
-                for size in (("small",) if t == "fp64" else ("small", "large")):
+                for size in (("small",) if t == "fp64" or not rows else ("small", "large")):
                     yield from FWD[size].aot(t, {"HAS_WEIGHT": has_weight, "PROB": prob, "ACC": ACC, **units},
                                              ints=scalars, pointers=ptrs)
                 needs = ((1, 0), (0, 1), (1, 1)) if prob else ((1, 0),)

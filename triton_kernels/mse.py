@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import Reduction, compute_dtype
+from .._common import FLOAT_DTYPES, Reduction, compute_dtype
 from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, elementwise_out, flat_offsets, same_layout
 
 NONE = tl.constexpr(Reduction.NONE.value)
@@ -84,40 +84,42 @@ def _mse_bwd_kernel(x_ptr, y_ptr, w_ptr, g_ptr, denom_ptr, d_ptr, dw_ptr,  # poi
 BLOCK = 1024  # one partial sum per BLOCK elements
 ELEMENTWISE = [config(BLOCK=BLOCK, num_warps=4)]
 _fwd = Kernel(_mse_fwd_kernel, ELEMENTWISE)
-_finish = Kernel(_mse_finish_kernel, ELEMENTWISE)
+# the finish kernel: 8 warps (4 fp64 accumulators a thread): with 4, ptxas 3.6/3.7.1 spill one in its unrolled loop
+_finish = Kernel(_mse_finish_kernel, [config(BLOCK=BLOCK, num_warps=8)])
 _bwd = Kernel(_mse_bwd_kernel, ELEMENTWISE)
 
 
 # ----------------------------------------------------------------- launchers
-def _grid(n):
-    return lambda meta: (cdiv(n, meta["BLOCK"]),)
-
-
-def _sum_parts(x, y, w):
-    """Per-program partial sums of w (x - y)² (or of x alone when y is None), in the compute dtype."""
+def _sum_parts(x, y, w, acc, cd):
+    """Per-program partial sums of w (x - y)² (or of x alone when y is None), in the compute dtype ``cd``."""
     n = x.numel()
-    parts = torch.empty(cdiv(n, BLOCK), dtype=compute_dtype(x.dtype), device=x.device)
+    parts = x.new_empty(cdiv(n, BLOCK), dtype=cd)
     if n:
-        _fwd(_grid(n), x, x if y is None else y, x if w is None else w, parts, n, HAS_Y=y is not None,
-             HAS_W=w is not None, REDUCE=True, ACC=acc_dtype(x.dtype))
+        _fwd((cdiv(n, BLOCK),), x, x if y is None else y, x if w is None else w, parts, n, HAS_Y=y is not None,
+             HAS_W=w is not None, REDUCE=True, ACC=acc)
     return parts
 
 
+_ACC = {dtype: (acc_dtype(dtype), compute_dtype(dtype)) for dtype in FLOAT_DTYPES}  # per dtype: (ACC, compute dtype)
+
+
 def mse_fwd(x, y, w, w_den, reduction):
-    out_like = elementwise_out(x)
+    acc, cd = _ACC[x.dtype]
+    if reduction == Reduction.NONE:
+        out_like = elementwise_out(x)
+    else:  # only the operands' common flat order matters: x's own when it is contiguous (no output of its size)
+        out_like = x if x.is_contiguous() else elementwise_out(x)
     x, y = same_layout(x, out_like), same_layout(y, out_like)
     w = None if w is None else same_layout(w, out_like)
-    acc, cd = acc_dtype(x.dtype), compute_dtype(x.dtype)
     if reduction == Reduction.NONE:
         if x.numel():
-            _fwd(_grid(x.numel()), x, y, x if w is None else w, out_like, x.numel(), HAS_Y=True, HAS_W=w is not None,
-                 REDUCE=False, ACC=acc)
-        return [out_like, torch.ones((), dtype=cd, device=x.device)]
-    parts = _sum_parts(x, y, w)
+            _fwd((cdiv(x.numel(), BLOCK),), x, y, x if w is None else w, out_like, x.numel(), HAS_Y=True,
+                 HAS_W=w is not None, REDUCE=False, ACC=acc)
+        return [out_like, x.new_ones((), dtype=cd)]
+    parts = _sum_parts(x, y, w, acc, cd)
     has_w = reduction == Reduction.MEAN and w_den is not None
-    wparts = _sum_parts(w_den.contiguous(), None, None) if has_w else parts
-    out = torch.empty((), dtype=x.dtype, device=x.device)
-    denom = torch.empty((), dtype=cd, device=x.device)
+    wparts = _sum_parts(w_den.contiguous(), None, None, acc, cd) if has_w else parts
+    out, denom = x.new_empty(()), x.new_empty((), dtype=cd)  # new_empty: cheaper than torch.empty(dtype=, device=)
     _finish((1,), parts, wparts, out, denom, parts.numel(), wparts.numel(), x.numel(), REDUCTION=int(reduction),
             HAS_W=has_w, ACC=acc)
     return [out, denom]
@@ -131,9 +133,10 @@ def mse_bwd(x, y, w, denom, g, need_w):
     g = g if g_scalar else same_layout(g, d)
     need_w = bool(need_w and w is not None)
     dw = torch.empty_like(d) if need_w else x.new_empty(0)
-    if d.numel():
-        _bwd(_grid(d.numel()), x, y, x if w is None else w, g, denom, d, dw if need_w else d, d.numel(),
-             G_SCALAR=g_scalar, HAS_W=w is not None, NEED_W=need_w, ACC=acc_dtype(x.dtype))
+    n = d.numel()
+    if n:
+        _bwd((cdiv(n, BLOCK),), x, y, x if w is None else w, g, denom, d, dw if need_w else d, n, G_SCALAR=g_scalar,
+             HAS_W=w is not None, NEED_W=need_w, ACC=_ACC[x.dtype][0])
     return [d, dw]
 
 
