@@ -66,6 +66,17 @@ def test_bfloat16_under_interpreter():
         torch.testing.assert_close(SF.tanh(x), torch.tanh(x))
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter only")
+def test_interpreter_takes_loop_bounds_from_kernel_arguments():
+    """A loop bound that is a kernel argument (the linear kernel's reduction over K, several BLOCK_K steps) runs in
+    the interpreter on every supported Triton: 3.6's interpreter converted it with ``int()`` of a 1-element array,
+    a TypeError with NumPy >= 2.4, in every kernel with such a loop (``_launch`` sets 3.7's conversion there)."""
+    x, w = make((3, 200)), make((5, 200))
+    with scratchops.use_backend("triton"):
+        y = SF.linear(x, w)
+    torch.testing.assert_close(y, x @ w.T)
+
+
 def test_fresh_outputs_function_called_directly_only_without_a_graph(monkeypatch):
     """A Function declaring fresh_outputs runs its forward directly where autograd records nothing (a plain
     backward) and through autograd's apply where a graph is built (create_graph=True): the same gradients."""

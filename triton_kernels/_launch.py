@@ -50,6 +50,26 @@ if _DIRECT_LAUNCH:
     from triton.runtime import driver as _driver
 
 
+def _index_of_one_element_tensors() -> None:
+    """Triton 3.6's interpreter turns a scalar (a kernel argument, ``tl.program_id``, a scalar ``tl.load``) used as
+    an index, e.g. a ``range`` bound, into a Python int with ``int(array)`` of a 1-element array, which NumPy >= 2.4
+    rejects (TypeError). Triton 3.7 squeezes the array first; on 3.6 the same ``__index__`` is set after Triton's
+    own (the interpreter's patch scope restores both, last first). Nothing else of Triton is changed."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if _INTERPRETING and triton.__version__.startswith("3.6."):
+    _index_of_one_element_tensors()
+
+
 def _knob_state() -> tuple:
     """The knobs JITFunction.run folds into every launch's options (so into its cache key)."""
     compilation = _knobs.compilation
