@@ -122,8 +122,10 @@ def _conv2d_fwd_kernel(
     # y[n,k,p,q] = b[k] + Σ_{r,s,c} x[n,c,_in_coord(p,r),_in_coord(q,s)] · w[k,c,r,s]:
     # rows m = (n, p, q) output positions, columns = output channels of group g;
     # the reduction walks the taps (r, s) and, for each, blocks of the group's input channels.
-    if FLAT:  # 1×1, step 1, no padding, (h, w) dense in x and y: one image per program, a run of h·w
-        g, n, p, q, m_ok, offs_n, n_ok = _image_run_tile(P * Q, K_G, BLOCK_M, BLOCK_N)
+    if FLAT:  # 1×1, step 1, no padding, (h, w) dense in x and y: one image per program, a run of h·w.
+        # y is NCHW, so P·Q is stride_yk: an argument, which a launch specializes when it is a multiple of 16
+        # (P·Q computed here would not be, and the row mask would split every vector load: 56×56 = 3136).
+        g, n, p, q, m_ok, offs_n, n_ok = _image_run_tile(stride_yk, K_G, BLOCK_M, BLOCK_N)
     else:
         g, n, p, q, m_ok, offs_n, n_ok = _position_tile(N, P, Q, K_G, BLOCK_M, BLOCK_N)
     x_rows = x_ptr + n.to(tl.int64) * stride_xn + (g * C_G).to(tl.int64) * stride_xc
