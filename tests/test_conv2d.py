@@ -5,6 +5,8 @@ sizes), so shapes are tiny and the option grid is chosen to cover each option
 (stride 1/2/3, padding 0/1/'same'/'valid'/asymmetric, dilation 1/2, groups
 1/2/depthwise, 1×1/3×3/7×7, odd sizes, bias None, unbatched) with few cases.
 """
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -451,6 +453,41 @@ def test_aot_compile_sm90():
     assert {(r["constexprs"].get("stride_xw"), r["constexprs"].get("stride_xc")) for r in rows} == \
         {("1", None), (None, "1")}
     _tensor_core_rows_use_wgmma(rows, ("_conv2d_fwd_kernel",))
+    # NCHW 1×1, step 1, no padding (FLAT: a tile's rows are one aligned run of an image's h·w): both operands
+    # through cp.async (LDGSTS), no 16-bit gathers, in every 16-bit and tf32 compile (issue 12 item 4)
+    flat = [r for r in rows if r["constexprs"].get("FLAT") == "True"]
+    assert {r["constexprs"].get("stride_xw") for r in flat} == {"1"}
+    fast = [r for r in flat if r["dtypes"][0] in ("*fp16", "*bf16") or r["constexprs"]["INPUT_PRECISION"] == "tf32"]
+    assert len(fast) == 18, len(fast)
+    slow = [(r["dtypes"], r["constexprs"]["BLOCK_M"], r["ldg"], r["ldgsts"]) for r in fast
+            if not r["ldgsts"] or r["ldg"].get("16")]
+    assert not slow, slow
+
+
+@pytest.mark.parametrize("case", ["1x1", "1x1 groups", "1x1 rows cross images", "1x1 sliced W", "1x1 padded",
+                                  "1x1 fp32 ieee"])
+def test_forward_1x1_image_runs(backend, case):
+    """NCHW 1×1 convolutions with step 1, no padding and dense (h, w) take the image-run tile (FLAT): right values
+    with bias, groups and runs that end inside an image; a view whose rows are not dense, padding, or fp32 without
+    tf32 (the ieee class keeps the gather), does not."""
+    x_shape, w_shape, kwargs, sliced, flat = {
+        "1x1": ((2, 3, 5, 7), (4, 3, 1, 1), {}, False, True),
+        "1x1 groups": ((2, 4, 3, 3), (6, 2, 1, 1), {"groups": 2}, False, True),
+        "1x1 rows cross images": ((3, 2, 9, 9), (5, 2, 1, 1), {}, False, True),  # 81 = one run of 64 + 17
+        "1x1 sliced W": ((2, 3, 5, 8), (4, 3, 1, 1), {}, True, False),
+        "1x1 padded": ((2, 3, 5, 7), (4, 3, 1, 1), {"padding": 1}, False, False),
+        "1x1 fp32 ieee": ((2, 3, 5, 7), (4, 3, 1, 1), {}, False, False)}[case]
+    x, w, b = make(x_shape), make(w_shape, seed=1), make((w_shape[0],), seed=2)
+    if sliced:
+        x = x[..., 1:]
+    fwd_kernels = importlib.import_module("scratchops._kernels.conv2d")
+    fwd_kernels._PLANS.clear()
+    with torch.backends.cudnn.flags(allow_tf32=case != "1x1 fp32 ieee"):
+        y = SF.conv2d(x, w, b, **kwargs)
+    torch.testing.assert_close(y, TF.conv2d(x, w, b, **kwargs), atol=1e-5, rtol=1e-5)
+    if backend == "triton":
+        launches = [launch for p in fwd_kernels._PLANS.values() for launch in p[3]]
+        assert launches and all(bool(launch[2].get("FLAT")) == flat for launch in launches)
 
 
 def test_aot_compile_sm90_backward():

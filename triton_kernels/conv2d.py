@@ -18,6 +18,12 @@ of the same form, and a channels_last tensor is read along contiguous channels.
 wgrad gives each program one tap. Coordinates come from one helper, ``_in_coord``
 (and its inverse ``_out_coord``, built on it).
 
+An NCHW row gather cannot be vectorized in general (a tap shifts each run along W by
+s·dil − pad elements, and W is rarely a multiple of 16), so the NCHW forward loads 16-bit
+elements one at a time. A 1×1 convolution with step 1 and no padding over dense (h, w)
+— most of a ResNet's — is a plain GEMM per image: its launch (FLAT) tiles each image's
+h·w in aligned runs, and both operands go through vectorized cp.async copies.
+
 The convolution's own stride is called ``step_h`` / ``step_w`` in the kernels (``stride_<tensor><dim>``
 are memory strides). Products go through ``_gemm.mma``: tensor cores for fp16/bf16 with fp32
 accumulation; fp32 in tf32 or ieee as ``torch.backends.cudnn.allow_tf32`` says (as torch's
@@ -86,6 +92,18 @@ def _position_tile(N, D1, D2, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
     return tl.program_id(2), n, i1, i2, n < N, offs_n, offs_n < COLS
 
 
+@triton.jit
+def _image_run_tile(HW, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """As ``_position_tile`` for a grid of (images × runs of BLOCK_M positions h·w of one image): the rows
+    are ``run·BLOCK_M + arange`` (a unit-stride run aligned to BLOCK_M) of image ``n``, returned as p = h·w
+    (and q = 0): a division into (p, q) would hide the run from the compiler."""
+    runs = tl.cdiv(HW, BLOCK_M)
+    n = tl.program_id(0) // runs
+    hw = (tl.program_id(0) % runs) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(2), n, hw, 0, hw < HW, offs_n, offs_n < COLS
+
+
 # ----------------------------------------------------------------- forward
 @triton.jit
 def _conv2d_fwd_kernel(
@@ -100,31 +118,47 @@ def _conv2d_fwd_kernel(
         step_h, step_w, pad_h, pad_w, dil_h, dil_w,
         # constexprs
         HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr = False):
     # y[n,k,p,q] = b[k] + Σ_{r,s,c} x[n,c,_in_coord(p,r),_in_coord(q,s)] · w[k,c,r,s]:
     # rows m = (n, p, q) output positions, columns = output channels of group g;
     # the reduction walks the taps (r, s) and, for each, blocks of the group's input channels.
-    g, n, p, q, m_ok, offs_n, n_ok = _position_tile(N, P, Q, K_G, BLOCK_M, BLOCK_N)
+    if FLAT:  # 1×1, step 1, no padding, (h, w) dense in x and y: one image per program, a run of h·w.
+        # y is NCHW, so P·Q is stride_yk: an argument, which a launch specializes when it is a multiple of 16
+        # (P·Q computed here would not be, and the row mask would split every vector load: 56×56 = 3136).
+        g, n, p, q, m_ok, offs_n, n_ok = _image_run_tile(stride_yk, K_G, BLOCK_M, BLOCK_N)
+    else:
+        g, n, p, q, m_ok, offs_n, n_ok = _position_tile(N, P, Q, K_G, BLOCK_M, BLOCK_N)
     x_rows = x_ptr + n.to(tl.int64) * stride_xn + (g * C_G).to(tl.int64) * stride_xc
     k_out = (g * K_G + offs_n).to(tl.int64)
     w_cols = w_ptr + k_out * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for it in range(0, R * S * tl.cdiv(C_G, BLOCK_K)):
-        r, s, c = _tap_step(it, S, C_G, BLOCK_K)
+        if FLAT:  # the one tap (0, 0), known to the compiler: aligned weight runs along c (KCRS of 1×1: unit stride)
+            r, s, c = 0, 0, it * BLOCK_K + tl.arange(0, BLOCK_K)
+        else:
+            r, s, c = _tap_step(it, S, C_G, BLOCK_K)
         ih = _in_coord(p, r, step_h, pad_h, dil_h)
         iw = _in_coord(q, s, step_w, pad_w, dil_w)
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c_ok = c < C_G
-        a = tl.load((x_rows + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None]
-                    + (c.to(tl.int64) * stride_xc)[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        if FLAT:  # x[n, c, hw]: a unit-stride run the compiler sees (vector loads, cp.async)
+            row_ok = m_ok
+            x_pos = x_rows + p.to(tl.int64) * stride_xw  # p = h·w
+        else:
+            x_pos = x_rows + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        a = tl.load(x_pos[:, None] + (c.to(tl.int64) * stride_xc)[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0)
         b = tl.load((w_cols + r * stride_wr + s * stride_ws)[None, :] + (c.to(tl.int64) * stride_wc)[:, None],
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         # A row whose tap reads padding adds nothing, not 0·w (NaN for an infinite weight; torch's oneDNN path).
         acc = tl.where(row_ok[:, None], mma(acc, a, b, INPUT_PRECISION), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k_out * stride_b, mask=n_ok, other=0.0).to(ACC)[None, :]
-    y = (y_ptr + (n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq)[:, None]
-         + (k_out * stride_yk)[None, :])
+    if FLAT:
+        y_pos = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yq
+    else:
+        y_pos = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq
+    y = y_ptr + y_pos[:, None] + (k_out * stride_yk)[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -173,11 +207,11 @@ def launch_class(dtype: torch.dtype) -> tuple[str, dict]:
     return cls, class_constexprs(cls)
 
 
-def gemm_grid(kernel: Kernel, cls: str, rows: int, cols: int, planes: int):
-    """The grid of a conv GEMM launch, (rows / BLOCK_M, cols / BLOCK_N, planes): a tuple where the config is known
-    before the launch (the interpreter's; a class of one config), else a function of the config the autotuner
-    picks."""
-    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes)  # noqa: E731
+def gemm_grid(kernel: Kernel, cls: str, rows: int, cols: int, planes: int, images: int = 1):
+    """The grid of a conv GEMM launch, (images · rows / BLOCK_M, cols / BLOCK_N, planes) (``images`` > 1: row
+    blocks per image): a tuple where the config is known before the launch (the interpreter's; a class of one
+    config), else a function of the config the autotuner picks."""
+    grid = lambda meta: (images * cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes)  # noqa: E731
     configs = kernel.configs[cls]
     fixed = kernel.interpreter if interpreting() else configs[0] if len(configs) == 1 else None
     return grid if fixed is None else grid(fixed.kwargs)
@@ -291,8 +325,13 @@ def _fwd_plan(x, w, bias, stride, padding, dilation, groups, channels_last):
     shape = (N, K, P, Q)
     y_strides = out_strides(shape, channels_last)
     cls, consts = launch_class(x.dtype)
+    # 1×1, step 1, no padding, x's and y's (h, w) dense: the rows of a tile are one run of an image's h·w
+    # (not fp32 ieee: its 128×64 tile spills 8 bytes there with triton 3.6; it keeps the gather)
+    flat = (R == S == 1 and tuple(stride) == (1, 1) and not any(padding) and not channels_last
+            and x.stride(3) == 1 and (H == 1 or x.stride(2) == W) and cls != "ieee")
     launches = tuple(
-        (chunk, gemm_grid(_fwd, cls, n * P * Q, K // groups, groups),
+        (chunk, gemm_grid(_fwd, cls, P * Q, K // groups, groups, n) if flat else
+         gemm_grid(_fwd, cls, n * P * Q, K // groups, groups), {"FLAT": True} if flat else {},
          scalar_args(_fwd, 4, N=n, C_G=C_G, H=H, W=W, K_G=K // groups, P=P, Q=Q, R=R, S=S,
                      **strides("x", x.stride(), "nchw"), **strides("w", w.stride(), "kcrs"),
                      stride_b=0 if bias is None else bias.stride(0), **strides("y", y_strides, "nkpq"),
@@ -308,9 +347,9 @@ def conv2d_fwd(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation
          *spec_key(x.dtype, stride, padding, dilation, groups, channels_last)),
         _fwd_plan, x, w, bias, stride, padding, dilation, groups, channels_last)
     y = x.new_empty_strided(shape, y_strides)  # directly in its final layout
-    for chunk, grid, args in launches:
+    for chunk, grid, flat, args in launches:
         xs, ys = (x, y) if chunk is None else (x[chunk], y[chunk])
-        _fwd(grid, xs, w, ys if bias is None else bias, ys, *args, cls=cls)
+        _fwd(grid, xs, w, ys if bias is None else bias, ys, *args, cls=cls, **flat)
     return y
 
 
@@ -321,3 +360,8 @@ def aot_configs():
         unit = unit_strides(layout, x="nchw", w="kcrs", y="nkpq")
         yield from gemm_aot(_fwd, {"HAS_BIAS": True, "stride_b": 1, **unit})
         yield from gemm_aot(_fwd, {"HAS_BIAS": False, **unit})
+    # 1×1, step 1, no padding, NCHW (FLAT): the integers a launch gets as the constant 1, weights KCRS of 1×1
+    one = dict.fromkeys(("R", "S", "step_h", "step_w", "dil_h", "dil_w", "stride_wc", "stride_wr", "stride_ws"), 1)
+    for bias in ({"HAS_BIAS": True, "stride_b": 1}, {"HAS_BIAS": False}):
+        yield from gemm_aot(_fwd, {**bias, "FLAT": True, **one, **unit_strides("nchw", x="nchw", y="nkpq")},
+                            classes=("half", "tf32", "fp64"))
