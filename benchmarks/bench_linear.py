@@ -5,7 +5,7 @@ Cases: square M = N = K in 256..8192 and the M = 8192 LLM shapes (N x K = 4096 x
 fused (one scratchops kernel) against torch's linear followed by relu, eager and compiled.
 Forward is 2MNK flops, backward 4MNK (dX and dW). Each row's % roof is against the
 harness's cuBLAS bf16 8192³; "% of cuBLAS" lines compare with torch on the same shape.
-Each case prints which kernels it runs: on sm_90 the TMA + persistent ones (``_gemm.tma_ok``).
+Each case prints which kernels it runs: on sm_90 the TMA + persistent ones (``_gemm.tma_descriptors``).
     python -m benchmarks.bench_linear [--quick]
 """
 
@@ -14,7 +14,8 @@ import torch.nn.functional as TF
 
 import scratchops.functional as SF
 from benchmarks.harness import Bench
-from scratchops._kernels._gemm import dtype_class, tma_ok
+from scratchops._kernels._gemm import dtype_class, tma_descriptors
+from scratchops._kernels.linear import _fwd_tma
 
 SQUARE = (256, 512, 1024, 2048, 4096, 8192)
 LLM = ((8192, 4096, 4096), (8192, 11008, 4096), (8192, 4096, 11008))  # (M, N, K)
@@ -53,7 +54,9 @@ def main(argv=None):
             for m, n, k in cases:
                 case = f"M={m} N={n} K={k}"
                 x, w, b = _inputs(m, n, k, dtype)
-                path = "TMA + persistent" if tma_ok(dtype_class(dtype, tf32), x, w) else "pointer"
+                y = x.new_empty(m, n)
+                tma = tma_descriptors(_fwd_tma.block_shapes, dtype_class(dtype, tf32), x, w, y) is not None
+                path = "TMA + persistent" if tma else "pointer"
                 print(f"  linear {case} {label}: {path} kernels")
                 flops = {"fwd": 2 * m * n * k, "bwd": 4 * m * n * k}
                 start = len(bench.rows)
