@@ -125,14 +125,14 @@ def _sm90(index: int) -> tuple[bool, int]:
     return hit
 
 
-def block_shapes(configs: dict, interpreter, blocks: dict) -> dict:
+def block_shapes(kernel, blocks: dict) -> dict:
     """{dtype class: [block shape of each descriptor of ``blocks``]} of a TMA kernel's launches: the launched
-    config's where it is known in advance (the interpreter's; a list of one), else the constexpr names, which the
+    config's where it is known in advance (``Kernel.known_config``), else the constexpr names, which the
     autotuner's pre_hook (:func:`set_blocks`) replaces. One object per distinct shape (:func:`tma_descriptors`
     shares a descriptor between consecutive arguments given the same tensor and shape). Built once per kernel."""
     shapes = {}
-    for cls, cfgs in configs.items():
-        fixed = interpreter if interpreting() else cfgs[0] if len(cfgs) == 1 else None
+    for cls in kernel.configs:
+        fixed = kernel.known_config(cls)
         by_dims = {dims: dims if fixed is None else [fixed.kwargs[d] for d in dims] for dims in blocks.values()}
         shapes[cls] = [by_dims[dims] for dims in blocks.values()]
     return shapes

@@ -101,6 +101,17 @@ def tiles(fields: tuple[str, ...], *rows: tuple) -> list[triton.Config]:
     return [config(row[n], row[n + 1], **dict(zip(fields, row[:n]))) for row in rows]
 
 
+def kept(cache: dict, limit: int, key, build, *args):
+    """``cache[key]``, made by ``build(*args)`` on first use: a launcher's host work kept per key (shapes, strides,
+    dtype, ...). A cache holding ``limit`` entries starts over (many shapes: dynamic sizes)."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= limit:
+            cache.clear()
+        found = cache[key] = build(*args)
+    return found
+
+
 class Kernel:
     """A ``@triton.jit`` function with the configs it launches with (see the module docstring)."""
 
@@ -119,6 +130,12 @@ class Kernel:
         self._compiled = {}  # compiled launches: specialization key -> CompiledKernel (_launch_compiled)
         self._arg_names, self._arg_set = fn.arg_names, set(fn.arg_names)
         self._config_kwargs = {}  # autotuned launches: id(config) -> its all_kwargs() (_launch_tuned)
+
+    def known_config(self, cls: str) -> triton.Config | None:
+        """The config a launch of class ``cls`` runs when it is known before the launch (the interpreter's; a
+        class of one config), else None (autotuned on a GPU)."""
+        configs = self.configs[cls]
+        return self.interpreter if _INTERPRETING else configs[0] if len(configs) == 1 else None
 
     def __call__(self, grid, *args, cls: str = "default", **consts):
         """Launch over ``grid`` (a tuple, or a function of the chosen config's constexprs)."""
@@ -155,11 +172,9 @@ class Kernel:
         the Autotuner gives it, and the config's kwargs launch as :meth:`_launch_compiled` (keyed by the
         config too: num_warps/num_stages are options, not part of the specialization).
         """
-        names = self._arg_names
-        nargs = dict(zip(names, args))
-        if consts:
-            nargs.update(consts if consts.keys() <= self._arg_set else
-                         {k: v for k, v in consts.items() if k in self._arg_set})
+        positional = dict(zip(self._arg_names, args))
+        nargs = positional if not consts else {**positional, **(
+            consts if consts.keys() <= self._arg_set else {k: v for k, v in consts.items() if k in self._arg_set})}
         key = [nargs[k] for k in tuned.keys if k in nargs]
         for value in nargs.values():
             if hasattr(value, "dtype"):
@@ -174,7 +189,7 @@ class Kernel:
         if kwargs is None:
             kwargs = self._config_kwargs[id(config)] = config.all_kwargs()
         if config.pre_hook is not None:
-            config.pre_hook({**dict(zip(names, args)), "grid": grid, "warmup": False, **consts, **kwargs})
+            config.pre_hook({**positional, "grid": grid, "warmup": False, **consts, **kwargs})
         self._launch_compiled((cls, id(config)), grid, args, {**consts, **kwargs})
 
     def _launch_compiled(self, cls, grid, args: tuple, kwargs: dict) -> None:

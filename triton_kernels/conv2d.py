@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .._common import conv_output_size
 from ._gemm import CLASS_TYPES, dtype_class, input_precision, mma
-from ._launch import Kernel, cdiv, config, interpreting, tiles
+from ._launch import Kernel, cdiv, config, kept, tiles
 
 
 # ----------------------------------------------------------------- index algebra (the one place)
@@ -212,8 +212,7 @@ def gemm_grid(kernel: Kernel, cls: str, rows: int, cols: int, planes: int, image
     blocks per image): a tuple where the config is known before the launch (the interpreter's; a class of one
     config), else a function of the config the autotuner picks."""
     grid = lambda meta: (images * cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]), planes)  # noqa: E731
-    configs = kernel.configs[cls]
-    fixed = kernel.interpreter if interpreting() else configs[0] if len(configs) == 1 else None
+    fixed = kernel.known_config(cls)
     return grid if fixed is None else grid(fixed.kwargs)
 
 
@@ -229,12 +228,7 @@ _tf32 = torch._C._get_cudnn_allow_tf32  # torch.backends.cudnn.allow_tf32, witho
 
 def plan(key: tuple, build, *args):
     """The plan of ``key`` (its first element names the launcher), made by ``build(*args)`` on first use."""
-    found = _PLANS.get(key)
-    if found is None:
-        if len(_PLANS) >= PLAN_CACHE_SIZE:
-            _PLANS.clear()
-        found = _PLANS[key] = build(*args)
-    return found
+    return kept(_PLANS, PLAN_CACHE_SIZE, key, build, *args)
 
 
 def scalar_args(kernel: Kernel, tensors: int, **named) -> tuple:

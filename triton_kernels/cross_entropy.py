@@ -287,9 +287,9 @@ def _eps_c(label_smoothing, classes):
     return label_smoothing / classes if label_smoothing > 0 and classes else 0.0
 
 
-# per dtype: (compute dtype, ACC, the dtype keyword for a compute-dtype allocation: none when it is x's own)
-_ACC = {dtype: (compute_dtype(dtype), acc_dtype(dtype),
-                {} if compute_dtype(dtype) == dtype else {"dtype": compute_dtype(dtype)}) for dtype in FLOAT_DTYPES}
+# per dtype: (ACC, the dtype keyword for a compute-dtype allocation: none when it is x's own)
+_ACC = {dtype: (acc_dtype(dtype), {} if compute_dtype(dtype) == dtype else {"dtype": compute_dtype(dtype)})
+        for dtype in FLOAT_DTYPES}
 
 
 def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reduction):
@@ -301,7 +301,7 @@ def cross_entropy_fwd(x, target, weight, ignore_index, label_smoothing, reductio
             check_class_targets(target, c, ignore_index)
         if target.dtype != torch.int64:
             target = target.long()  # uint8 targets: one kernel signature for every index dtype (a rows-sized copy)
-    _, acc, cd = _ACC[x.dtype]
+    acc, cd = _ACC[x.dtype]
     stats, denom = x.new_empty((STATS, rows), **cd), x.new_empty((), **cd)  # new_empty: cheaper than empty
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     if rows and not c:
@@ -342,7 +342,7 @@ def cross_entropy_bwd(x, target, weight, stats, denom, g, ignore_index, label_sm
         _bwd((n * s, cdiv(c, ROWS_BLOCK)), x, target, x if weight is None else weight, stats, g, denom, dx, dt, n * s,
              c, s, *x_strides, *_target_strides(target, prob), stride_g, ignore_index, label_smoothing,
              _eps_c(label_smoothing, c), HAS_WEIGHT=weight is not None, PROB=prob, NEED_DX=bool(need_dx),
-             NEED_DT=bool(need_dt and prob), ACC=_ACC[x.dtype][1])
+             NEED_DT=bool(need_dt and prob), ACC=_ACC[x.dtype][0])
     return [dx, dt]
 
 
@@ -353,7 +353,7 @@ def cross_entropy_weight_bwd(x, target, stats, denom, g, label_smoothing):
     if c:
         _weight_bwd((cdiv(c, ROWS_BLOCK),), x, target, stats, g, denom, dw, n * s, c, s, *x_strides,
                     *_target_strides(target, True), stride_g, label_smoothing, _eps_c(label_smoothing, c),
-                    ACC=_ACC[x.dtype][1])
+                    ACC=_ACC[x.dtype][0])
     return dw
 
 

@@ -95,7 +95,7 @@ def tma_kernel(fn, configs, blocks) -> Kernel:
         c.pre_hook = set_blocks(blocks)
     # "ieee"/"fp64" launch it only under the interpreter (tma_descriptors): no GPU configs.
     kernel = Kernel(fn, {**dict.fromkeys(CLASS_TYPES, []), **configs}, interpreter=INTERPRETER, key=AUTOTUNE_KEY)
-    kernel.block_shapes = block_shapes(kernel.configs, INTERPRETER, blocks)
+    kernel.block_shapes = block_shapes(kernel, blocks)
     return kernel
 
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config
+from ._launch import FLOAT_TYPES, Kernel, acc_dtype, cdiv, config, kept
 
 ROW_ELEMENTS, ROW_ELEMENTS_FP64 = 32768, 8192  # the widest row one CTA holds (module docstring)
 CLUSTER_ROW = 65536  # the widest row a cluster of CTAs holds (16- and 32-bit dtypes)
@@ -337,11 +337,7 @@ def _run(inputs, dim: int, is_log: bool, backward: bool) -> torch.Tensor:
         return out
     dim %= len(shape)
     key = shape, dim, out.dtype, out.device if out.is_cuda else None, is_log, backward, MAX_BLOCK_N, CLUSTERS
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        if len(_LAUNCHES) >= 4096:  # many shapes (dynamic sizes): start over
-            _LAUNCHES.clear()
-        launch = _LAUNCHES[key] = _launch(*key[:6])
+    launch = _LAUNCHES.get(key) or kept(_LAUNCHES, 4096, key, _launch, *key[:6])  # a hit without a call (host time)
     grid, sizes, strides, kernel, branch, consts = launch
     rows = inputs + [out]
     if all([t.is_contiguous() for t in inputs]):
